@@ -1,0 +1,49 @@
+"""tinypeft: parameter-efficient fine-tuning from scratch, in NumPy, checked three ways."""
+
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    InputTypeError,
+    MergeError,
+    TinyPeftError,
+    TrainingError,
+)
+from .methods import (
+    BitFitConfig,
+    LastBlocksConfig,
+    LNTuningConfig,
+    PeftConfig,
+    SelectiveConfig,
+    freeze,
+    trainable_only,
+    unfreeze,
+)
+from .model import GPT, GPTConfig
+from .peft_model import PeftModel, get_peft_model
+from .sites import Sites
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPT",
+    "BitFitConfig",
+    "CheckpointError",
+    "ConfigError",
+    "GPTConfig",
+    "InputError",
+    "InputTypeError",
+    "LNTuningConfig",
+    "LastBlocksConfig",
+    "MergeError",
+    "PeftConfig",
+    "PeftModel",
+    "SelectiveConfig",
+    "Sites",
+    "TinyPeftError",
+    "TrainingError",
+    "freeze",
+    "get_peft_model",
+    "trainable_only",
+    "unfreeze",
+]

@@ -1,0 +1,72 @@
+"""Input validation: turn bad call-time input into an error that says what is wrong and what
+is allowed, before it reaches NumPy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, InputTypeError
+
+IGNORE_INDEX = -100
+
+
+def _host(a: Any, what: str) -> np.ndarray:
+    if type(a).__module__.startswith("cupy"):
+        return a.get()
+    try:
+        return np.asarray(a)
+    except Exception as e:  # ragged lists and the like
+        raise InputError(f"{what} must be a rectangular array; got {type(a).__name__} ({e})") from None
+
+
+def check_token_ids(input_ids: Any, vocab_size: int, what: str = "input_ids") -> np.ndarray:
+    """ids as a (B, T) integer array with 0 <= id < vocab_size, B >= 1, T >= 1."""
+    ids = _host(input_ids, what)
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
+        raise InputTypeError(f"{what} must hold integers (token ids); got dtype {ids.dtype}")
+    if ids.ndim != 2:
+        raise InputError(f"{what} must have shape (batch, seq_len); got shape {ids.shape}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise InputError(f"{what} is empty (shape {ids.shape}); batch and seq_len must be >= 1")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"{what} holds token id {bad}; allowed ids are 0..{vocab_size - 1} (vocab_size={vocab_size})")
+    return ids.astype(np.int64, copy=False)
+
+
+def check_labels(labels: Any, shape: tuple[int, ...], vocab_size: int) -> np.ndarray:
+    """labels as a (B, T) integer array of ids or -100 (ignored), with at least one target after the shift."""
+    lab = _host(labels, "labels")
+    if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
+        raise InputTypeError(f"labels must hold integers (token ids or {IGNORE_INDEX}); got dtype {lab.dtype}")
+    if lab.shape != tuple(shape):
+        raise InputError(f"labels must have the shape of input_ids {tuple(shape)}; got {lab.shape}")
+    bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= vocab_size))
+    if bad.any():
+        raise InputError(
+            f"labels hold {int(lab[bad][0])}; allowed are 0..{vocab_size - 1} and {IGNORE_INDEX} (ignored)"
+        )
+    if not (lab[:, 1:] != IGNORE_INDEX).any():
+        raise InputError(
+            "labels give nothing to predict: the loss compares position t with label t+1, and every label "
+            f"after the first is {IGNORE_INDEX} (or seq_len is 1); give at least one target"
+        )
+    return lab.astype(np.int64, copy=False)
+
+
+def check_attention_mask(attention_mask: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+    """An attention mask of shape `shape` holding only 0 and 1 (or bools)."""
+    if attention_mask is None:
+        return None
+    mask = _host(attention_mask, "attention_mask")
+    if mask.shape != tuple(shape):
+        raise InputError(f"attention_mask must have shape {tuple(shape)}; got {mask.shape}")
+    if mask.dtype != bool:
+        if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
+            raise InputTypeError(f"attention_mask must hold 0/1 or bools; got dtype {mask.dtype}")
+        if not np.isin(mask, (0, 1)).all():
+            raise InputError("attention_mask must hold only 0 (padding) and 1 (token); found other values")
+    return mask.astype(bool)

@@ -1,0 +1,152 @@
+"""Bytes as tokens, and real corpora from what Python itself ships.
+
+The tokenizer is the identity on UTF-8 bytes: vocab 256, every text round-trips exactly, and a loss
+in nats per token is a loss per byte (divide by ln 2 for bits per byte).
+
+Built-in corpora, no download needed:
+- "prose": the documentation topics of `pydoc_data.topics` (the text `help("if")` shows), ~0.5 MB;
+- "code": the Python standard library's own `.py` sources (tests excluded).
+A path to a text file, or to a folder of .txt/.md/.py files, is a corpus too.
+
+Documents are split into train/validation by a hash of their name (one in ten to validation), so
+the split is deterministic and does not move when a document is added elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+
+VOCAB_SIZE = 256
+BUILTIN_CORPORA = ("prose", "code")
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+_SKIPPED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def encode(text: str) -> np.ndarray:
+    """UTF-8 bytes of text as token ids (int64)."""
+    if not isinstance(text, str):
+        raise InputError(f"encode needs a str; got {type(text).__name__}")
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+
+
+def decode(ids: Iterable[int]) -> str:
+    """Text from token ids; bytes that are not valid UTF-8 (a sampled half-character) become U+FFFD."""
+    ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
+        raise InputError(f"byte token ids must be in 0..{VOCAB_SIZE - 1}; got {int(ids.min())}..{int(ids.max())}")
+    return bytes(ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Training and validation bytes of one corpus."""
+
+    name: str
+    train: np.ndarray  # uint8
+    val: np.ndarray  # uint8
+    documents: int
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.documents} documents, {len(self.train):,d} train / {len(self.val):,d} val bytes"
+
+
+def prose_documents() -> list[tuple[str, str]]:
+    """The pydoc topics, by name."""
+    from pydoc_data.topics import topics
+
+    return sorted(topics.items())
+
+
+def code_documents(max_bytes: int | None = 6_000_000) -> list[tuple[str, str]]:
+    """Standard-library .py sources by relative path, tests and site-packages skipped, in sorted path
+    order until max_bytes (about 6 MB by default: more than a CPU run can use, cheap to load)."""
+    root = sysconfig.get_paths()["stdlib"]
+    docs, total = [], 0
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in _SKIPPED_STDLIB_DIRS and not d.startswith("."))
+        for f in sorted(files):
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read()
+            except (OSError, UnicodeDecodeError):
+                continue
+            docs.append((os.path.relpath(path, root), text))
+            total += len(text)
+            if max_bytes is not None and total >= max_bytes:
+                return docs
+    return docs
+
+
+def folder_documents(path: str) -> list[tuple[str, str]]:
+    """A text file, or every text file under a folder (sorted), as documents."""
+    if os.path.isfile(path):
+        files = [path]
+    elif os.path.isdir(path):
+        files = sorted(
+            os.path.join(folder, f) for folder, _, names in os.walk(path) for f in names if f.endswith(TEXT_SUFFIXES)
+        )
+    else:
+        raise ConfigError(f"corpus {path!r} is neither one of {BUILTIN_CORPORA} nor an existing file or folder")
+    docs = []
+    for f in files:
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            docs.append((os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f), fh.read()))
+    if not docs:
+        raise ConfigError(f"corpus folder {path!r} holds no {TEXT_SUFFIXES} files")
+    return docs
+
+
+def is_validation(name: str) -> bool:
+    return zlib.crc32(name.encode("utf-8")) % 10 == 0
+
+
+def load_corpus(name: str) -> Corpus:
+    """ "prose", "code", or a path; documents joined by blank lines, split by `is_validation`."""
+    if name == "prose":
+        docs = prose_documents()
+    elif name == "code":
+        docs = code_documents()
+    else:
+        docs = folder_documents(name)
+    train = [text for doc, text in docs if not is_validation(doc)]
+    val = [text for doc, text in docs if is_validation(doc)]
+    if not val:  # a single-file corpus: hold out its last tenth
+        text = "\n\n".join(train)
+        cut = int(len(text) * 0.9)
+        train, val = [text[:cut]], [text[cut:]]
+
+    def as_bytes(texts: list[str]) -> np.ndarray:
+        return np.frombuffer("\n\n".join(texts).encode("utf-8"), dtype=np.uint8)
+
+    return Corpus(name, as_bytes(train), as_bytes(val), len(docs))
+
+
+def random_batch(data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+    """batch_size windows of seq_len bytes at uniform random offsets: ids (B, T) int64.
+
+    Used as both input and labels: the loss's one-token shift makes each window predict itself."""
+    if len(data) < seq_len:
+        raise InputError(f"corpus split of {len(data)} bytes is shorter than seq_len={seq_len}")
+    starts = rng.integers(0, len(data) - seq_len + 1, size=batch_size)
+    return data[starts[:, None] + np.arange(seq_len)].astype(np.int64)
+
+
+def eval_windows(data: np.ndarray, seq_len: int, max_windows: int) -> np.ndarray:
+    """Up to max_windows non-overlapping windows spread evenly over data: a fixed evaluation set (N, T)."""
+    n_possible = len(data) // seq_len
+    if n_possible == 0:
+        raise InputError(f"corpus split of {len(data)} bytes is shorter than seq_len={seq_len}")
+    n = min(max_windows, n_possible)
+    starts = (np.arange(n) * (n_possible // n)) * seq_len
+    return data[starts[:, None] + np.arange(seq_len)].astype(np.int64)

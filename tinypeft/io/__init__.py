@@ -1,0 +1,5 @@
+"""Files: atomic writes, safetensors and JSON with clear errors, transformers/PEFT interchange."""
+
+from .files import atomic_write_bytes, load_json, load_safetensors, save_json, save_safetensors
+
+__all__ = ["atomic_write_bytes", "load_json", "load_safetensors", "save_json", "save_safetensors"]

@@ -1,0 +1,117 @@
+"""Reading and writing files safely.
+
+Writes never leave a half-written file: the bytes go to a temporary name in the same folder, are
+flushed and fsynced, then renamed over the target (an atomic step on POSIX and Windows), and the
+folder is fsynced so the rename itself survives a crash. Reads turn every way a file can be bad
+(missing, truncated, not safetensors, not JSON, a pickle) into a `CheckpointError` naming the file.
+No pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+SAFETENSORS_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the complete new one."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    data = _read(path)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{os.fspath(path)} is not valid JSON: {e}") from None
+
+
+def save_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Save host copies of the tensors; metadata {"format": "pt"} lets transformers and PEFT read the file."""
+    from safetensors.numpy import save
+
+    from ..backend import to_numpy
+
+    arrays = {name: np.ascontiguousarray(to_numpy(t)) for name, t in tensors.items()}
+    atomic_write_bytes(path, save(arrays, metadata={"format": "pt", **(metadata or {})}))
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file, or a CheckpointError saying why the file is unreadable."""
+    from safetensors.numpy import load
+
+    data = _read(path)
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
+        raise CheckpointError(
+            f"{os.fspath(path)} is a pickle or a torch .bin/.pt archive; tinypeft never loads pickles "
+            "(they can run code). Convert it to safetensors first."
+        )
+    if len(data) < 8:
+        raise CheckpointError(f"{os.fspath(path)} is truncated: {len(data)} bytes, a safetensors file has >= 8")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > len(data) - 8:
+        raise CheckpointError(
+            f"{os.fspath(path)} is truncated or not safetensors: its header claims {header_len} bytes "
+            f"but only {len(data) - 8} follow"
+        )
+    try:
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own error types, and others on odd headers
+        raise CheckpointError(f"{os.fspath(path)} is not a valid safetensors file: {e}") from None
+    return dict(tensors)
+
+
+def _read(path: str | os.PathLike) -> bytes:
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder; expected a file") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None

@@ -1,0 +1,28 @@
+"""PEFT methods, one file each. Importing this package registers every method's config type so
+adapter_config.json files of any of them load."""
+
+from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
+from .selective import (
+    BitFitConfig,
+    LastBlocksConfig,
+    LNTuningConfig,
+    SelectiveConfig,
+    freeze,
+    trainable_only,
+    unfreeze,
+)
+
+__all__ = [
+    "PEFT_PREFIX",
+    "Adapter",
+    "BitFitConfig",
+    "LNTuningConfig",
+    "LastBlocksConfig",
+    "PeftConfig",
+    "SelectiveConfig",
+    "freeze",
+    "match_modules",
+    "match_parameters",
+    "trainable_only",
+    "unfreeze",
+]

@@ -1,0 +1,204 @@
+"""What every PEFT method shares: a config that knows how to build its adapter, the adapter (its
+tensors, the sites it fills, how it merges), PEFT's target matching, and the name prefix PEFT writes.
+
+A method is one file that subclasses `PeftConfig` and `Adapter` and registers its config class
+with `register`; `tinypeft/methods/__init__.py` imports each file once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..backend import to_numpy
+from ..errors import CheckpointError, ConfigError, MergeError
+from ..sites import NO_SITES, Sites
+
+if TYPE_CHECKING:
+    from ..model import GPT
+
+Array = Any
+
+# PEFT writes adapter tensors under the wrapped model's path, with no adapter name:
+# base_model.model.transformer.h.0.attn.c_attn.lora_A.weight
+PEFT_PREFIX = "base_model.model."
+
+CONFIG_TYPES: dict[str, type[PeftConfig]] = {}
+
+
+def register(cls: type[PeftConfig]) -> type[PeftConfig]:
+    """Class decorator: make a config loadable from adapter_config.json by its peft_type."""
+    CONFIG_TYPES[cls.peft_type] = cls
+    return cls
+
+
+@dataclass
+class PeftConfig:
+    """Base of every method's config. `peft_type` names the method in adapter_config.json."""
+
+    peft_type: ClassVar[str] = ""
+
+    def build(self, base: GPT, seed: int = 0) -> Adapter:
+        """A fresh adapter for `base`, initialised from a generator seeded by `seed`."""
+        raise NotImplementedError
+
+    def validate(self, base: GPT) -> None:
+        """Raise ConfigError if this config cannot apply to `base` (called before build)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """adapter_config.json: the fields PEFT reads, plus the ones tinypeft adds."""
+        d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": None, **d}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PeftConfig:
+        """The config class named by d["peft_type"], from the keys it knows; keys PEFT adds that
+        tinypeft does not use (revision, inference_mode, ...) are ignored."""
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"adapter_config.json must be a JSON object; got {type(d).__name__}")
+        peft_type = d.get("peft_type")
+        if peft_type not in CONFIG_TYPES:
+            raise CheckpointError(
+                f"adapter_config.json has peft_type {peft_type!r}; tinypeft loads {sorted(CONFIG_TYPES)}"
+            )
+        config_cls = CONFIG_TYPES[peft_type]
+        known = {f.name for f in dataclasses.fields(config_cls)}
+        try:
+            return config_cls(**{k: v for k, v in d.items() if k in known})
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"adapter_config.json: {e}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, set):
+        return sorted(value)
+    return value
+
+
+class Adapter:
+    """One adapter: its tensors by their PEFT file names, the sites it fills, and its merge rule.
+
+    `overrides` maps a base parameter name to the adapter tensor that stands in for it (a trained
+    copy of a base bias or LayerNorm), so the base model itself is never modified by training and
+    `disable_adapter` still means the original base.
+    """
+
+    def __init__(self, config: PeftConfig, base: GPT, params: dict[str, Array], overrides: Mapping[str, str] = ()):
+        self.config = config
+        self.xp = base.xp
+        self.dtype = base.config.dtype
+        self.params = params
+        self.overrides: dict[str, str] = dict(overrides)
+
+    def sites(self) -> Sites:
+        return NO_SITES
+
+    def can_merge(self) -> bool:
+        return True
+
+    def merge(self, base_params: dict[str, Array]) -> None:
+        """Fold the adapter into base_params in place (the base's arrays are replaced, not written)."""
+        for base_name, name in self.overrides.items():
+            base_params[base_name] = self.params[name].copy()
+
+    def unmerge(self, base_params: dict[str, Array], originals: Mapping[str, Array]) -> None:
+        """Undo `merge`. `originals` holds the base arrays as they were before the merge."""
+        for base_name in self.overrides:
+            base_params[base_name] = originals[base_name]
+
+    def merge_error(self) -> MergeError:
+        return MergeError(f"{self.config.peft_type} has no merge")
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {k: to_numpy(v).copy() for k, v in self.params.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Replace the tensors, all or nothing: names must match exactly; shapes must match (after
+        `normalize_loaded`); values are cast to the model's dtype."""
+        missing = sorted(set(self.params) - set(state))
+        unexpected = sorted(set(state) - set(self.params))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{self.config.peft_type} adapter tensors do not match this model: "
+                f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
+            )
+        new = {}
+        for name, current in self.params.items():
+            arr = self.normalize_loaded(name, to_numpy(state[name]))
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise CheckpointError(f"adapter tensor {name!r} has dtype {arr.dtype}; expected floating point")
+            if tuple(arr.shape) != tuple(current.shape):
+                raise CheckpointError(
+                    f"adapter tensor {name!r} has shape {tuple(arr.shape)}; this adapter needs {tuple(current.shape)}"
+                )
+            new[name] = self.xp.asarray(arr.astype(self.dtype))
+        self.params = new
+
+    def normalize_loaded(self, name: str, value: np.ndarray) -> np.ndarray:
+        """Hook for methods whose PEFT tensors come in another but equivalent shape."""
+        return value
+
+
+# ------------------------------------------------------------------ matching
+def match_modules(candidates: Sequence[str], targets: str | Sequence[str], what: str = "target_modules") -> list[str]:
+    """PEFT's rule: a list entry t matches module `key` if key == t or key ends with "." + t; a plain
+    string is a regular expression that must match the whole name. Every list entry must match
+    something; an entry that matches nothing is an error listing what exists."""
+    if isinstance(targets, str):
+        try:
+            pattern = re.compile(targets)
+        except re.error as e:
+            raise ConfigError(f"{what}={targets!r} is not a valid regular expression: {e}") from None
+        hits = [key for key in candidates if pattern.fullmatch(key)]
+        if not hits:
+            raise ConfigError(f"{what}={targets!r} matches no module; the modules are {_summarize(candidates)}")
+        return hits
+    if not isinstance(targets, (list, tuple, set, frozenset)) or not targets:
+        raise ConfigError(f"{what} must be a regex string or a non-empty list of module names; got {targets!r}")
+    hits = set()
+    for t in targets:
+        if not isinstance(t, str) or not t:
+            raise ConfigError(f"{what} entries must be non-empty strings; got {t!r}")
+        found = [key for key in candidates if key == t or key.endswith("." + t)]
+        if not found:
+            raise ConfigError(f"{what} entry {t!r} matches no module; the modules are {_summarize(candidates)}")
+        hits.update(found)
+    return [key for key in candidates if key in hits]
+
+
+def _summarize(names: Sequence[str]) -> str:
+    """The distinct module suffixes (`attn.c_attn`, ...) and one full name, so the list stays short."""
+    suffixes = sorted({n.split(".", 3)[-1] if n.startswith("transformer.h.") else n for n in names})
+    return f"{suffixes} (full names like {names[0]!r})" if names else "[] (none)"
+
+
+def match_parameters(names: Iterable[str], patterns: Sequence[str] = (), regex: str | None = None) -> list[str]:
+    """Parameter names matching any glob pattern (fnmatch: `*.bias`, `transformer.h.3.*`) or the
+    full-match regex. A pattern that matches nothing is an error listing examples of what exists."""
+    names = list(names)
+    hits = set()
+    for p in patterns:
+        found = fnmatch.filter(names, p)
+        if not found:
+            raise ConfigError(f"pattern {p!r} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
+        hits.update(found)
+    if regex is not None:
+        try:
+            pattern = re.compile(regex)
+        except re.error as e:
+            raise ConfigError(f"regex {regex!r} is not a valid regular expression: {e}") from None
+        found = [n for n in names if pattern.fullmatch(n)]
+        if not found:
+            raise ConfigError(f"regex {regex!r} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
+        hits.update(found)
+    return [n for n in names if n in hits]

@@ -1,0 +1,36 @@
+"""GELU, tanh form (GPT-2's "gelu_new"; PyTorch's gelu(approximate="tanh")).
+
+The erf form differs from it by up to ~5e-4, so the name says which one this is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..backend import namespace
+
+Array = Any
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+CUBIC = 0.044715
+
+
+def gelu_tanh_forward(x: Array) -> tuple[Array, Array]:
+    """y = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    Cache: x only; tanh(u) is recomputed in the backward to keep one activation-sized array
+    (the MLP's 4*n_embd-wide hidden layer is the largest activation in the model).
+    """
+    xp = namespace(x)
+    u = SQRT_2_OVER_PI * (x + CUBIC * x * x * x)
+    return 0.5 * x * (1.0 + xp.tanh(u)), x
+
+
+def gelu_tanh_backward(dy: Array, x: Array) -> Array:
+    """dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,  t = tanh(u),  du/dx = sqrt(2/pi) (1 + 3*0.044715 x^2)."""
+    xp = namespace(x)
+    x2 = x * x
+    t = xp.tanh(SQRT_2_OVER_PI * x * (1.0 + CUBIC * x2))
+    du_dx = SQRT_2_OVER_PI * (1.0 + 3.0 * CUBIC * x2)
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du_dx)

@@ -1,0 +1,23 @@
+"""Softmax over the last axis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..backend import namespace
+
+Array = Any
+
+
+def softmax_forward(x: Array) -> tuple[Array, Array]:
+    """p = exp(x - max x) / sum exp(x - max x) over the last axis; subtracting the max changes
+    nothing mathematically and keeps exp from overflowing. Cache: p."""
+    xp = namespace(x)
+    e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
+    p = e / xp.sum(e, axis=-1, keepdims=True)
+    return p, p
+
+
+def softmax_backward(dp: Array, p: Array) -> Array:
+    """dx_i = sum_j dp_j dp_j/dx_i = p_i (dp_i - sum_j dp_j p_j), from dp_j/dx_i = p_j (delta_ij - p_i)."""
+    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))

@@ -1,0 +1,269 @@
+"""`get_peft_model` and `PeftModel`: a frozen base GPT plus named adapters, one of them active.
+
+The base model is never changed by training: the active adapter's tensors join the base's in one
+flat parameter dict, its sites plug into the base's forward, and only its tensors are trainable.
+Names follow what PEFT writes to adapter_model.safetensors (`base_model.model.transformer.h.0.
+attn.c_attn.lora_A.weight`), for the tensors, the gradients and the optimizer state alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError, ConfigError, MergeError
+from .io import load_json, load_safetensors, save_json, save_safetensors
+from .methods.base import Adapter, PeftConfig
+from .model import GPT, trainable_parameters_line
+from .sites import NO_SITES, Sites
+
+Array = Any
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def get_peft_model(base: GPT, config: PeftConfig, adapter_name: str = "default", seed: int = 0) -> PeftModel:
+    """Wrap `base` with a new adapter built from `config` (initialised from `seed`)."""
+    return PeftModel(base, config, adapter_name, seed)
+
+
+class PeftModel:
+    """A base GPT and its adapters. Call it like the base; train what `trainable_parameters()` returns."""
+
+    def __init__(self, base: GPT, config: PeftConfig, adapter_name: str = "default", seed: int = 0) -> None:
+        if not isinstance(base, GPT):
+            raise ConfigError(f"get_peft_model needs a tinypeft GPT as its base; got {type(base).__name__}")
+        self.base_model = base
+        self.adapters: dict[str, Adapter] = {}
+        self.active_adapter = adapter_name
+        self._disabled = False
+        self._merged: dict[str, Array] | None = None  # the base arrays a merge replaced
+        self.add_adapter(adapter_name, config, seed)
+
+    # ----------------------------------------------------------- adapters
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return {name: a.config for name, a in self.adapters.items()}
+
+    @property
+    def active(self) -> Adapter:
+        return self.adapters[self.active_adapter]
+
+    def add_adapter(self, adapter_name: str, config: PeftConfig, seed: int = 0) -> None:
+        """Add a new adapter (not made active, as in PEFT, unless it is the first)."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ConfigError(f"adapter_name must be a non-empty string; got {adapter_name!r}")
+        if adapter_name in self.adapters:
+            raise ConfigError(f"an adapter named {adapter_name!r} exists; names in use: {sorted(self.adapters)}")
+        if not isinstance(config, PeftConfig):
+            raise ConfigError(f"expected a PEFT config (LoraConfig, ...); got {type(config).__name__}")
+        config.validate(self.base_model)
+        self.adapters[adapter_name] = config.build(self.base_model, seed)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        self._require_unmerged("switch adapters")
+        if adapter_name not in self.adapters:
+            raise ConfigError(f"no adapter named {adapter_name!r}; the adapters are {sorted(self.adapters)}")
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.adapters:
+            raise ConfigError(f"no adapter named {adapter_name!r}; the adapters are {sorted(self.adapters)}")
+        if len(self.adapters) == 1:
+            raise ConfigError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back")
+        if adapter_name == self.active_adapter:
+            self._require_unmerged("delete the active adapter")
+        del self.adapters[adapter_name]
+        if adapter_name == self.active_adapter:
+            self.active_adapter = next(iter(self.adapters))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside this block the model computes the base model alone."""
+        was = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = was
+
+    # ----------------------------------------------------------- compute
+    def _view(self) -> tuple[dict[str, Array], Sites, set[str]]:
+        """(flat parameter dict, sites, trainable names) for the forward, in the base's naming for any
+        base parameter the adapter stands in for."""
+        base = self.base_model
+        if self._disabled or self._merged is not None:
+            return base.params, NO_SITES, set()
+        a = self.active
+        params = {**base.params, **a.params}
+        for base_name, name in a.overrides.items():
+            params[base_name] = a.params[name]
+        trainable = (set(a.params) - set(a.overrides.values())) | set(a.overrides)
+        return params, a.sites(), trainable
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None) -> Array:
+        params, sites, _ = self._view()
+        return self.base_model.run_forward(params, sites, input_ids, attention_mask)
+
+    def loss(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> float:
+        params, sites, _ = self._view()
+        return self.base_model.run_loss_and_grad(params, sites, (), input_ids, labels, attention_mask)[0]
+
+    def loss_and_grad(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, dict[str, Array]]:
+        """(loss, grads) with grads keyed by the active adapter's tensor names (PEFT's file names)."""
+        self._require_unmerged("compute adapter gradients")
+        if self._disabled:
+            raise ConfigError("the adapter is disabled (inside disable_adapter()); there is nothing to train")
+        params, sites, trainable = self._view()
+        loss, grads = self.base_model.run_loss_and_grad(params, sites, trainable, input_ids, labels, attention_mask)
+        rename = self.active.overrides
+        return loss, {rename.get(k, k): g for k, g in grads.items()}
+
+    def trainable_parameters(self) -> dict[str, Array]:
+        """The active adapter's tensors by name: what an optimizer updates (in place)."""
+        return self.active.params
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
+    ) -> np.ndarray:
+        params, sites, _ = self._view()
+        return self.base_model.run_generate(params, sites, input_ids, max_new_tokens, temperature, top_k, seed)
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's line; "all params" counts the base once and every adapter's tensors."""
+        print(self.trainable_parameters_line())
+
+    def trainable_parameters_line(self) -> str:
+        """A tensor that stands in for a base parameter (a selective method's trained copy) counts
+        once, as the parameter it replaces. (PEFT's LN tuning, which keeps both, counts it twice.)"""
+        everything = dict(self.base_model.params)
+        for name, adapter in self.adapters.items():
+            stand_ins = set(adapter.overrides.values())
+            everything |= {f"{name}/{k}": v for k, v in adapter.params.items() if k not in stand_ins}
+        active = self.active
+        stand_ins = set(active.overrides.values())
+        trainable = set(active.overrides) | {f"{self.active_adapter}/{k}" for k in active.params if k not in stand_ins}
+        return trainable_parameters_line(everything, trainable)
+
+    # ----------------------------------------------------------- merging
+    def _require_unmerged(self, action: str) -> None:
+        if self._merged is not None:
+            raise MergeError(f"cannot {action} while the adapter is merged into the base; call unmerge_adapter() first")
+
+    def merge_adapter(self, safe_merge: bool = False) -> None:
+        """Fold the active adapter into the base weights; the model then computes the merged base alone.
+
+        Merging twice warns and does nothing, as in PEFT. safe_merge computes on copies first and
+        raises MergeError, changing nothing, if any merged weight is not finite.
+        """
+        if self._merged is not None:
+            warnings.warn("the adapter is already merged; nothing to do", UserWarning, stacklevel=2)
+            return
+        merged = self._merged_params(safe_merge)
+        base = self.base_model.params
+        self._merged = {k: base[k] for k in merged if merged[k] is not base[k]}
+        base.update(merged)
+
+    def unmerge_adapter(self) -> None:
+        """Take a merged adapter back out of the base weights (unmerging twice warns, as in PEFT)."""
+        if self._merged is None:
+            warnings.warn("the adapter is not merged; nothing to do", UserWarning, stacklevel=2)
+            return
+        self.active.unmerge(self.base_model.params, self._merged)
+        self._merged = None
+
+    def _merged_params(self, safe_merge: bool) -> dict[str, Array]:
+        a = self.active
+        if not a.can_merge():
+            raise a.merge_error()
+        merged = dict(self.base_model.params)
+        a.merge(merged)
+        if safe_merge:
+            xp = self.base_model.xp
+            for name, value in merged.items():
+                if value is not self.base_model.params[name] and not bool(xp.isfinite(value).all()):
+                    raise MergeError(
+                        f"safe_merge: merging adapter {self.active_adapter!r} makes {name} non-finite "
+                        "(NaN or inf); the base was left unchanged"
+                    )
+        return merged
+
+    def merge_and_unload(self, safe_merge: bool = False) -> GPT:
+        """A plain GPT whose weights are the base with the active adapter merged in.
+
+        Unlike PEFT, which edits the wrapped model in place, this returns a new GPT and leaves this
+        PeftModel (and its base) as they were; the merged tensors are new arrays, the rest shared.
+        """
+        params = self.base_model.params if self._merged is not None else self._merged_params(safe_merge)
+        return _gpt_with(self.base_model, params)
+
+    def unload(self) -> GPT:
+        """The base model without any adapter (unmerging first if merged)."""
+        if self._merged is not None:
+            self.unmerge_adapter()
+        return _gpt_with(self.base_model, self.base_model.params)
+
+    # ----------------------------------------------------------- state and files
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, np.ndarray]:
+        """Host copies of an adapter's tensors under PEFT's file names."""
+        return self._adapter(adapter_name).state_dict()
+
+    def load_adapter_state_dict(self, state: Mapping[str, Any], adapter_name: str | None = None) -> None:
+        """Load tensors by PEFT's file names (a dict from peft.get_peft_model_state_dict works as is)."""
+        self._adapter(adapter_name).load_state_dict(state)
+
+    def _adapter(self, adapter_name: str | None) -> Adapter:
+        name = self.active_adapter if adapter_name is None else adapter_name
+        if name not in self.adapters:
+            raise ConfigError(f"no adapter named {name!r}; the adapters are {sorted(self.adapters)}")
+        return self.adapters[name]
+
+    def save_pretrained(self, folder: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """adapter_model.safetensors and adapter_config.json, as PEFT writes them (each written atomically)."""
+        adapter = self._adapter(adapter_name)
+        os.makedirs(folder, exist_ok=True)
+        save_safetensors(os.path.join(folder, ADAPTER_WEIGHTS_NAME), adapter.state_dict())
+        save_json(os.path.join(folder, ADAPTER_CONFIG_NAME), adapter.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, base: GPT, folder: str | os.PathLike, adapter_name: str = "default") -> PeftModel:
+        """Wrap `base` with the adapter saved in `folder` (by tinypeft or by PEFT)."""
+        config, state = read_adapter(folder)
+        model = cls(base, config, adapter_name)
+        model.load_adapter_state_dict(state)
+        return model
+
+    def load_adapter(self, folder: str | os.PathLike, adapter_name: str) -> None:
+        """Add the adapter saved in `folder` under `adapter_name` (not made active)."""
+        config, state = read_adapter(folder)
+        self.add_adapter(adapter_name, config)
+        self.adapters[adapter_name].load_state_dict(state)
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, np.ndarray]]:
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise CheckpointError(
+            f"{folder} is not a folder; expected one holding {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
+        )
+    config = PeftConfig.from_dict(load_json(os.path.join(folder, ADAPTER_CONFIG_NAME)))
+    return config, load_safetensors(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
+
+
+def _gpt_with(template: GPT, params: Mapping[str, Array]) -> GPT:
+    model = GPT.__new__(GPT)
+    model.config = template.config
+    model.xp = template.xp
+    model.params = dict(params)
+    model.trainable = set(model.params)
+    return model

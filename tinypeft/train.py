@@ -1,0 +1,273 @@
+"""The training loop: random batches, AdamW or SGD on the trainable tensors, warm-up + cosine
+schedule, global-norm clipping, periodic evaluation, a progress bar, and checkpoints that resume
+bit-exactly.
+
+It trains anything with `loss_and_grad(ids, labels)`, `loss(ids, labels)` and
+`trainable_parameters()`: a `GPT` (full or selective fine-tuning) or a `PeftModel`.
+
+Checkpoints live in `<run>/checkpoints/step-NNNNNN/` (trainable tensors, optimizer state, and
+state.json with the step, the batch generator's state and the history); `latest.json` names the
+newest complete one and is replaced only after it is fully written, so a run killed mid-save
+resumes from the previous checkpoint. Resuming restores all of it, so the resumed run computes
+exactly what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .backend import namespace
+from .data import eval_windows, random_batch
+from .errors import CheckpointError, ConfigError, TrainingError
+from .io import load_json, load_safetensors, save_json, save_safetensors
+from .optim import SGD, AdamW, Optimizer, clip_grad_norm, cosine_schedule
+
+Array = Any
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+
+
+class Trainable(Protocol):
+    def loss_and_grad(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, dict]: ...
+    def loss(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> float: ...
+    def trainable_parameters(self) -> dict[str, Array]: ...
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run computes (saved with every checkpoint)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    eval_every: int = 100
+    eval_windows: int = 32
+    checkpoint_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_windows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1; got {value!r}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0 (0 = never); got {value!r}")
+        for name in ("lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be a finite number >= 0; got {value!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1]; got {self.min_lr_ratio!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be 'adamw' or 'sgd'; got {self.optimizer!r}")
+
+    def make_optimizer(self) -> Optimizer:
+        if self.optimizer == "sgd":
+            return SGD(self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return AdamW(self.lr, weight_decay=self.weight_decay)
+
+    def lr_at(self, step: int) -> float:
+        return cosine_schedule(step, self.steps, self.lr, self.warmup_steps, self.min_lr_ratio)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    tokens_per_second: float
+    train_losses: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def evaluate(model: Trainable, data: np.ndarray, seq_len: int, max_windows: int = 32, batch_size: int = 16) -> float:
+    """Mean loss (nats per predicted byte) over a fixed set of windows of `data`."""
+    windows = eval_windows(data, seq_len, max_windows)
+    total = 0.0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        total += model.loss(batch, batch) * len(batch)  # every window has seq_len - 1 targets
+    return total / len(windows)
+
+
+def train(
+    model: Trainable,
+    train_data: np.ndarray,
+    config: TrainConfig,
+    eval_sets: Mapping[str, np.ndarray] | None = None,
+    run_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `model` for config.steps steps on random windows of `train_data`.
+
+    eval_sets: name -> bytes, each evaluated every config.eval_every steps and at the end.
+    run_dir: where checkpoints go (every config.checkpoint_every steps and at the end), and where
+    `resume=True` picks up from. stop_after ends the run early after that many steps (the schedule
+    still spans config.steps): what a test uses to interrupt a run.
+    """
+    from tqdm.auto import tqdm
+
+    params = model.trainable_parameters()
+    if not params:
+        raise ConfigError("the model has no trainable parameters; choose a method or unfreeze something")
+    eval_sets = dict(eval_sets or {})
+    optimizer = config.make_optimizer()
+    rng = np.random.default_rng(config.seed)
+    result = TrainResult(steps=0, seconds=0.0, tokens_per_second=0.0)
+    start = 0
+    if resume:
+        if run_dir is None:
+            raise ConfigError("resume=True needs the run_dir holding the checkpoints")
+        start = load_checkpoint(run_dir, model, optimizer, rng, result, config)
+    say = log or (lambda s: tqdm.write(s) if progress else None)
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+
+    def run_evals(step: int) -> None:
+        if not eval_sets:
+            return
+        row = {"step": step} | {
+            name: evaluate(model, data, config.seq_len, config.eval_windows, config.batch_size)
+            for name, data in eval_sets.items()
+        }
+        result.evals.append(row)
+        say(f"step {step:5d} | " + " | ".join(f"{k} loss {v:.4f}" for k, v in row.items() if k != "step"))
+
+    if start == 0 and eval_sets:
+        run_evals(0)
+    tokens_per_step = config.batch_size * config.seq_len
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, end):
+            batch = random_batch(train_data, config.batch_size, config.seq_len, rng)
+            loss, grads = model.loss_and_grad(batch, batch)
+            grads, grad_norm = clip_grad_norm(grads, config.grad_clip)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                kept = _latest_path(run_dir) if run_dir else None
+                raise TrainingError(
+                    f"the loss became non-finite at step {step + 1} (loss {loss}, gradient norm {grad_norm}); "
+                    f"training stopped with no update applied. Last good checkpoint: {kept or 'none saved'}. "
+                    "Try a lower learning rate or gradient clipping."
+                )
+            lr = config.lr_at(step)
+            optimizer.step(params, grads, lr)
+            result.train_losses.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+            elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step * (step + 1 - start) / elapsed:,.0f}")
+            done = step + 1
+            if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+                run_evals(done)
+            if run_dir and config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.steps:
+                save_checkpoint(run_dir, done, model, optimizer, rng, result, config)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    result.steps = end
+    result.seconds += seconds
+    result.tokens_per_second = tokens_per_step * (end - start) / max(seconds, 1e-9)
+    if end == config.steps:
+        run_evals(end)
+    if run_dir:
+        save_checkpoint(run_dir, end, model, optimizer, rng, result, config)
+    return result
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    run_dir: str,
+    step: int,
+    model: Trainable,
+    optimizer: Optimizer,
+    rng: np.random.Generator,
+    result: TrainResult,
+    config: TrainConfig,
+) -> str:
+    """Write checkpoints/step-NNNNNN/ in full, then point latest.json at it, then drop older ones."""
+    folder = os.path.join(run_dir, CHECKPOINTS)
+    name = f"step-{step:06d}"
+    path = os.path.join(folder, name)
+    os.makedirs(path, exist_ok=True)
+    save_safetensors(os.path.join(path, "trainable.safetensors"), model.trainable_parameters())
+    save_safetensors(os.path.join(path, "optimizer.safetensors"), optimizer.state_dict())
+    state = {
+        "step": step,
+        "rng": rng.bit_generator.state,
+        "train_config": dataclasses.asdict(config),
+        "result": result.to_dict(),
+    }
+    save_json(os.path.join(path, "state.json"), state)
+    save_json(os.path.join(folder, LATEST), {"step": step, "path": name})
+    for old in os.listdir(folder):
+        if old.startswith("step-") and old != name:
+            shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+    return path
+
+
+def _latest_path(run_dir: str) -> str | None:
+    pointer = os.path.join(run_dir, CHECKPOINTS, LATEST)
+    if not os.path.exists(pointer):
+        return None
+    return os.path.join(run_dir, CHECKPOINTS, load_json(pointer)["path"])
+
+
+def load_checkpoint(
+    run_dir: str,
+    model: Trainable,
+    optimizer: Optimizer,
+    rng: np.random.Generator,
+    result: TrainResult,
+    config: TrainConfig,
+) -> int:
+    """Restore the newest checkpoint in run_dir into model, optimizer, rng and result; returns its step."""
+    path = _latest_path(run_dir)
+    if path is None:
+        raise CheckpointError(f"no checkpoint to resume from in {run_dir} (no {CHECKPOINTS}/{LATEST})")
+    state = load_json(os.path.join(path, "state.json"))
+    saved_config = state.get("train_config", {})
+    differing = {k: (v, saved_config.get(k)) for k, v in dataclasses.asdict(config).items() if saved_config.get(k) != v}
+    differing.pop("checkpoint_every", None)
+    if differing:
+        raise CheckpointError(
+            f"cannot resume {path}: the training config differs from the saved one ({differing}, as (now, saved)); "
+            "a resumed run must use the same settings to continue the same computation"
+        )
+    tensors = load_safetensors(os.path.join(path, "trainable.safetensors"))
+    params = model.trainable_parameters()
+    if set(tensors) != set(params):
+        raise CheckpointError(f"checkpoint {path} holds other tensors than this model trains")
+    for name, value in tensors.items():
+        if value.shape != tuple(params[name].shape):
+            raise CheckpointError(f"checkpoint tensor {name} has shape {value.shape}; model has {params[name].shape}")
+    for name, value in tensors.items():
+        params[name][...] = namespace(params[name]).asarray(value, dtype=params[name].dtype)
+    optimizer.load_state_dict(load_safetensors(os.path.join(path, "optimizer.safetensors")), params)
+    rng.bit_generator.state = state["rng"]
+    saved = state["result"]
+    result.train_losses[:] = saved["train_losses"]
+    result.evals[:] = saved["evals"]
+    result.seconds = saved["seconds"]
+    return int(state["step"])
