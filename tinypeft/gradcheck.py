@@ -4,9 +4,8 @@
 2. autograd (HIPS) differentiating the very forward we ship: the ops find their namespace from
    their inputs, so feeding them autograd's traced arrays runs the same lines under autograd.numpy.
 3. Central finite differences in float64: element by element for small tensors, and along a random
-   direction for any size,  (f(p + eps u) - f(p - eps u)) / (2 eps)  ~=  <grad f(p), u>,  with an
-   error of O(eps^2) from truncation plus O(1e-16 |f| / eps) from rounding; eps = 1e-5 balances them
-   near 1e-10 relative for the losses here.
+   direction u for any size, where a fourth-order central difference of t -> loss(p + t u) is
+   compared with <grad, u> (see `directional_check` for the error budget).
 
 Float32 finite differences are noise (about 1e-4 relative through a LayerNorm), so these checks
 refuse anything but float64.
@@ -14,6 +13,7 @@ refuse anything but float64.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -68,11 +68,20 @@ def directional_check(
     params: Params,
     grads: Mapping[str, Array],
     rng: np.random.Generator,
-    eps: float = 1e-5,
+    eps: float = 1e-4,
 ) -> tuple[float, float, float]:
-    """Compare <grads, u> with the central difference of loss_fn along a random unit direction u over
+    """Compare <grads, u> with the numerical derivative of loss_fn along a random direction u through
     every tensor in grads (each tensor's part of u drawn with unit norm). Returns
     (relative error, analytic, numeric).
+
+    The derivative is the fourth-order central difference
+        (-f(2h) + 8 f(h) - 8 f(-h) + f(-2h)) / (12 h),   f(t) = loss(params + t u),
+    whose truncation error is O(h^4) (~1e-16 at h = 1e-4) and whose rounding error is about
+    1e-16 |f| / h (~1e-12 |f|). The error is taken relative to ||grads|| ||u||, the largest value
+    <grads, u> can have (a random u in n dimensions makes <grads, u> itself about 1/sqrt(n) of it,
+    and dividing by a near-cancelled sum would measure rounding noise, not the gradient), with a
+    floor of 1e-5 max(1, |f|): a difference below 1e-11 |f|, ten times the quotient's own rounding
+    noise, counts as agreement (an exactly-zero gradient, say, checked against pure noise).
     """
     _require_float64(params)
     direction = {}
@@ -80,16 +89,94 @@ def directional_check(
         u = rng.standard_normal(np.shape(g))
         direction[name] = u / max(np.linalg.norm(u), 1e-300)
     analytic = sum(float(np.sum(np.asarray(grads[k]) * u)) for k, u in direction.items())
-    hi = float(loss_fn({**params, **{k: params[k] + eps * u for k, u in direction.items()}}))
-    lo = float(loss_fn({**params, **{k: params[k] - eps * u for k, u in direction.items()}}))
-    numeric = (hi - lo) / (2 * eps)
-    scale = max(abs(analytic), abs(numeric), 1e-300)
+
+    def f(t: float) -> float:
+        return float(loss_fn({**params, **{k: params[k] + t * u for k, u in direction.items()}}))
+
+    f_plus, f_minus = f(eps), f(-eps)
+    numeric = (-f(2 * eps) + 8 * f_plus - 8 * f_minus + f(-2 * eps)) / (12 * eps)
+    grad_norm = math.sqrt(sum(float(np.sum(np.asarray(g, dtype=np.float64) ** 2)) for g in grads.values()))
+    u_norm = math.sqrt(len(direction))
+    noise_floor = 1e-5 * max(1.0, abs(f_plus + f_minus) / 2)
+    scale = max(grad_norm * u_norm, abs(numeric), noise_floor)
     return abs(analytic - numeric) / scale, analytic, numeric
 
 
 def per_tensor_directional_check(
-    loss_fn: LossFn, params: Params, grads: Mapping[str, Array], rng: np.random.Generator, eps: float = 1e-5
+    loss_fn: LossFn, params: Params, grads: Mapping[str, Array], rng: np.random.Generator, eps: float = 1e-4
 ) -> dict[str, float]:
     """`directional_check` for each tensor on its own: a wrong gradient in a tensor with a small
     gradient cannot hide behind a large correct one."""
     return {k: directional_check(loss_fn, params, {k: g}, rng, eps)[0] for k, g in grads.items()}
+
+
+def model_loss_fn(
+    view: Any, input_ids: Any, labels: Any = None, attention_mask: Any = None, output_weights: Any = None
+):
+    """(loss_fn, hand_loss_and_grads) for a model's ComputeView (`model.view()`).
+
+    With labels: the shifted, -100-ignoring causal-LM loss (virtual-token positions padded with -100).
+    With output_weights R (B, T', V) instead: the linear functional sum(logits * R), which, unlike
+    the shifted loss, also reaches the last position's logits.
+    loss_fn(params) differentiates the shipped forward; hand() runs the hand-written backward.
+    """
+    from . import checks
+    from .ops.cross_entropy import causal_lm_loss_backward, causal_lm_loss_forward
+
+    model = view.model
+    ids, mask = model.check_inputs(input_ids, attention_mask)
+    if (labels is None) == (output_weights is None):
+        raise ValueError("give exactly one of labels and output_weights")
+    if labels is not None:
+        labels = checks.check_labels(labels, ids.shape, model.config.vocab_size)
+
+    def padded(lab: Any, n_positions: int) -> Any:
+        added = n_positions - lab.shape[1]
+        pad = np.full((lab.shape[0], added), checks.IGNORE_INDEX, dtype=lab.dtype)
+        return np.concatenate([pad, lab], axis=1) if added else lab
+
+    def loss_fn(params: Params) -> Any:
+        logits, _ = model.forward(params, ids, mask, view.sites)
+        if labels is None:
+            return (logits * output_weights).sum()
+        return causal_lm_loss_forward(logits, padded(labels, logits.shape[1]))[0]
+
+    def hand() -> tuple[float, dict[str, Array]]:
+        logits, cache = model.forward(view.params, ids, mask, view.sites)
+        if labels is None:
+            loss, dlogits = float((logits * output_weights).sum()), np.asarray(output_weights, dtype=logits.dtype)
+        else:
+            value, loss_cache = causal_lm_loss_forward(logits, padded(labels, logits.shape[1]))
+            loss, dlogits = float(value), causal_lm_loss_backward(1.0, loss_cache)
+        return loss, model.backward(dlogits, cache, view.trainable)
+
+    return loss_fn, hand
+
+
+def check_gradients(
+    model: Any,
+    input_ids: Any,
+    labels: Any = None,
+    attention_mask: Any = None,
+    output_weights: Any = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """All three gradients of a float64 GPT or PeftModel at its current parameters, compared.
+
+    Returns {public tensor name: {"autograd": relative error of the hand gradient against autograd's,
+    "directional": relative error of its directional derivative against a central difference}} and,
+    under "__all__", the directional error along one direction through every tensor at once.
+    """
+    view = model.view()
+    _require_float64(view.params)
+    loss_fn, hand = model_loss_fn(view, input_ids, labels, attention_mask, output_weights)
+    _, grads = hand()
+    auto = autograd_grads(loss_fn, view.params, sorted(grads))
+    rng = np.random.default_rng(seed)
+    directional = per_tensor_directional_check(loss_fn, view.params, grads, rng)
+    report = {
+        view.public_names.get(k, k): {"autograd": relative_error(grads[k], auto[k]), "directional": directional[k]}
+        for k in grads
+    }
+    report["__all__"] = {"autograd": 0.0, "directional": directional_check(loss_fn, view.params, grads, rng)[0]}
+    return report

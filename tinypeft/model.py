@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,8 @@ Params = dict[str, Array]
 
 LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 LAYERNORMS = ("ln_1", "ln_2")
+# a block's steps in the order its backward visits them
+BLOCK_STAGES = ("mlp.c_proj", "mlp.c_fc", "ln_2", "attn.c_proj", "attn", "attn.c_attn", "ln_1")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -224,6 +226,22 @@ def init_params(cfg: GPTConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return params
 
 
+@dataclass(frozen=True)
+class ComputeView:
+    """What a model computes with: the flat parameter dict, the sites, the trainable names (in the
+    dict's naming), and `public_names`, the name loss_and_grad reports for a trainable entry when it
+    differs (a PEFT model's stand-in for a base parameter). Gradient checks differentiate this."""
+
+    model: GPT
+    params: Mapping[str, Array]
+    sites: Sites
+    trainable: frozenset[str]
+    public_names: Mapping[str, str] = field(default_factory=dict)
+
+    def public(self, grads: Mapping[str, Array]) -> dict[str, Array]:
+        return {self.public_names.get(k, k): g for k, g in grads.items()}
+
+
 class GPT:
     """A GPT-2 language model: `logits = model(input_ids)`, `loss, grads = model.loss_and_grad(ids, labels)`.
 
@@ -361,6 +379,7 @@ class GPT:
         trainable = frozenset(trainable)
         sites: Sites = cache["sites"]
         need_embedding_grad, lowest_layer = _backward_extent(cfg.n_layer, trainable, sites)
+        prefix_trainable = sites.prefix is not None and not trainable.isdisjoint(sites.prefix.param_names)
         grads: dict[str, Array] = {}
         if not trainable:
             return grads
@@ -383,7 +402,7 @@ class GPT:
         if lowest_layer is not None:
             for i in reversed(range(lowest_layer, cfg.n_layer)):
                 need_dx = need_embedding_grad or i > lowest_layer
-                dx, dpast = self._block_backward(i, dx, cache["layers"][i], trainable, need_dx, grads)
+                dx, dpast = self._block_backward(i, dx, cache["layers"][i], trainable, need_dx, prefix_trainable, grads)
                 dprefix.append(dpast)
             dprefix.reverse()
 
@@ -408,31 +427,48 @@ class GPT:
         cache: dict,
         trainable: frozenset[str],
         need_dx: bool,
+        prefix_trainable: bool,
         grads: dict[str, Array],
     ) -> tuple[Array | None, tuple[Array, Array] | None]:
+        """Back through block i: returns (dx into the block or None, (dkeys, dvalues) of its past or None).
+
+        The backward visits the block's stages in BLOCK_STAGES order; the gradient flows into a stage
+        only if that stage or one visited after it owns something trainable, or dx is needed below
+        the block. Past the last stage reached, nothing is computed.
+        """
         h = f"transformer.h.{i}"
-        # x_out = x_mid + mlp(ln_2(x_mid)): the residual passes dx straight through, the branch adds to it
-        dm = self._linear_backward(f"{h}.mlp.c_proj", dx, cache["mlp.c_proj"], trainable, True, grads)
-        dm = gelu_tanh_backward(dm, cache["gelu"])
-        dm = self._linear_backward(f"{h}.mlp.c_fc", dm, cache["mlp.c_fc"], trainable, True, grads)
-        dm, dw, db = layernorm_backward(dm, cache["ln_2"], need_dparams=_any_in(trainable, h, "ln_2"))
-        _put(grads, trainable, f"{h}.ln_2.weight", dw)
-        _put(grads, trainable, f"{h}.ln_2.bias", db)
+        owns = [s != "attn" and any(f"{h}.{s}." in name for name in trainable) for s in BLOCK_STAGES]
+        owns[BLOCK_STAGES.index("attn")] = prefix_trainable  # attention owns the layer's prefix keys/values
+        reach = [need_dx or any(owns[k:]) for k in range(len(BLOCK_STAGES))]
+        mlp_fc, ln_2, attn_proj, attn, attn_qkv, ln_1 = reach[1:]
+
+        # in the forward pass this was: x_out = x_mid + mlp_proj(gelu(mlp_fc(ln_2(x_mid)))), so the
+        # residual passes dx straight through to x_mid and the branch adds its share
+        dm = self._linear_backward(f"{h}.mlp.c_proj", dx, cache["mlp.c_proj"], trainable, mlp_fc, grads)
+        if mlp_fc:
+            dm = gelu_tanh_backward(dm, cache["gelu"])
+            dm = self._linear_backward(f"{h}.mlp.c_fc", dm, cache["mlp.c_fc"], trainable, ln_2, grads)
+        if ln_2:
+            dm, dw, db = layernorm_backward(dm, cache["ln_2"], need_dx=attn_proj, need_dparams=owns[2])
+            _put(grads, trainable, f"{h}.ln_2.weight", dw)
+            _put(grads, trainable, f"{h}.ln_2.bias", db)
+        if not attn_proj:
+            return None, None
         dx = dx + dm
-        # x_mid = x_in + attn(ln_1(x_in))
-        da = self._linear_backward(f"{h}.attn.c_proj", dx, cache["attn.c_proj"], trainable, True, grads)
+        # x_mid = x_in + attn_proj(attention(attn_qkv(ln_1(x_in))))
+        da = self._linear_backward(f"{h}.attn.c_proj", dx, cache["attn.c_proj"], trainable, attn, grads)
         has_past, attn_cache = cache["attn"]
-        dqkv, dpast_k, dpast_v = attention_backward(da, attn_cache)
-        need_ln1 = _any_in(trainable, h, "ln_1")
-        da = self._linear_backward(
-            f"{h}.attn.c_attn", dqkv, cache["attn.c_attn"], trainable, need_dx or need_ln1, grads
-        )
-        if need_dx or need_ln1:
-            da, dw, db = layernorm_backward(da, cache["ln_1"], need_dx=need_dx, need_dparams=need_ln1)
+        dpast = None
+        if attn:
+            dqkv, dpast_k, dpast_v = attention_backward(da, attn_cache)
+            dpast = (dpast_k, dpast_v) if has_past else None
+        if attn_qkv:
+            da = self._linear_backward(f"{h}.attn.c_attn", dqkv, cache["attn.c_attn"], trainable, ln_1, grads)
+        if ln_1:
+            da, dw, db = layernorm_backward(da, cache["ln_1"], need_dx=need_dx, need_dparams=owns[6])
             _put(grads, trainable, f"{h}.ln_1.weight", dw)
             _put(grads, trainable, f"{h}.ln_1.bias", db)
-        dx = dx + da if need_dx else None
-        return dx, ((dpast_k, dpast_v) if has_past else None)
+        return (dx + da if need_dx else None), dpast
 
     @staticmethod
     def _linear_backward(
@@ -511,6 +547,9 @@ class GPT:
             )
         mask = checks.check_attention_mask(attention_mask, ids.shape)
         return self.xp.asarray(ids), None if mask is None else self.xp.asarray(mask)
+
+    def view(self) -> ComputeView:
+        return ComputeView(self, self.params, NO_SITES, frozenset(self.trainable))
 
     def trainable_parameters(self) -> dict[str, Array]:
         """The trainable tensors by name (the model's own arrays: an optimizer updates them in place)."""
@@ -689,10 +728,6 @@ def _backward_extent(n_layer: int, trainable: frozenset[str], sites: Sites) -> t
     if sites.prefix is not None and not trainable.isdisjoint(sites.prefix.param_names):
         layers.add(0)
     return False, (min(layers) if layers else None)
-
-
-def _any_in(trainable: frozenset[str], block: str, module: str) -> bool:
-    return f"{block}.{module}.weight" in trainable or f"{block}.{module}.bias" in trainable
 
 
 def _put(grads: dict[str, Array], trainable: frozenset[str], name: str, value: Array | None) -> None:

@@ -19,8 +19,8 @@ import numpy as np
 from .errors import CheckpointError, ConfigError, MergeError
 from .io import load_json, load_safetensors, save_json, save_safetensors
 from .methods.base import Adapter, PeftConfig
-from .model import GPT, trainable_parameters_line
-from .sites import NO_SITES, Sites
+from .model import GPT, ComputeView, trainable_parameters_line
+from .sites import NO_SITES
 
 Array = Any
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -93,36 +93,39 @@ class PeftModel:
             self._disabled = was
 
     # ----------------------------------------------------------- compute
-    def _view(self) -> tuple[dict[str, Array], Sites, set[str]]:
-        """(flat parameter dict, sites, trainable names) for the forward, in the base's naming for any
-        base parameter the adapter stands in for."""
+    def view(self) -> ComputeView:
+        """The flat parameter dict, sites and trainable names one forward uses. A base parameter the
+        adapter stands in for appears under its base name (the forward's naming) and is reported
+        under the adapter's name (`public_names`)."""
         base = self.base_model
         if self._disabled or self._merged is not None:
-            return base.params, NO_SITES, set()
+            return ComputeView(base, base.params, NO_SITES, frozenset())
         a = self.active
         params = {**base.params, **a.params}
         for base_name, name in a.overrides.items():
             params[base_name] = a.params[name]
-        trainable = (set(a.params) - set(a.overrides.values())) | set(a.overrides)
-        return params, a.sites(), trainable
+        stand_ins = set(a.overrides.values())
+        trainable = frozenset((set(a.params) - stand_ins) | set(a.overrides))
+        return ComputeView(base, params, a.sites(), trainable, dict(a.overrides))
 
     def __call__(self, input_ids: Any, attention_mask: Any = None) -> Array:
-        params, sites, _ = self._view()
-        return self.base_model.run_forward(params, sites, input_ids, attention_mask)
+        v = self.view()
+        return self.base_model.run_forward(v.params, v.sites, input_ids, attention_mask)
 
     def loss(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> float:
-        params, sites, _ = self._view()
-        return self.base_model.run_loss_and_grad(params, sites, (), input_ids, labels, attention_mask)[0]
+        v = self.view()
+        return self.base_model.run_loss_and_grad(v.params, v.sites, (), input_ids, labels, attention_mask)[0]
 
     def loss_and_grad(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, dict[str, Array]]:
         """(loss, grads) with grads keyed by the active adapter's tensor names (PEFT's file names)."""
         self._require_unmerged("compute adapter gradients")
         if self._disabled:
             raise ConfigError("the adapter is disabled (inside disable_adapter()); there is nothing to train")
-        params, sites, trainable = self._view()
-        loss, grads = self.base_model.run_loss_and_grad(params, sites, trainable, input_ids, labels, attention_mask)
-        rename = self.active.overrides
-        return loss, {rename.get(k, k): g for k, g in grads.items()}
+        v = self.view()
+        loss, grads = self.base_model.run_loss_and_grad(
+            v.params, v.sites, v.trainable, input_ids, labels, attention_mask
+        )
+        return loss, v.public(grads)
 
     def trainable_parameters(self) -> dict[str, Array]:
         """The active adapter's tensors by name: what an optimizer updates (in place)."""
@@ -136,8 +139,8 @@ class PeftModel:
         top_k: int | None = None,
         seed: int = 0,
     ) -> np.ndarray:
-        params, sites, _ = self._view()
-        return self.base_model.run_generate(params, sites, input_ids, max_new_tokens, temperature, top_k, seed)
+        v = self.view()
+        return self.base_model.run_generate(v.params, v.sites, input_ids, max_new_tokens, temperature, top_k, seed)
 
     def print_trainable_parameters(self) -> None:
         """PEFT's line; "all params" counts the base once and every adapter's tensors."""

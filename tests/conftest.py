@@ -1,0 +1,19 @@
+"""Test settings. Hypothesis runs a fixed, derandomized profile ("ci", the default) so the suite
+is deterministic and bounded; HYPOTHESIS_PROFILE=dev explores with fresh random examples, and
+HYPOTHESIS_PROFILE=thorough runs many more."""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    max_examples=25,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
