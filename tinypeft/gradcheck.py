@@ -30,10 +30,15 @@ def _require_float64(params: Params) -> None:
         raise ValueError(f"gradient checks need float64 parameters; got {bad}")
 
 
-def relative_error(a: Array, b: Array) -> float:
-    """||a - b|| / max(||a||, ||b||), and 0 when both are exactly zero."""
+def relative_error(a: Array, b: Array, floor: float = 0.0) -> float:
+    """||a - b|| / max(||a||, ||b||, floor), and 0 when all three are zero.
+
+    floor sets the size below which a difference is rounding rather than disagreement, for tensors
+    whose exact gradient is zero or nearly so (a LayerNorm over one feature has dweight == 0 exactly,
+    which one library computes as 0 and another as 1e-15).
+    """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    scale = max(float(np.linalg.norm(a)), float(np.linalg.norm(b)))
+    scale = max(float(np.linalg.norm(a)), float(np.linalg.norm(b)), floor)
     return 0.0 if scale == 0.0 else float(np.linalg.norm(a - b)) / scale
 
 

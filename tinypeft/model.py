@@ -551,6 +551,14 @@ class GPT:
     def view(self) -> ComputeView:
         return ComputeView(self, self.params, NO_SITES, frozenset(self.trainable))
 
+    def train(self, mode: bool = True) -> GPT:
+        """Nothing to switch: the base model has no dropout (it computes what transformers does in
+        eval mode). Here so a GPT and a PeftModel train through the same loop."""
+        return self
+
+    def eval(self) -> GPT:
+        return self
+
     def trainable_parameters(self) -> dict[str, Array]:
         """The trainable tensors by name (the model's own arrays: an optimizer updates them in place)."""
         return {k: v for k, v in self.params.items() if k in self.trainable}

@@ -43,6 +43,7 @@ class PeftModel:
         self.active_adapter = adapter_name
         self._disabled = False
         self._merged: dict[str, Array] | None = None  # the base arrays a merge replaced
+        self.training = False  # dropout only in training mode, as torch modules after .train()
         self.add_adapter(adapter_name, config, seed)
 
     # ----------------------------------------------------------- adapters
@@ -82,6 +83,14 @@ class PeftModel:
         if adapter_name == self.active_adapter:
             self.active_adapter = next(iter(self.adapters))
 
+    def train(self, mode: bool = True) -> PeftModel:
+        """Training mode: methods with dropout apply it (a fresh mask per forward)."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> PeftModel:
+        return self.train(False)
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Inside this block the model computes the base model alone."""
@@ -106,7 +115,7 @@ class PeftModel:
             params[base_name] = a.params[name]
         stand_ins = set(a.overrides.values())
         trainable = frozenset((set(a.params) - stand_ins) | set(a.overrides))
-        return ComputeView(base, params, a.sites(), trainable, dict(a.overrides))
+        return ComputeView(base, params, a.sites(self.training), trainable, dict(a.overrides))
 
     def __call__(self, input_ids: Any, attention_mask: Any = None) -> Array:
         v = self.view()

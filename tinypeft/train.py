@@ -37,6 +37,8 @@ LATEST = "latest.json"
 
 
 class Trainable(Protocol):
+    def train(self, mode: bool = True) -> Any: ...
+    def eval(self) -> Any: ...
     def loss_and_grad(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, dict]: ...
     def loss(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> float: ...
     def trainable_parameters(self) -> dict[str, Array]: ...
@@ -130,6 +132,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    model.train()  # dropout (in methods that have it) on while training, off for evaluation
     params = model.trainable_parameters()
     if not params:
         raise ConfigError("the model has no trainable parameters; choose a method or unfreeze something")
@@ -148,10 +151,12 @@ def train(
     def run_evals(step: int) -> None:
         if not eval_sets:
             return
+        model.eval()
         row = {"step": step} | {
             name: evaluate(model, data, config.seq_len, config.eval_windows, config.batch_size)
             for name, data in eval_sets.items()
         }
+        model.train()
         result.evals.append(row)
         say(f"step {step:5d} | " + " | ".join(f"{k} loss {v:.4f}" for k, v in row.items() if k != "step"))
 
@@ -185,6 +190,7 @@ def train(
                 save_checkpoint(run_dir, done, model, optimizer, rng, result, config)
     finally:
         bar.close()
+        model.eval()
     seconds = time.perf_counter() - t0
     result.steps = end
     result.seconds += seconds

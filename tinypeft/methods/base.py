@@ -98,7 +98,10 @@ class Adapter:
         self.params = params
         self.overrides: dict[str, str] = dict(overrides)
 
-    def sites(self) -> Sites:
+    def sites(self, training: bool = False) -> Sites:
+        """The sites this adapter fills. training=True asks for training-time behaviour (dropout):
+        a method draws any randomness here, once per call, so that one forward and its backward, and
+        a gradient check re-running the forward, all see the same dropout masks."""
         return NO_SITES
 
     def can_merge(self) -> bool:

@@ -50,9 +50,14 @@ def attention_forward(
     qkv: (B, T, 3C); visible: (B or 1, 1, T, P+T) from `attention_visibility`;
     past_key/past_value: (B, NH, P, hs) or None. Returns y (B, T, C).
 
-    Hidden positions get the dtype's most negative finite value rather than -inf, as
-    transformers' eager attention does: a row with nothing visible (a left-padding query) then
-    gets uniform weights instead of NaN, and every other row is exact, since exp(min - max) == 0.
+    Hidden scores are replaced by the dtype's most negative finite value rather than -inf, which
+    gives transformers' eager values: every row that sees a key is exact (exp(min - max) == 0), and
+    a row that sees nothing (a query on left padding) gets uniform weights instead of NaN.
+    The gradient differs from transformers' in that one case: here a hidden score is a constant, so
+    its gradient is zero, which is the derivative of this forward (finite differences agree);
+    transformers adds its mask, and autograd then passes a gradient through the scores of a fully
+    hidden row that is not the derivative of its own (locally constant) forward. It matters only if
+    a loss reads a fully hidden position; see docs/model.md.
 
     Cache: q, k, v (k, v including the past), the attention weights p (B, NH, T, P+T), the
     mask and P. The present k, v (cache[1], cache[2]) are what a KV cache keeps.
