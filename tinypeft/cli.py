@@ -1,65 +1,104 @@
-"""The `tinypeft` command: pretrain a base model, generate text.
+"""The `tinypeft` command: pretrain a base model, fine-tune it with a PEFT method, evaluate, generate, merge.
 
-Each subcommand is a function taking parsed arguments; `main` routes to it and turns tinypeft's
+Each subcommand is a function of the parsed arguments; `main` routes to it and turns tinypeft's own
 errors into a one-line message and exit status 2 instead of a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
-from .errors import TinyPeftError
+from .errors import ConfigError, TinyPeftError
+
+DEFAULT_TASK_CORPUS = "code"
+DEFAULT_PROSE_CORPUS = "prose"
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+SHIPPED_BASE = os.path.join(ASSETS, "base")
 
 
-def _add_train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+# ------------------------------------------------------------------ methods
+@dataclass(frozen=True)
+class MethodSpec:
+    """A `finetune --method` choice: what it is, its default learning rate, and how its flags become a
+    config (None: train the base model itself)."""
+
+    help: str
+    default_lr: float
+    build: Callable[[argparse.Namespace], Any]
+
+
+def _selective(args: argparse.Namespace):
+    from .methods import SelectiveConfig
+
+    if not args.trainable:
+        raise ConfigError("--method selective needs --trainable PATTERN [PATTERN ...] (globs over parameter names)")
+    return SelectiveConfig(patterns=args.trainable)
+
+
+def _methods() -> dict[str, MethodSpec]:
+    from .methods import BitFitConfig, LastBlocksConfig, LNTuningConfig
+
+    return {
+        "full": MethodSpec("full fine-tuning: every parameter", 3e-4, lambda a: None),
+        "bitfit": MethodSpec("BitFit: only the bias vectors", 3e-3, lambda a: BitFitConfig()),
+        "lntuning": MethodSpec("LayerNorm tuning: ln_1, ln_2, ln_f", 3e-3, lambda a: LNTuningConfig()),
+        "last_blocks": MethodSpec(
+            "the last --num_blocks blocks and ln_f", 3e-4, lambda a: LastBlocksConfig(num_blocks=a.num_blocks)
+        ),
+        "selective": MethodSpec("the parameters matching --trainable globs", 1e-3, _selective),
+    }
+
+
+def _add_method_args(p: argparse.ArgumentParser, methods: dict[str, MethodSpec]) -> None:
+    p.add_argument(
+        "--method",
+        choices=sorted(methods),
+        default=DEFAULT_METHOD if DEFAULT_METHOD in methods else "bitfit",
+        help="; ".join(f"{k}: {v.help} (lr {v.default_lr:g})" for k, v in sorted(methods.items())),
+    )
+    g = p.add_argument_group("method options")
+    g.add_argument("--num_blocks", type=int, default=1, help="last_blocks: how many blocks to train")
+    g.add_argument("--trainable", nargs="+", default=None, metavar="GLOB", help="selective: parameter name globs")
+
+
+DEFAULT_METHOD = "lora"
+
+
+# ------------------------------------------------------------------ shared
+def _add_train_args(p: argparse.ArgumentParser, steps: int, lr: float | None, lr_help: str) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    g.add_argument("--batch_size", type=int, default=16, help="sequences per step (default 16)")
-    g.add_argument("--seq_len", type=int, default=128, help="bytes per sequence (default 128)")
-    g.add_argument(
-        "--learning_rate",
-        "--lr",
-        dest="lr",
-        type=float,
-        default=lr,
-        help=f"peak learning rate (default {lr})",
-    )
-    g.add_argument(
-        "--warmup_steps",
-        type=int,
-        default=20,
-        help="linear warm-up steps before the cosine decay (default 20)",
-    )
-    g.add_argument(
-        "--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices (default 0)"
-    )
-    g.add_argument(
-        "--grad_clip",
-        type=float,
-        default=1.0,
-        help="clip the global gradient norm to this; 0 = off (default 1)",
-    )
-    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="default adamw")
-    g.add_argument("--eval_every", type=int, default=100, help="validation every N steps; 0 = only at start and end")
-    g.add_argument("--eval_windows", type=int, default=32, help="validation windows of seq_len bytes (default 32)")
-    g.add_argument("--checkpoint_every", type=int, default=100, help="resumable checkpoint every N steps; 0 = end only")
-    g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches (default 0)")
+    g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    g.add_argument("--batch_size", type=int, default=16, help="sequences per step")
+    g.add_argument("--seq_len", type=int, default=128, help="bytes per sequence")
+    g.add_argument("--learning_rate", "--lr", dest="lr", type=float, default=lr, help=lr_help)
+    g.add_argument("--warmup_steps", type=int, default=20, help="linear warm-up steps before the cosine decay")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    g.add_argument("--eval_every", type=int, default=100, help="evaluate every N steps; 0 = only at start and end")
+    g.add_argument("--eval_windows", type=int, default=32, help="validation windows of seq_len bytes per corpus")
+    g.add_argument("--checkpoint_every", type=int, default=100, help="resumable checkpoint every N steps; 0 = end")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="cpu (numpy) or cuda (cupy)")
 
 
-def _train_config(args: argparse.Namespace):
+def _train_config(args: argparse.Namespace, lr: float):
     from .train import TrainConfig
 
     return TrainConfig(
         steps=args.steps,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
-        lr=args.lr,
+        lr=lr,
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
@@ -71,15 +110,44 @@ def _train_config(args: argparse.Namespace):
     )
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    import math
+def _base_dir(path: str | None) -> str:
+    if path is not None:
+        return path
+    if os.path.exists(os.path.join(SHIPPED_BASE, "model.safetensors")):
+        return SHIPPED_BASE
+    raise ConfigError(
+        "no --base given and no shipped base model in tinypeft/assets/base; "
+        "make one with `tinypeft pretrain --out runs/pretrain` and pass --base runs/pretrain/model"
+    )
 
+
+def load_model(base: str | None, adapter: str | None, device: str | None = None, dtype: str | None = None):
+    """A GPT from a model folder (default: the shipped base), wrapped with the adapter in `adapter` if given."""
+    from .model import GPT
+    from .peft_model import PeftModel
+
+    model = GPT.from_pretrained(_base_dir(base), device=device, dtype=dtype)
+    return PeftModel.from_pretrained(model, adapter) if adapter else model
+
+
+def _bits(nats: float) -> float:
+    return nats / math.log(2)
+
+
+def _sample(model: Any, prompt: str, n: int) -> str:
+    from .data import decode, encode
+
+    ids = encode(prompt)[None, :]
+    return decode(model.generate(ids, n)[0, ids.shape[1] :])
+
+
+# ------------------------------------------------------------------ commands
+def cmd_pretrain(args: argparse.Namespace) -> int:
     from .data import VOCAB_SIZE, load_corpus
     from .io import save_json
     from .model import GPT, GPTConfig
     from .train import train
 
-    train_config = _train_config(args)
     config = GPTConfig(
         vocab_size=VOCAB_SIZE,
         n_positions=args.n_positions,
@@ -89,7 +157,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         dtype=args.dtype,
     )
     if args.seq_len > config.n_positions:
-        raise _usage(f"--seq_len {args.seq_len} exceeds --n_positions {config.n_positions}")
+        raise ConfigError(f"--seq_len {args.seq_len} exceeds --n_positions {config.n_positions}")
+    train_config = _train_config(args, args.lr)
     corpus = load_corpus(args.corpus)
     print(corpus.describe())
     model = GPT(config, seed=args.seed, device=args.device)
@@ -106,87 +175,245 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     )
     model_dir = os.path.join(args.out, "model")
     model.save_pretrained(model_dir)
-    final = result.evals[-1]["val"] if result.evals else float("nan")
+    final = result.evals[-1]["val"]
     summary = {
         "command": "tinypeft " + " ".join(sys.argv[1:]),
         "config": config.to_hf_dict(),
+        "train_config": vars(train_config),
         "corpus": corpus.describe(),
         "steps": result.steps,
         "seconds": round(time.perf_counter() - t0, 2),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "val_loss": final,
-        "val_bits_per_byte": final / math.log(2),
+        "val_bits_per_byte": _bits(final),
         "evals": result.evals,
     }
     save_json(os.path.join(args.out, "summary.json"), summary)
+    _maybe_plot(result, os.path.join(args.out, "loss.png"), f"pretraining on {args.corpus}", {"val": "validation loss"})
     print(
         f"done: {result.steps} steps in {summary['seconds']} s ({summary['tokens_per_second']:,.0f} tokens/s); "
-        f"val loss {final:.4f} nats/byte = {final / math.log(2):.3f} bits/byte (uniform: ln 256 = 5.545)"
+        f"val loss {final:.4f} nats/byte = {_bits(final):.3f} bits/byte (guessing uniformly: 5.545 nats = 8 bits)"
     )
     print(f"model saved to {model_dir}")
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .data import decode, load_corpus
+    from .io import save_json
+    from .model import GPT
+    from .peft_model import get_peft_model
+    from .train import evaluate, train
+
+    spec = _methods()[args.method]
+    lr = spec.default_lr if args.lr is None else args.lr
+    train_config = _train_config(args, lr)
+    base_dir = _base_dir(args.base)
+    base = GPT.from_pretrained(base_dir, device=args.device)
+    if args.seq_len > base.config.n_positions:
+        raise ConfigError(f"--seq_len {args.seq_len} exceeds the base model's n_positions {base.config.n_positions}")
+    method_config = spec.build(args)
+    model = base if method_config is None else get_peft_model(base, method_config, seed=args.seed)
+    task, prose = load_corpus(args.corpus), load_corpus(args.prose_corpus)
+    print(f"base model: {base_dir}")
+    print(f"task corpus   {task.describe()}")
+    print(f"prose corpus  {prose.describe()}")
+    print(f"method: {args.method} (learning rate {lr:g})")
+    model.print_trainable_parameters()
+
+    eval_sets = {"task": task.val, "prose": prose.val}
+    prompt = args.prompt if args.prompt is not None else decode(task.val[: args.prompt_bytes])
+
+    def measure() -> dict[str, float]:
+        model.eval()
+        return {
+            name: evaluate(model, data, args.seq_len, args.eval_windows, args.batch_size)
+            for name, data in eval_sets.items()
+        }
+
+    before = measure()
+    sample_before = _sample(model, prompt, args.sample_bytes)
+    t0 = time.perf_counter()
+    result = train(
+        model,
+        task.train,
+        train_config,
+        eval_sets=eval_sets,
+        run_dir=args.out,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    seconds = time.perf_counter() - t0
+    after = {k: v for k, v in result.evals[-1].items() if k != "step"}
+    sample_after = _sample(model, prompt, args.sample_bytes)
+
+    if method_config is None:
+        saved = os.path.join(args.out, "model")
+        model.save_pretrained(saved)
+    else:
+        saved = os.path.join(args.out, "adapter")
+        model.save_pretrained(saved)
+    plot = _maybe_plot(
+        result,
+        os.path.join(args.out, "loss.png"),
+        f"{args.method} fine-tuning on {args.corpus}",
+        {"task": f"task ({args.corpus}) validation loss", "prose": f"original ({args.prose_corpus}) validation loss"},
+    )
+    trainable = sum(int(v.size) for v in model.trainable_parameters().values())
+    summary = {
+        "command": "tinypeft " + " ".join(sys.argv[1:]),
+        "base": base_dir,
+        "method": args.method,
+        "method_config": None if method_config is None else method_config.to_dict(),
+        "train_config": vars(train_config),
+        "trainable_parameters": trainable,
+        "trainable_line": model.trainable_parameters_line(),
+        "seconds": round(seconds, 2),
+        "seconds_per_step": round(result.seconds / max(1, result.steps), 4),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "before": {k: {"loss": v, "bits_per_byte": _bits(v)} for k, v in before.items()},
+        "after": {k: {"loss": v, "bits_per_byte": _bits(v)} for k, v in after.items()},
+        "task_gain": before["task"] - after["task"],
+        "prose_forgetting": after["prose"] - before["prose"],
+        "prompt": prompt,
+        "sample_before": sample_before,
+        "sample_after": sample_after,
+        "evals": result.evals,
+        "saved": saved,
+        "plot": plot,
+    }
+    save_json(os.path.join(args.out, "summary.json"), summary)
+
+    print()
+    print(f"{'':8s}{'task (' + args.corpus + ')':>24s}{'prose (' + args.prose_corpus + ')':>24s}")
+    for label, row in (("before", before), ("after", after)):
+        cells = "".join(f"{row[k]:10.4f} nats {_bits(row[k]):6.3f} bpb" for k in ("task", "prose"))
+        print(f"{label:8s}{cells}")
+    print(
+        f"task loss {before['task']:.4f} -> {after['task']:.4f} ({-summary['task_gain']:+.4f}); "
+        f"prose loss {before['prose']:.4f} -> {after['prose']:.4f} "
+        f"({summary['prose_forgetting']:+.4f}; positive means forgetting)"
+    )
+    print(f"\nprompt: {prompt!r}\n  before: {sample_before!r}\n  after:  {sample_after!r}")
+    print(f"\n{result.steps} steps in {seconds:.1f} s; saved {saved}, {os.path.join(args.out, 'summary.json')}", end="")
+    print(f", {plot}" if plot else " (no plot: pip install 'tinypeft[plot]')")
+    return 0
+
+
+def _maybe_plot(result: Any, path: str, title: str, labels: dict[str, str]) -> str | None:
+    from .plots import have_matplotlib, plot_training
+
+    if not have_matplotlib():
+        return None
+    return plot_training(result.train_losses, result.evals, path, title, labels)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_corpus
+    from .train import evaluate
+
+    model = load_model(args.model, args.adapter, args.device)
+    for name in args.corpus:
+        corpus = load_corpus(name)
+        loss = evaluate(model, corpus.val, args.seq_len, args.eval_windows, args.batch_size)
+        print(f"{name}: validation loss {loss:.4f} nats/byte = {_bits(loss):.4f} bits/byte")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from .data import decode, encode
-    from .model import GPT
 
-    model = GPT.from_pretrained(args.model, device=args.device)
+    model = load_model(args.model, args.adapter, args.device)
     prompt = encode(args.prompt)
     if prompt.size == 0:
-        raise _usage("--prompt must not be empty")
+        raise ConfigError("--prompt must not be empty")
     out = model.generate(prompt[None, :], args.max_new_tokens, args.temperature, args.top_k, args.seed)
     print(decode(out[0]))
     return 0
 
 
-class _UsageError(TinyPeftError, ValueError):
-    pass
+def cmd_merge(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.adapter, args.device)
+    merged = model.merge_and_unload(safe_merge=True)
+    merged.save_pretrained(args.out)
+    print(f"merged model saved to {args.out} (loads with tinypeft and with transformers' GPT2LMHeadModel)")
+    return 0
 
 
-def _usage(message: str) -> _UsageError:
-    return _UsageError(message)
-
-
+# ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="tinypeft",
-        description="Parameter-efficient fine-tuning from scratch in NumPy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="tinypeft", description="Parameter-efficient fine-tuning from scratch in NumPy."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
         "pretrain",
+        formatter_class=fmt,
         help="train a base GPT from scratch on a corpus",
-        description="Train a byte-level GPT from scratch (all parameters) and save it in transformers' GPT-2 "
-        "format to OUT/model, with resumable checkpoints in OUT/checkpoints and OUT/summary.json.",
+        description="Train a byte-level GPT from scratch (all parameters). Writes OUT/model (transformers' "
+        "GPT-2 format), resumable OUT/checkpoints, OUT/summary.json and OUT/loss.png.",
     )
     m = p.add_argument_group("model")
-    m.add_argument("--n_layer", type=int, default=4, help="transformer blocks (default 4)")
-    m.add_argument("--n_embd", type=int, default=128, help="model width (default 128)")
-    m.add_argument("--n_head", type=int, default=4, help="attention heads; must divide n_embd (default 4)")
-    m.add_argument("--n_positions", type=int, default=256, help="longest sequence (default 256)")
-    m.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="default float32")
-    m.add_argument("--device", choices=["cpu", "cuda"], default=None, help="cpu (numpy) or cuda (cupy)")
+    m.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
+    m.add_argument("--n_embd", type=int, default=128, help="model width")
+    m.add_argument("--n_head", type=int, default=4, help="attention heads; must divide n_embd")
+    m.add_argument("--n_positions", type=int, default=256, help="longest sequence")
+    m.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--corpus", default="prose", help="'prose' (pydoc topics), 'code' (stdlib sources) or a path")
-    p.add_argument("--out", default="runs/pretrain", help="run folder (default runs/pretrain)")
-    _add_train_args(p, steps=300, lr=3e-3)
+    p.add_argument("--out", default="runs/pretrain", help="run folder")
+    _add_train_args(p, steps=300, lr=3e-3, lr_help="peak learning rate")
     p.set_defaults(func=cmd_pretrain)
 
-    g = sub.add_parser(
-        "generate",
-        help="continue a prompt with a saved model",
-        description="Continue a text prompt, byte by byte, with a model saved by `pretrain` or transformers.",
+    methods = _methods()
+    f = sub.add_parser(
+        "finetune",
+        formatter_class=fmt,
+        help="fine-tune a base model with a PEFT method",
+        description="Fine-tune a base model (default: the one shipped in the package) on a task corpus "
+        "(default: the standard library's sources) with a PEFT method, measuring the task loss and the loss "
+        "on the original prose corpus before and after (forgetting). Writes OUT/adapter (PEFT format; "
+        "OUT/model for full fine-tuning), OUT/summary.json, OUT/loss.png and resumable OUT/checkpoints.",
     )
-    g.add_argument("--model", required=True, help="folder with config.json and model.safetensors")
-    g.add_argument("--prompt", default="The ", help="text to continue (default 'The ')")
-    g.add_argument("--max_new_tokens", type=int, default=200, help="bytes to generate (default 200)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (default 0)")
+    f.add_argument("--base", default=None, help="base model folder (default: tinypeft/assets/base)")
+    f.add_argument("--corpus", default=DEFAULT_TASK_CORPUS, help="task corpus: 'code', 'prose' or a path")
+    f.add_argument("--prose_corpus", default=DEFAULT_PROSE_CORPUS, help="corpus to measure forgetting on")
+    f.add_argument("--out", default="runs/finetune", help="run folder")
+    f.add_argument("--prompt", default=None, help="sample prompt (default: the start of the task validation text)")
+    f.add_argument("--prompt_bytes", type=int, default=48, help="length of the default prompt")
+    f.add_argument("--sample_bytes", type=int, default=120, help="greedy sample length before and after")
+    _add_method_args(f, methods)
+    _add_train_args(f, steps=200, lr=None, lr_help="peak learning rate (default: the method's, listed under --method)")
+    f.set_defaults(func=cmd_finetune)
+
+    e = sub.add_parser("eval", formatter_class=fmt, help="validation loss of a model (and adapter) on corpora")
+    e.add_argument("--model", default=None, help="model folder (default: the shipped base)")
+    e.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply")
+    e.add_argument("--corpus", nargs="+", default=[DEFAULT_TASK_CORPUS, DEFAULT_PROSE_CORPUS], help="corpora")
+    e.add_argument("--seq_len", type=int, default=128)
+    e.add_argument("--eval_windows", type=int, default=32)
+    e.add_argument("--batch_size", type=int, default=16)
+    e.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", formatter_class=fmt, help="continue a prompt with a model (and adapter)")
+    g.add_argument("--model", default=None, help="model folder (default: the shipped base)")
+    g.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply")
+    g.add_argument("--prompt", default="The ", help="text to continue")
+    g.add_argument("--max_new_tokens", type=int, default=200, help="bytes to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely bytes")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="cpu (numpy) or cuda (cupy)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None)
     g.set_defaults(func=cmd_generate)
+
+    mg = sub.add_parser("merge", formatter_class=fmt, help="merge an adapter into its base: a plain model folder")
+    mg.add_argument("--model", default=None, help="base model folder (default: the shipped base)")
+    mg.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
+    mg.add_argument("--out", required=True, help="folder for the merged model")
+    mg.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    mg.set_defaults(func=cmd_merge)
     return parser
 
 

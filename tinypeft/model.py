@@ -567,7 +567,10 @@ class GPT:
         return sum(int(np.prod(p.shape)) for p in self.params.values())
 
     def print_trainable_parameters(self) -> None:
-        print(trainable_parameters_line(self.params, self.trainable))
+        print(self.trainable_parameters_line())
+
+    def trainable_parameters_line(self) -> str:
+        return trainable_parameters_line(self.params, self.trainable)
 
     # --------------------------------------------------------------- generation
     def generate(

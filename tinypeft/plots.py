@@ -1,0 +1,84 @@
+"""Training plots (matplotlib, drawn off-screen). Optional: `pip install 'tinypeft[plot]'`."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average, so the curve shows the trend rather than batch-to-batch noise."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_training(
+    train_losses: Sequence[Mapping[str, float]],
+    evals: Sequence[Mapping[str, float]],
+    path: str,
+    title: str,
+    eval_labels: Mapping[str, str] | None = None,
+) -> str:
+    """Loss curves in nats per byte (bits per byte on the right axis): the smoothed training loss and
+    every evaluation set. Writes a PNG to path and returns it."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
+    steps = [row["step"] for row in train_losses]
+    losses = [row["loss"] for row in train_losses]
+    if losses:
+        ax.plot(steps, losses, color="0.8", linewidth=0.8, label="train loss (each step)")
+        ax.plot(
+            steps, smooth(losses, max(1, len(losses) // 30)), color="0.35", linewidth=1.5, label="train loss (smoothed)"
+        )
+    eval_labels = dict(eval_labels or {})
+    names = [k for k in (evals[0] if evals else {}) if k != "step"]
+    for name, color in zip(names, ["tab:blue", "tab:red", "tab:green", "tab:purple"], strict=False):
+        xs = [row["step"] for row in evals]
+        ys = [row[name] for row in evals]
+        ax.plot(
+            xs, ys, "o-", color=color, linewidth=2, markersize=5, label=eval_labels.get(name, f"{name} validation loss")
+        )
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per byte)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    right = ax.secondary_yaxis("right", functions=(lambda n: n / math.log(2), lambda b: b * math.log(2)))
+    right.set_ylabel("bits per byte")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _save(fig: Any, path: str) -> None:
+    """Save through a temporary name and rename, so a killed run never leaves half a PNG."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, "." + os.path.basename(path) + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
