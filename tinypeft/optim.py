@@ -55,7 +55,7 @@ class Optimizer:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Flat host arrays: `t` and `<slot>/<param name>` for every state tensor (safetensors-ready)."""
-        out = {"t": np.array(self.t, dtype=np.int64)}
+        out = {"t": np.array([self.t], dtype=np.int64)}
         for name, slots in self.state.items():
             for slot, value in slots.items():
                 out[f"{slot}/{name}"] = to_numpy(value).copy()
@@ -77,7 +77,7 @@ class Optimizer:
                 raise CheckpointError(f"optimizer state {key!r} has shape {tuple(value.shape)}; parameter is {p.shape}")
             xp = namespace(p)
             new.setdefault(name, {})[slot] = xp.asarray(np.asarray(value, dtype=p.dtype))
-        self.t = int(np.asarray(state["t"]))
+        self.t = int(np.asarray(state["t"]).reshape(-1)[0])
         self.state = new
 
 

@@ -1,0 +1,103 @@
+"""The training loop: it learns, it trains only what is trainable, it resumes bit-exactly, and it
+stops cleanly on a non-finite loss keeping the last good checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tinypeft as tp
+from tinypeft.errors import CheckpointError, TrainingError
+from tinypeft.train import TrainConfig, evaluate, train
+
+DATA = np.frombuffer(("the quick brown fox jumps over the lazy dog. " * 400).encode(), dtype=np.uint8)
+CFG = tp.GPTConfig(vocab_size=256, n_positions=32, n_embd=16, n_layer=2, n_head=2)
+
+
+def quick(**kw):
+    return TrainConfig(
+        **(
+            {
+                "steps": 30,
+                "batch_size": 4,
+                "seq_len": 24,
+                "lr": 1e-2,
+                "warmup_steps": 3,
+                "eval_every": 10,
+                "eval_windows": 4,
+            }
+            | kw
+        )
+    )
+
+
+def test_training_lowers_the_loss():
+    model = tp.GPT(CFG, seed=0)
+    before = evaluate(model, DATA, 24, 4)
+    result = train(model, DATA, quick(), eval_sets={"val": DATA}, progress=False)
+    assert result.evals[-1]["val"] < before - 1.0
+    assert [row["step"] for row in result.evals] == [0, 10, 20, 30]
+
+
+def test_peft_training_changes_only_adapter_tensors():
+    base = tp.GPT(CFG, seed=0)
+    snapshot = {k: v.copy() for k, v in base.params.items()}
+    model = tp.get_peft_model(base, tp.BitFitConfig())
+    adapter_before = {k: v.copy() for k, v in model.trainable_parameters().items()}
+    train(model, DATA, quick(steps=5), progress=False)
+    for k, v in base.params.items():
+        np.testing.assert_array_equal(v, snapshot[k])
+    assert all(not np.array_equal(v, adapter_before[k]) for k, v in model.trainable_parameters().items())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_resume_is_bit_exact(tmp_path, optimizer):
+    config = quick(optimizer=optimizer, checkpoint_every=7)
+    straight = tp.GPT(CFG, seed=0)
+    full = train(straight, DATA, config, eval_sets={"val": DATA}, progress=False)
+
+    interrupted = tp.GPT(CFG, seed=0)
+    train(interrupted, DATA, config, eval_sets={"val": DATA}, run_dir=str(tmp_path), progress=False, stop_after=17)
+    resumed = tp.GPT(CFG, seed=0)  # a fresh process would start from scratch like this
+    result = train(resumed, DATA, config, eval_sets={"val": DATA}, run_dir=str(tmp_path), resume=True, progress=False)
+    for k, v in straight.params.items():
+        np.testing.assert_array_equal(resumed.params[k], v, err_msg=k)
+    assert [r["loss"] for r in result.train_losses] == [r["loss"] for r in full.train_losses]
+    assert result.evals == full.evals
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    model = tp.GPT(CFG, seed=0)
+    train(model, DATA, quick(steps=4), run_dir=str(tmp_path), progress=False)
+    with pytest.raises(CheckpointError, match="differs"):
+        train(model, DATA, quick(steps=4, lr=0.5), run_dir=str(tmp_path), resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(model, DATA, quick(), run_dir=str(tmp_path / "empty"), resume=True, progress=False)
+
+
+class FailsAtCall:
+    """A model whose loss turns NaN at the n-th call of loss_and_grad (as a diverging run would)."""
+
+    def __init__(self, model, n):
+        self.model, self.n, self.calls = model, n, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def loss_and_grad(self, ids, labels, mask=None):
+        self.calls += 1
+        loss, grads = self.model.loss_and_grad(ids, labels, mask)
+        return (float("nan") if self.calls == self.n else loss), grads
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
+    config = quick(steps=20, checkpoint_every=5)
+    model = FailsAtCall(tp.GPT(CFG, seed=0), n=8)
+    with pytest.raises(TrainingError, match=r"non-finite at step 8.*step-000005"):
+        train(model, DATA, config, run_dir=str(tmp_path), progress=False)
+    reference = tp.GPT(CFG, seed=0)  # the same run, stopped after the checkpointed step 5
+    train(reference, DATA, config, progress=False, stop_after=5)
+    resumed = tp.GPT(CFG, seed=0)
+    train(resumed, DATA, config, run_dir=str(tmp_path), resume=True, progress=False, stop_after=5)
+    for k, v in reference.params.items():
+        np.testing.assert_array_equal(resumed.params[k], v)
