@@ -21,6 +21,7 @@ DEFAULT_TASK_CORPUS = "code"
 DEFAULT_PROSE_CORPUS = "prose"
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 SHIPPED_BASE = os.path.join(ASSETS, "base")
+DEVICE_HELP = "cpu (numpy) or cuda (cupy); default: $TINYPEFT_BACKEND, else cpu"
 
 
 # ------------------------------------------------------------------ methods
@@ -81,14 +82,14 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, lr: float | None, lr
     g.add_argument("--warmup_steps", type=int, default=20, help="linear warm-up steps before the cosine decay")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
-    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="AdamW, or SGD with momentum 0.9")
     g.add_argument("--eval_every", type=int, default=100, help="evaluate every N steps; 0 = only at start and end")
     g.add_argument("--eval_windows", type=int, default=32, help="validation windows of seq_len bytes per corpus")
     g.add_argument("--checkpoint_every", type=int, default=100, help="resumable checkpoint every N steps; 0 = end")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     g.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="cpu (numpy) or cuda (cupy)")
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
 
 
 def _train_config(args: argparse.Namespace, lr: float):
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n_embd", type=int, default=128, help="model width")
     m.add_argument("--n_head", type=int, default=4, help="attention heads; must divide n_embd")
     m.add_argument("--n_positions", type=int, default=256, help="longest sequence")
-    m.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    m.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and compute dtype")
     p.add_argument("--corpus", default="prose", help="'prose' (pydoc topics), 'code' (stdlib sources) or a path")
     p.add_argument("--out", default="runs/pretrain", help="run folder")
     _add_train_args(p, steps=300, lr=3e-3, lr_help="peak learning rate")
@@ -387,17 +388,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(f, steps=200, lr=None, lr_help="peak learning rate (default: the method's, listed under --method)")
     f.set_defaults(func=cmd_finetune)
 
-    e = sub.add_parser("eval", formatter_class=fmt, help="validation loss of a model (and adapter) on corpora")
+    e = sub.add_parser(
+        "eval",
+        formatter_class=fmt,
+        help="validation loss of a model (and adapter) on corpora",
+        description="Print the validation loss, in nats and bits per byte, of a model (optionally with an "
+        "adapter) on each corpus: a fixed set of windows, the same one finetune reports.",
+    )
     e.add_argument("--model", default=None, help="model folder (default: the shipped base)")
     e.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply")
     e.add_argument("--corpus", nargs="+", default=[DEFAULT_TASK_CORPUS, DEFAULT_PROSE_CORPUS], help="corpora")
-    e.add_argument("--seq_len", type=int, default=128)
-    e.add_argument("--eval_windows", type=int, default=32)
-    e.add_argument("--batch_size", type=int, default=16)
-    e.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    e.add_argument("--seq_len", type=int, default=128, help="bytes per validation window")
+    e.add_argument("--eval_windows", type=int, default=32, help="validation windows per corpus")
+    e.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
+    e.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
     e.set_defaults(func=cmd_eval)
 
-    g = sub.add_parser("generate", formatter_class=fmt, help="continue a prompt with a model (and adapter)")
+    g = sub.add_parser(
+        "generate",
+        formatter_class=fmt,
+        help="continue a prompt with a model (and adapter)",
+        description="Continue a text prompt byte by byte with a model saved by tinypeft or transformers, "
+        "optionally with an adapter (PEFT format): greedy by default, or sampled with --temperature/--top_k.",
+    )
     g.add_argument("--model", default=None, help="model folder (default: the shipped base)")
     g.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply")
     g.add_argument("--prompt", default="The ", help="text to continue")
@@ -405,14 +418,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely bytes")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
-    g.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    g.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
     g.set_defaults(func=cmd_generate)
 
-    mg = sub.add_parser("merge", formatter_class=fmt, help="merge an adapter into its base: a plain model folder")
+    mg = sub.add_parser(
+        "merge",
+        formatter_class=fmt,
+        help="merge an adapter into its base: a plain model folder",
+        description="Fold an adapter into its base model's weights (safe merge: refuses non-finite results) "
+        "and save the merged model as config.json + model.safetensors.",
+    )
     mg.add_argument("--model", default=None, help="base model folder (default: the shipped base)")
     mg.add_argument("--adapter", required=True, help="adapter folder (PEFT format)")
     mg.add_argument("--out", required=True, help="folder for the merged model")
-    mg.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    mg.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
     mg.set_defaults(func=cmd_merge)
     return parser
 

@@ -1,0 +1,167 @@
+"""The command line end to end on tiny settings: pretrain, finetune, eval, generate, merge, --help."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tinypeft as tp
+from tinypeft.cli import main
+
+TINY = [
+    "--steps",
+    "6",
+    "--batch_size",
+    "2",
+    "--seq_len",
+    "32",
+    "--eval_every",
+    "3",
+    "--eval_windows",
+    "2",
+    "--no_progress",
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pre")
+    assert (
+        main(
+            [
+                "pretrain",
+                "--n_layer",
+                "1",
+                "--n_embd",
+                "16",
+                "--n_head",
+                "2",
+                "--n_positions",
+                "64",
+                "--out",
+                str(out),
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_pretrain_writes_a_loadable_model_and_a_summary(pretrained):
+    model = tp.GPT.from_pretrained(pretrained / "model")
+    assert model.config.n_embd == 16
+    summary = json.loads((pretrained / "summary.json").read_text())
+    assert summary["steps"] == 6 and np.isfinite(summary["val_loss"])
+    assert [e["step"] for e in summary["evals"]] == [0, 3, 6]
+    assert (pretrained / "loss.png").stat().st_size > 1000
+
+
+def test_finetune_eval_generate_merge(pretrained, tmp_path, capsys):
+    out = tmp_path / "ft"
+    base = str(pretrained / "model")
+    assert (
+        main(["finetune", "--base", base, "--method", "bitfit", "--out", str(out), "--sample_bytes", "8", *TINY]) == 0
+    )
+    printed = capsys.readouterr().out
+    assert "trainable params:" in printed and "before" in printed and "after" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["before"]) == {"task", "prose"} and summary["trainable_parameters"] > 0
+    assert sorted(os.listdir(out / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert (out / "loss.png").exists()
+
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                base,
+                "--adapter",
+                str(out / "adapter"),
+                "--corpus",
+                "prose",
+                "--seq_len",
+                "32",
+                "--eval_windows",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert "prose: validation loss" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                base,
+                "--adapter",
+                str(out / "adapter"),
+                "--prompt",
+                "def ",
+                "--max_new_tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["merge", "--model", base, "--adapter", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    merged = tp.GPT.from_pretrained(tmp_path / "merged")
+    adapted = tp.PeftModel.from_pretrained(tp.GPT.from_pretrained(base), out / "adapter")
+    ids = np.arange(20).reshape(1, 20)
+    np.testing.assert_allclose(merged(ids), adapted(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_full_finetuning_saves_a_model(pretrained, tmp_path):
+    out = tmp_path / "full"
+    assert (
+        main(
+            [
+                "finetune",
+                "--base",
+                str(pretrained / "model"),
+                "--method",
+                "full",
+                "--out",
+                str(out),
+                "--sample_bytes",
+                "4",
+                *TINY,
+            ]
+        )
+        == 0
+    )
+    assert tp.GPT.from_pretrained(out / "model").config.n_layer == 1
+
+
+def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinypeft generate: error:") and "Traceback" not in err
+    assert main(["pretrain", "--n_embd", "10", "--n_head", "3", "--out", str(tmp_path / "x"), *TINY]) == 2
+    assert "divisible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "eval", "generate", "merge"])
+def test_help_is_complete(command):
+    import argparse
+
+    from tinypeft.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{command} {action.option_strings}: no help"
+    assert parser.description
+    out = subprocess.run(
+        [sys.executable, "-m", "tinypeft.cli", command, "--help"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("usage: tinypeft " + command)
