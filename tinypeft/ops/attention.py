@@ -95,12 +95,16 @@ def attention_backward(dy: Array, cache: tuple) -> tuple[Array, Array | None, Ar
     dy = split_heads(dy, n_head)  # [B, NH, T, hs]
     dv = p.swapaxes(-1, -2) @ dy  # [B, NH, S, T] @ [B, NH, T, hs] -> [B, NH, S, hs]
     dp = dy @ v.swapaxes(-1, -2)  # [B, NH, T, hs] @ [B, NH, hs, S] -> [B, NH, T, S]
-    ds = softmax_backward(dp, p)
-    ds = xp.where(visible, ds, 0.0)
-    ds *= scale
+    ds = softmax_backward(dp, p, out=dp)
+    ds *= visible * ds.dtype.type(scale)  # zero where hidden, and the score scale, in one pass
     dq = ds @ k  # [B, NH, T, S] @ [B, NH, S, hs] -> [B, NH, T, hs]
     dk = ds.swapaxes(-1, -2) @ q  # [B, NH, S, T] @ [B, NH, T, hs] -> [B, NH, S, hs]
-    dqkv = xp.concatenate([merge_heads(dq), merge_heads(dk[:, :, P:]), merge_heads(dv[:, :, P:])], axis=-1)
+    B, NH, T, hs = dq.shape
+    dqkv = xp.empty((B, T, 3, NH, hs), dtype=dq.dtype)  # q, k, v side by side, as c_attn produced them
+    dqkv[:, :, 0] = dq.transpose((0, 2, 1, 3))
+    dqkv[:, :, 1] = dk[:, :, P:].transpose((0, 2, 1, 3))
+    dqkv[:, :, 2] = dv[:, :, P:].transpose((0, 2, 1, 3))
+    dqkv = dqkv.reshape(B, T, 3 * NH * hs)
     if P == 0:
         return dqkv, None, None
     return dqkv, dk[:, :, :P], dv[:, :, :P]

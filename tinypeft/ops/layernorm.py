@@ -36,12 +36,15 @@ def layernorm_backward(
     The two mean terms come from mean and rstd depending on every element of the row.
     """
     xhat, rstd, weight = cache
+    C = xhat.shape[-1]
     dx = dweight = dbias = None
-    if need_dx:
-        g = dy * weight
-        dx = rstd * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
     if need_dparams:
-        C = xhat.shape[-1]
         dweight = (dy * xhat).reshape(-1, C).sum(axis=0)
         dbias = dy.reshape(-1, C).sum(axis=0)
+    if need_dx:
+        dx = dy * weight  # g, the gradient at xhat
+        g_xhat_mean = (dx * xhat).mean(axis=-1, keepdims=True)
+        dx -= dx.mean(axis=-1, keepdims=True)
+        dx -= xhat * g_xhat_mean
+        dx *= rstd
     return dx, dweight, dbias

@@ -18,6 +18,13 @@ def softmax_forward(x: Array) -> tuple[Array, Array]:
     return p, p
 
 
-def softmax_backward(dp: Array, p: Array) -> Array:
-    """dx_i = sum_j dp_j dp_j/dx_i = p_i (dp_i - sum_j dp_j p_j), from dp_j/dx_i = p_j (delta_ij - p_i)."""
-    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+def softmax_backward(dp: Array, p: Array, out: Array | None = None) -> Array:
+    """dx_i = sum_j dp_j dp_j/dx_i = p_i (dp_i - sum_j dp_j p_j), from dp_j/dx_i = p_j (delta_ij - p_i).
+
+    out: where to write dx (may be dp itself, when the caller no longer needs it).
+    """
+    xp = namespace(dp)
+    weighted = (dp * p).sum(axis=-1, keepdims=True)  # [..., 1]
+    out = xp.subtract(dp, weighted, out=out)
+    out *= p
+    return out
