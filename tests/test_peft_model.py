@@ -108,7 +108,7 @@ def test_save_and_load(tmp_path):
     loaded = tp.PeftModel.from_pretrained(base, tmp_path)
     np.testing.assert_array_equal(loaded(IDS), model(IDS))
     state = model.adapter_state_dict()
-    assert all(k.startswith("base_model.model.transformer.") for k in state)
+    assert all(k.startswith("base_model.model.transformer.") and ".ln_tuning_layers." in k for k in state)
     other = tp.get_peft_model(base, tp.BitFitConfig())
     with pytest.raises(CheckpointError, match="missing"):
         other.load_adapter_state_dict(state)
@@ -124,3 +124,19 @@ def test_selection_errors_name_what_exists():
         tp.get_peft_model(base, tp.LastBlocksConfig(num_blocks=3))
     with pytest.raises(ConfigError, match="regular expression"):
         tp.unfreeze(base, regex="(")
+
+
+def test_ln_tuning_adapters_interchange_with_peft(tmp_path):
+    import peft
+    import torch
+    from hf_utils import hf_twin
+
+    base, model = trained(tp.LNTuningConfig())
+    model.save_pretrained(tmp_path / "ours")
+    hf = hf_twin(base)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").double().eval()
+    logits = theirs(input_ids=torch.tensor(IDS)).logits.detach().numpy()
+    assert relative_error(model(IDS), logits) <= 1e-12
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = tp.PeftModel.from_pretrained(base, tmp_path / "theirs")
+    assert relative_error(back(IDS), logits) <= 1e-12

@@ -59,10 +59,14 @@ class SelectingConfig(PeftConfig):
     def validate(self, base: GPT) -> None:
         self.selected(base)
 
+    def adapter_name(self, base_name: str) -> str:
+        """The name of the trained copy of a base parameter (in the saved file and the gradients)."""
+        return PEFT_PREFIX + base_name
+
     def build(self, base: GPT, seed: int = 0) -> Adapter:
-        names = self.selected(base)
-        params = {PEFT_PREFIX + n: base.params[n].copy() for n in names}
-        return SelectiveAdapter(self, base, params, overrides={n: PEFT_PREFIX + n for n in names})
+        overrides = {n: self.adapter_name(n) for n in self.selected(base)}
+        params = {name: base.params[n].copy() for n, name in overrides.items()}
+        return SelectiveAdapter(self, base, params, overrides=overrides)
 
 
 @register
@@ -95,10 +99,16 @@ class BitFitConfig(SelectingConfig):
 @dataclass
 class LNTuningConfig(SelectingConfig):
     """LayerNorm tuning: train the weight and bias of the LayerNorms matched by target_modules
-    (PEFT's matching; its GPT-2 default is ln_1, ln_2 and ln_f)."""
+    (PEFT's matching; its GPT-2 default is ln_1, ln_2 and ln_f). Saved under PEFT's names, so an
+    adapter written here loads in PEFT's LN tuning and back."""
 
     peft_type = "LN_TUNING"
     target_modules: list[str] | str = field(default_factory=lambda: ["ln_1", "ln_2", "ln_f"])
+
+    def adapter_name(self, base_name: str) -> str:
+        """PEFT's name for the trained copy: `...ln_1.ln_tuning_layers.weight`, so files interchange."""
+        module, leaf = base_name.rsplit(".", 1)
+        return f"{PEFT_PREFIX}{module}.ln_tuning_layers.{leaf}"
 
     def selected(self, base: GPT) -> list[str]:
         layernorms = sorted({n.rsplit(".", 1)[0] for n in base.params if ".ln_" in n})
