@@ -15,6 +15,7 @@ exactly what the uninterrupted run would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -145,7 +146,7 @@ def train(
         if run_dir is None:
             raise ConfigError("resume=True needs the run_dir holding the checkpoints")
         start = load_checkpoint(run_dir, model, optimizer, rng, result, config)
-    say = log or (lambda s: tqdm.write(s) if progress else None)
+    say = log or (tqdm.write if progress else functools.partial(print, flush=True))
     end = config.steps if stop_after is None else min(config.steps, stop_after)
 
     def run_evals(step: int) -> None:
