@@ -1,0 +1,436 @@
+"""The benchmark runner: worker processes per contender, round-robin timing, and the report."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
+NUM_VIRTUAL_TOKENS = 20
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One contender: which library computes which method on which model and batch."""
+
+    library: str  # "tinypeft" | "torch"
+    method: str  # "full" | "lora" | "prompt"
+    n_layer: int
+    n_embd: int
+    n_head: int
+    seq_len: int
+    batch_size: int
+    rank: int = 8
+    threads: int = 2
+
+    @property
+    def label(self) -> str:
+        lib = {"tinypeft": "tinypeft", "torch": "torch" if self.method == "full" else "torch+peft"}[self.library]
+        return f"{lib} {self.method}"
+
+
+# ---------------------------------------------------------------- contenders (run inside workers)
+def build_step(setup: Setup, seed: int = 0):
+    """A zero-argument function running one training step (forward, backward, AdamW) of the setup."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 256, size=(setup.batch_size, setup.seq_len))
+    n_positions = max(256, setup.seq_len + NUM_VIRTUAL_TOKENS)
+    if setup.library == "tinypeft":
+        import tinypeft as tp
+        from tinypeft.optim import AdamW
+
+        base = tp.GPT(
+            tp.GPTConfig(
+                vocab_size=256, n_positions=n_positions, n_embd=setup.n_embd, n_layer=setup.n_layer, n_head=setup.n_head
+            ),
+            seed=seed,
+        )
+        model = base if setup.method == "full" else tp.get_peft_model(base, tinypeft_config(setup))
+        params = model.trainable_parameters()
+        optimizer = AdamW(lr=1e-4)
+
+        def step() -> None:
+            _, grads = model.loss_and_grad(ids, ids)
+            optimizer.step(params, grads)
+
+        return step
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(setup.threads)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=256,
+        n_positions=n_positions,
+        n_embd=setup.n_embd,
+        n_layer=setup.n_layer,
+        n_head=setup.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(config)
+    if setup.method != "full":
+        import peft
+
+        model = peft.get_peft_model(model, peft_config(setup))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    tids = torch.tensor(ids)
+
+    def torch_step() -> None:
+        loss = model(input_ids=tids, labels=tids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return torch_step
+
+
+def tinypeft_config(setup: Setup):
+    import tinypeft as tp
+
+    if setup.method == "lora":
+        return tp.LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=LORA_TARGETS)
+    if setup.method == "prompt":
+        return tp.PromptTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    raise ValueError(setup.method)
+
+
+def peft_config(setup: Setup):
+    import peft
+
+    if setup.method == "lora":
+        return peft.LoraConfig(
+            r=setup.rank,
+            lora_alpha=2 * setup.rank,
+            target_modules=LORA_TARGETS,
+            fan_in_fan_out=True,
+            task_type="CAUSAL_LM",
+        )
+    if setup.method == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, task_type="CAUSAL_LM")
+    raise ValueError(setup.method)
+
+
+def worker(setup: Setup, conn: Any) -> None:
+    """Build the contender, then time one step per request until told to stop."""
+    try:
+        step = build_step(setup)
+        conn.send(("ready", None))
+        while conn.recv() == "step":
+            t0 = time.perf_counter()
+            step()
+            conn.send(("time", time.perf_counter() - t0))
+    except Exception as e:  # reported to the coordinator, which prints it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def race(setups: list[Setup], steps: int, warmup: int) -> dict[str, dict[str, Any]]:
+    """Median step time of each setup, timed round-robin one step at a time, each in its own process."""
+    ctx = mp.get_context("spawn")
+    procs = []
+    for s in setups:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=worker, args=(s, child), daemon=True)
+        proc.start()
+        procs.append((s, proc, parent))
+    times: dict[Setup, list[float]] = {s: [] for s in setups}
+    errors: dict[Setup, str] = {}
+    for s, _, conn in procs:
+        kind, value = conn.recv()
+        if kind == "error":
+            errors[s] = value
+    live = [(s, p, c) for s, p, c in procs if s not in errors]
+    for i in range(warmup + steps):
+        for s, _, conn in live:
+            conn.send("step")
+            kind, value = conn.recv()
+            if kind == "error":
+                raise RuntimeError(f"{s.label}: {value}")
+            if i >= warmup:
+                times[s].append(value)
+    for _, proc, conn in procs:
+        if proc.is_alive():
+            conn.send("stop")
+        proc.join(timeout=10)
+    out = {}
+    for s in setups:
+        if s in errors:
+            out[s.label] = {"error": errors[s]}
+        else:
+            out[s.label] = {"median_s": statistics.median(times[s]), "times_s": times[s]}
+    return out
+
+
+# ---------------------------------------------------------------- sections
+def section_steps(args, configs) -> dict[str, Any]:
+    results = {}
+    for name, (n_layer, n_embd, n_head, T, B) in configs.items():
+        setups = [
+            Setup(lib, method, n_layer, n_embd, n_head, T, B, threads=args.threads)
+            for method in ("full", "lora", "prompt")
+            for lib in ("tinypeft", "torch")
+        ]
+        res = race(setups, args.steps, args.warmup)
+        row = {label: r.get("median_s") for label, r in res.items()}
+        ratios = {}
+        for method in ("full", "lora", "prompt"):
+            ours = row.get(f"tinypeft {method}")
+            theirs = row.get(f"{'torch' if method == 'full' else 'torch+peft'} {method}")
+            if ours and theirs:
+                ratios[f"{method}: tinypeft / torch"] = ours / theirs
+        if row.get("tinypeft lora") and row.get("tinypeft full"):
+            ratios["tinypeft lora / tinypeft full"] = row["tinypeft lora"] / row["tinypeft full"]
+        results[name] = {
+            "config": dict(n_layer=n_layer, n_embd=n_embd, n_head=n_head, seq_len=T, batch_size=B),
+            "median_s": row,
+            "ratios": ratios,
+            "raw": res,
+        }
+        print(f"\n### step time, {name}: n_layer {n_layer}, n_embd {n_embd}, n_head {n_head}, T {T}, B {B}\n")
+        print("| contender | median step (ms) |\n|---|---|")
+        for label, t in row.items():
+            print(f"| {label} | {'error: ' + res[label]['error'] if t is None else f'{1e3 * t:.1f}'} |")
+        for k, v in ratios.items():
+            print(f"| ratio {k} | {v:.2f} |")
+    return results
+
+
+def _autograd_worker(args_tuple, conn) -> None:
+    n_layer, n_embd, n_head, T, B, steps, warmup = args_tuple
+    import numpy as np
+    from autograd import grad
+
+    import tinypeft as tp
+    from tinypeft.ops.cross_entropy import causal_lm_loss_forward
+
+    model = tp.GPT(tp.GPTConfig(vocab_size=256, n_positions=max(256, T), n_embd=n_embd, n_layer=n_layer, n_head=n_head))
+    ids = np.random.default_rng(0).integers(0, 256, size=(B, T))
+
+    def loss(params):
+        return causal_lm_loss_forward(model.forward(params, ids)[0], ids)[0]
+
+    auto = grad(loss)
+    hand_t, auto_t = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        model.loss_and_grad(ids, ids)
+        t1 = time.perf_counter()
+        auto(dict(model.params))
+        t2 = time.perf_counter()
+        if i >= warmup:
+            hand_t.append(t1 - t0)
+            auto_t.append(t2 - t1)
+    conn.send((statistics.median(hand_t), statistics.median(auto_t)))
+
+
+def section_autograd(args, config) -> dict[str, Any]:
+    n_layer, n_embd, n_head, T, B = config
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(
+        target=_autograd_worker, args=((n_layer, n_embd, n_head, T, B, max(1, args.steps // 2), 1), child)
+    )
+    proc.start()
+    hand, auto = parent.recv()
+    proc.join()
+    print(f"\n### hand-written backward vs HIPS autograd of the same forward (n_embd {n_embd}, T {T}, B {B})\n")
+    print("| tinypeft backward | autograd | speed-up |\n|---|---|---|")
+    print(f"| {1e3 * hand:.1f} ms | {1e3 * auto:.1f} ms | {auto / hand:.1f}x |")
+    return {
+        "tinypeft_s": hand,
+        "autograd_s": auto,
+        "speedup": auto / hand,
+        "config": dict(n_embd=n_embd, seq_len=T, batch_size=B),
+    }
+
+
+def _memory_worker(setup: Setup, conn) -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    step = build_step(setup)
+    step()
+    step()  # the optimizer's state exists from the first step on
+    conn.send(tracemalloc.get_traced_memory()[1])
+
+
+def section_memory(args, config) -> dict[str, Any]:
+    n_layer, n_embd, n_head, T, B = config
+    ctx = mp.get_context("spawn")
+    out = {}
+    for method in ("full", "lora", "prompt"):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_memory_worker, args=(Setup("tinypeft", method, n_layer, n_embd, n_head, T, B), child)
+        )
+        proc.start()
+        out[method] = parent.recv()
+        proc.join()
+    print(f"\n### peak memory of a training step (tracemalloc, parameters included; n_embd {n_embd}, T {T}, B {B})\n")
+    print("| method | peak MiB | vs full |\n|---|---|---|")
+    for method, peak in out.items():
+        print(f"| {method} | {peak / 2**20:.1f} | {peak / out['full']:.2f} |")
+    return {"peak_bytes": out, "ratios": {m: v / out["full"] for m, v in out.items()}}
+
+
+def train_step_flops(n_layer: int, n_embd: int, T: int, B: int, vocab: int = 256) -> float:
+    """Matmul FLOPs of a full fine-tuning step: the backward of every matmul is twice its forward."""
+    C, tokens = n_embd, B * T
+    per_layer = 2 * tokens * (C * 3 * C + C * C + 2 * C * 4 * C) + 2 * 2 * B * T * T * C  # projections + qk^T, pv
+    forward = n_layer * per_layer + 2 * tokens * C * vocab
+    return 3 * forward
+
+
+def _gflops_worker(args_tuple, conn) -> None:
+    n_layer, n_embd, n_head, T, B, threads = args_tuple
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    a @ a
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    sgemm = 5 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+    step = build_step(Setup("tinypeft", "full", n_layer, n_embd, n_head, T, B, threads=threads))
+    step()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    achieved = train_step_flops(n_layer, n_embd, T, B) / statistics.median(times) / 1e9
+    conn.send((sgemm, achieved))
+
+
+def section_gflops(args, configs) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    out = {}
+    print("\n### achieved GFLOP/s of a full fine-tuning step vs NumPy's own sgemm (2048^3)\n")
+    print("| config | sgemm GFLOP/s | step GFLOP/s | fraction |\n|---|---|---|---|")
+    for name, (n_layer, n_embd, n_head, T, B) in configs.items():
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_gflops_worker, args=((n_layer, n_embd, n_head, T, B, args.threads), child))
+        proc.start()
+        sgemm, achieved = parent.recv()
+        proc.join()
+        out[name] = {"sgemm_gflops": sgemm, "step_gflops": achieved, "fraction": achieved / sgemm}
+        print(f"| {name} | {sgemm:.1f} | {achieved:.1f} | {achieved / sgemm:.2f} |")
+    return out
+
+
+def section_scaling(args) -> dict[str, Any]:
+    steps, warmup = max(1, args.steps // 2), 1
+    if args.quick:
+        grid = {"seq_len": [16, 32], "n_embd": [16, 32], "rank": [1, 4]}
+        base = dict(n_layer=1, n_embd=16, n_head=2, seq_len=16, batch_size=2, rank=4)
+    else:
+        grid = {
+            "seq_len": [32, 64, 128, 256, 512],
+            "n_embd": [64, 128, 256, 512, 1024],
+            "rank": [1, 2, 4, 8, 16, 32, 64],
+        }
+        base = dict(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=8, rank=8)
+    out = {}
+    for axis, values in grid.items():
+        rows = {}
+        for v in values:
+            kw = base | {axis: v}
+            if axis == "n_embd":
+                kw["n_head"] = max(1, v // 32)
+            setups = [
+                Setup(
+                    lib,
+                    "lora",
+                    kw["n_layer"],
+                    kw["n_embd"],
+                    kw["n_head"],
+                    kw["seq_len"],
+                    kw["batch_size"],
+                    kw["rank"],
+                    args.threads,
+                )
+                for lib in ("tinypeft", "torch")
+            ]
+            res = race(setups, steps, warmup)
+            rows[v] = {label: r.get("median_s") for label, r in res.items()}
+        out[axis] = rows
+        print(f"\n### LoRA step time against {axis} (others: {base})\n")
+        print(f"| {axis} | tinypeft (ms) | torch+peft (ms) | ratio |\n|---|---|---|---|")
+        for v, row in rows.items():
+            ours, theirs = row.get("tinypeft lora"), row.get("torch+peft lora")
+            ratio = f"{ours / theirs:.2f}" if ours and theirs else "-"
+            print(
+                f"| {v} | {1e3 * ours:.1f} | {1e3 * theirs:.1f} | {ratio} |"
+                if ours and theirs
+                else f"| {v} | - | - | - |"
+            )
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import numpy as np
+
+    info = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_all(args) -> int:
+    if args.quick:
+        configs = {"tiny": (1, 16, 2, 16, 2)}
+        args.steps, args.warmup = 1, 1
+    else:
+        configs = {"A": (4, 128, 4, 128, 16), "B": (4, 512, 8, 128, 8)}
+    sections = set(args.sections.split(","))
+    big = configs.get("B", next(iter(configs.values())))
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine(), "threads": args.threads, "quick": args.quick}
+    print(f"# tinypeft benchmarks ({results['machine'].get('cpu')}, {args.threads} threads for every contender)")
+    if "steps" in sections:
+        results["steps"] = section_steps(args, configs)
+    if "autograd" in sections:
+        results["autograd"] = section_autograd(args, next(iter(configs.values())))
+    if "memory" in sections:
+        results["memory"] = section_memory(args, big)
+    if "gflops" in sections:
+        results["gflops"] = section_gflops(args, configs)
+    if "scaling" in sections:
+        results["scaling"] = section_scaling(args)
+    results["seconds"] = time.perf_counter() - t0
+    print(f"\n(total {results['seconds']:.0f} s)")
+    from tinypeft.io import save_json
+
+    save_json(
+        args.out,
+        json.loads(json.dumps(results, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))),
+    )
+    print(f"results written to {args.out}")
+    return 0
