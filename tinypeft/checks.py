@@ -37,8 +37,13 @@ def check_token_ids(input_ids: Any, vocab_size: int, what: str = "input_ids") ->
     return ids.astype(np.int64, copy=False)
 
 
-def check_labels(labels: Any, shape: tuple[int, ...], vocab_size: int) -> np.ndarray:
-    """labels as a (B, T) integer array of ids or -100 (ignored), with at least one target after the shift."""
+def check_labels(labels: Any, shape: tuple[int, ...], vocab_size: int, leading_positions: int | None = 0) -> np.ndarray:
+    """labels as a (B, T) integer array of ids or -100 (ignored), with at least one target after the shift.
+
+    leading_positions: how many positions the model puts in front of the tokens (prompt tuning's
+    virtual tokens, labelled -100). With any, the last of them predicts label 0, so label 0 is a
+    target too. None: not known yet (before the forward); call `check_has_target` once it is.
+    """
     lab = _host(labels, "labels")
     if lab.dtype == bool or not np.issubdtype(lab.dtype, np.integer):
         raise InputTypeError(f"labels must hold integers (token ids or {IGNORE_INDEX}); got dtype {lab.dtype}")
@@ -49,12 +54,22 @@ def check_labels(labels: Any, shape: tuple[int, ...], vocab_size: int) -> np.nda
         raise InputError(
             f"labels hold {int(lab[bad][0])}; allowed are 0..{vocab_size - 1} and {IGNORE_INDEX} (ignored)"
         )
-    if not (lab[:, 1:] != IGNORE_INDEX).any():
+    if leading_positions is not None:
+        check_has_target(lab, leading_positions)
+    return lab.astype(np.int64, copy=False)
+
+
+def check_has_target(labels: np.ndarray, leading_positions: int = 0) -> None:
+    """Raise InputError unless some label is predicted: one after the first, or with leading positions
+    in front of the tokens, any."""
+    if leading_positions:
+        if not (labels != IGNORE_INDEX).any():
+            raise InputError(f"labels give nothing to predict: every label is {IGNORE_INDEX}; give at least one target")
+    elif not (labels[:, 1:] != IGNORE_INDEX).any():
         raise InputError(
             "labels give nothing to predict: the loss compares position t with label t+1, and every label "
             f"after the first is {IGNORE_INDEX} (or seq_len is 1); give at least one target"
         )
-    return lab.astype(np.int64, copy=False)
 
 
 def check_attention_mask(attention_mask: Any, shape: tuple[int, ...]) -> np.ndarray | None:

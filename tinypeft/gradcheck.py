@@ -133,7 +133,8 @@ def model_loss_fn(
     if (labels is None) == (output_weights is None):
         raise ValueError("give exactly one of labels and output_weights")
     if labels is not None:
-        labels = checks.check_labels(labels, ids.shape, model.config.vocab_size)
+        leading = 0 if view.sites.embedding is None else None  # virtual tokens: label 0 may be the only target
+        labels = checks.check_labels(labels, ids.shape, model.config.vocab_size, leading)
 
     def padded(lab: Any, n_positions: int) -> Any:
         added = n_positions - lab.shape[1]

@@ -525,9 +525,15 @@ class GPT:
         as PEFT does for prompt tuning.
         """
         ids, mask = self.check_inputs(input_ids, attention_mask)
-        labels = self.xp.asarray(checks.check_labels(labels, ids.shape, self.config.vocab_size))
+        # an embedding site may put positions in front of the tokens, and then label 0 is a target too:
+        # whether anything is predicted is known once the forward says how many positions it added
+        leading = 0 if sites.embedding is None else None
+        host_labels = checks.check_labels(labels, ids.shape, self.config.vocab_size, leading)
         logits, cache = self.forward(params, ids, mask, sites)
         added = logits.shape[1] - ids.shape[1]
+        if leading is None:
+            checks.check_has_target(host_labels, added)
+        labels = self.xp.asarray(host_labels)
         if added:
             labels = self.xp.concatenate(
                 [self.xp.full((ids.shape[0], added), checks.IGNORE_INDEX, dtype=labels.dtype), labels], axis=1
