@@ -2,6 +2,7 @@
 adapter_config.json files of any of them load."""
 
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
+from .prompt import PromptTuningConfig
 from .selective import (
     BitFitConfig,
     LastBlocksConfig,
@@ -19,6 +20,7 @@ __all__ = [
     "LNTuningConfig",
     "LastBlocksConfig",
     "PeftConfig",
+    "PromptTuningConfig",
     "SelectiveConfig",
     "freeze",
     "match_modules",

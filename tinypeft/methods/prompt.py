@@ -1,0 +1,178 @@
+"""Prompt tuning (Lester et al. 2021): a trainable table of NV "virtual token" embeddings, prepended to
+every sequence's token embeddings. The base model is frozen; only the (NV, C) table learns.
+
+As PEFT does it (PeftModelForCausalLM.forward, prompt-learning branch):
+- the input embeddings become concat(P, wte[ids]): (B, NV + T, C), the same table P in every row;
+- the virtual tokens take positions 0..NV-1 and the real tokens shift to NV..NV+T-1 (the positions
+  simply run over the longer sequence; the base model adds wpe[0 : NV + T]);
+- the attention mask, if any, gets NV ones in front (virtual tokens are never padding);
+- the labels get NV entries of -100 in front, so the logits have NV + T positions and the loss reads
+  the last virtual position's prediction of token 0 (the base model's loss starts at token 1).
+The model core does the position offset, the label padding and the length check; this file owns
+the table, its initialisation and the site that prepends it.
+
+Initialisations (PEFT's PromptTuningInit):
+- RANDOM: N(0, 1) entries (torch.nn.Embedding's default);
+- SAMPLE_VOCAB: NV rows of wte at ids drawn uniformly from the vocabulary;
+- TEXT: the wte rows of the init text's tokens, the token list repeated until it is long enough and
+  truncated to NV. The tokenizer is tinypeft's UTF-8 byte tokenizer (`tinypeft.data.encode`).
+PEFT casts SAMPLE_VOCAB and TEXT copies to float32; tinypeft keeps the model's dtype (an exact copy
+of the rows in float64). In float32 the two are identical. See docs/prompt_tuning.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..backend import namespace, to_numpy
+from ..errors import ConfigError, MergeError
+from ..sites import Sites
+from .base import Adapter, register
+from .virtual_tokens import VirtualTokenConfig
+
+if TYPE_CHECKING:
+    from ..model import GPT
+
+Array = Any
+
+PROMPT_EMBEDDINGS = "prompt_embeddings"  # the one tensor PEFT writes for prompt tuning
+PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+# what tinypeft writes as tokenizer_name_or_path for TEXT init: PEFT requires the field to be set for
+# TEXT, though it never reads the tokenizer when it loads a saved adapter
+BYTE_TOKENIZER = "tinypeft-utf8-bytes"
+
+
+# ------------------------------------------------------------------ forward / backward
+def prompt_forward(prompt: Array, token_embeds: Array, attention_mask: Array | None) -> tuple[Array, Array | None, int]:
+    """x = concat(P, E) along the sequence, the same P for every row of the batch.
+
+    prompt P: (NV, C); token_embeds E: (B, T, C); attention_mask: (B, T) or None.
+    Returns x (B, NV + T, C), the mask with NV ones in front (or None), and the cache: NV alone
+    (the backward only needs to know where to cut).
+    """
+    xp = namespace(prompt, token_embeds)
+    B = token_embeds.shape[0]
+    NV, C = prompt.shape
+    prompts = xp.broadcast_to(prompt[None], (B, NV, C))  # [NV, C] -> [B, NV, C]
+    x = xp.concatenate([prompts, token_embeds], axis=1)  # [B, NV + T, C]
+    if attention_mask is not None:
+        virtual = xp.ones((B, NV), dtype=attention_mask.dtype)  # virtual tokens are never padding
+        attention_mask = xp.concatenate([virtual, attention_mask], axis=1)  # [B, NV + T]
+    return x, attention_mask, NV
+
+
+def prompt_backward(dx: Array, NV: int, need_dprompt: bool = True) -> tuple[Array, Array | None]:
+    """(dE, dP) from dx (B, NV + T, C).
+
+    in the forward pass this was: x = concat(broadcast_B(P), E), so the first NV positions of each row
+    came from P (one table used B times: its gradient sums over the batch) and the rest from E:
+        dP = sum_b dx[b, :NV]   (NV, C)        dE = dx[:, NV:]   (B, T, C)
+    """
+    dtoken_embeds = dx[:, NV:]  # [B, T, C]
+    dprompt = dx[:, :NV].sum(axis=0) if need_dprompt else None  # [B, NV, C] -> [NV, C]
+    return dtoken_embeds, dprompt
+
+
+@dataclass(frozen=True)
+class PromptEmbeddingSite:
+    """The embedding site: prepends params[name] to the token embeddings."""
+
+    name: str = PROMPT_EMBEDDINGS
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    def forward(
+        self, params: Mapping[str, Array], inputs_embeds: Array, attention_mask: Array | None
+    ) -> tuple[Array, Array | None, int]:
+        return prompt_forward(params[self.name], inputs_embeds, attention_mask)
+
+    def backward(self, dembeds: Array, cache: int, trainable: Collection[str]) -> tuple[Array, dict[str, Array]]:
+        dtoken_embeds, dprompt = prompt_backward(dembeds, cache, self.name in trainable)
+        return dtoken_embeds, ({} if dprompt is None else {self.name: dprompt})
+
+
+# ------------------------------------------------------------------ config and adapter
+@register
+@dataclass
+class PromptTuningConfig(VirtualTokenConfig):
+    """Prompt tuning: num_virtual_tokens trainable input embeddings, prepended to every sequence.
+
+    prompt_tuning_init: "RANDOM" (N(0, 1)), "SAMPLE_VOCAB" (rows of wte at random ids) or "TEXT"
+    (rows of wte for prompt_tuning_init_text's bytes, repeated/truncated to num_virtual_tokens).
+    tokenizer_name_or_path is written for PEFT's sake; tinypeft always tokenizes into UTF-8 bytes.
+    """
+
+    peft_type = "PROMPT_TUNING"
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)  # PEFT's enum works too
+        if init not in PROMPT_TUNING_INITS:
+            raise ConfigError(f"prompt_tuning_init must be one of {PROMPT_TUNING_INITS}; got {init!r}")
+        self.prompt_tuning_init = init
+        if init == "TEXT":
+            text = self.prompt_tuning_init_text
+            if not isinstance(text, str) or not text:
+                raise ConfigError(f"prompt_tuning_init='TEXT' needs a non-empty prompt_tuning_init_text; got {text!r}")
+
+    def init_token_ids(self, vocab_size: int) -> np.ndarray:
+        """TEXT init: the text's byte ids, repeated then truncated to num_virtual_tokens (PEFT's rule)."""
+        from ..data import encode
+
+        ids = encode(self.prompt_tuning_init_text)
+        too_big = ids[ids >= vocab_size]
+        if too_big.size:
+            raise ConfigError(
+                f"prompt_tuning_init_text holds byte {int(too_big[0])}, which is no token of this model "
+                f"(vocab_size={vocab_size}); the byte tokenizer needs vocab_size >= 256 for arbitrary text"
+            )
+        repeats = math.ceil(self.num_virtual_tokens / len(ids))
+        return np.tile(ids, repeats)[: self.num_virtual_tokens]
+
+    def validate(self, base: GPT) -> None:
+        super().validate(base)
+        if self.prompt_tuning_init == "TEXT":
+            self.init_token_ids(base.config.vocab_size)
+
+    def build(self, base: GPT, seed: int = 0) -> Adapter:
+        rng = np.random.default_rng(seed)
+        NV, C, V = self.num_virtual_tokens, base.config.n_embd, base.config.vocab_size
+        wte = to_numpy(base.params["transformer.wte.weight"])
+        if self.prompt_tuning_init == "RANDOM":
+            table = rng.standard_normal((NV, C))
+        elif self.prompt_tuning_init == "SAMPLE_VOCAB":
+            table = wte[rng.integers(0, V, size=NV)]
+        else:
+            table = wte[self.init_token_ids(V)]
+        tokenizer = self.tokenizer_name_or_path
+        if self.prompt_tuning_init == "TEXT" and not tokenizer:
+            tokenizer = BYTE_TOKENIZER
+        config = self.filled(base, tokenizer_name_or_path=tokenizer)
+        return PromptTuningAdapter(config, base, {PROMPT_EMBEDDINGS: base.xp.asarray(table.astype(base.config.dtype))})
+
+
+class PromptTuningAdapter(Adapter):
+    """One (NV, C) table, `prompt_embeddings`, at the embedding site."""
+
+    def sites(self, training: bool = False) -> Sites:
+        return Sites(embedding=PromptEmbeddingSite())
+
+    def can_merge(self) -> bool:
+        return False
+
+    def merge_error(self) -> MergeError:
+        return MergeError(
+            "prompt tuning cannot be merged: its virtual tokens are extra inputs prepended to every sequence, "
+            "not a change to any weight, so there is nothing to fold into the base model; keep the PeftModel "
+            "(or save the adapter) to use them"
+        )

@@ -1,0 +1,71 @@
+"""What prompt tuning and prefix tuning share: a number of virtual tokens, and the model-shape fields
+PEFT's prompt-learning configs carry (`token_dim`, `num_layers`, `num_attention_heads`,
+`num_transformer_submodules`).
+
+PEFT fills those four fields from the base model when the adapter is made and writes them to
+adapter_config.json; PEFT needs them to load the adapter. tinypeft does the same, on a copy of the
+config that the adapter keeps (the caller's config object is not changed). A config loaded from a
+file with other values was made for another model, which is an error here, not a silent reshape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+from .base import PeftConfig
+
+if TYPE_CHECKING:
+    from ..model import GPT
+
+
+@dataclass
+class VirtualTokenConfig(PeftConfig):
+    """Base of PromptTuningConfig and PrefixTuningConfig (PEFT's PromptLearningConfig)."""
+
+    num_virtual_tokens: int = 20
+    token_dim: int | None = None
+    num_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_transformer_submodules: int | None = None
+
+    def __post_init__(self) -> None:
+        nv = self.num_virtual_tokens
+        if isinstance(nv, bool) or not isinstance(nv, int) or nv < 1:
+            raise ConfigError(f"{type(self).__name__}.num_virtual_tokens must be an integer >= 1; got {nv!r}")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ConfigError(
+                f"num_transformer_submodules={self.num_transformer_submodules!r}: a decoder-only GPT has one "
+                "transformer stack (2 is for encoder-decoder models)"
+            )
+
+    def model_fields(self, base: GPT) -> dict[str, int]:
+        cfg = base.config
+        return {
+            "token_dim": cfg.n_embd,
+            "num_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head,
+            "num_transformer_submodules": 1,
+        }
+
+    def validate(self, base: GPT) -> None:
+        for name, value in self.model_fields(base).items():
+            given = getattr(self, name)
+            if given is not None and given != value:
+                raise ConfigError(
+                    f"{type(self).__name__}.{name}={given!r}, but the base model has {value} "
+                    "(the adapter was made for another model shape)"
+                )
+        n_positions = base.config.n_positions
+        if self.num_virtual_tokens >= n_positions:
+            raise ConfigError(
+                f"num_virtual_tokens={self.num_virtual_tokens} leaves no room for tokens: the virtual tokens take "
+                f"positions 0..{self.num_virtual_tokens - 1} of n_positions={n_positions}; use at most "
+                f"{n_positions - 1}"
+            )
+
+    def filled(self, base: GPT, **more: Any) -> VirtualTokenConfig:
+        """A copy with the model-shape fields filled in, as PEFT writes them to adapter_config.json."""
+        return dataclasses.replace(self, **self.model_fields(base), **more)
