@@ -2,6 +2,7 @@
 adapter_config.json files of any of them load."""
 
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
+from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
 from .selective import (
     BitFitConfig,
@@ -20,6 +21,7 @@ __all__ = [
     "LNTuningConfig",
     "LastBlocksConfig",
     "PeftConfig",
+    "PrefixTuningConfig",
     "PromptTuningConfig",
     "SelectiveConfig",
     "freeze",
