@@ -11,6 +11,7 @@ from .errors import (
 )
 from .methods import (
     BitFitConfig,
+    IA3Config,
     LastBlocksConfig,
     LNTuningConfig,
     PeftConfig,
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "GPTConfig",
+    "IA3Config",
     "InputError",
     "InputTypeError",
     "LNTuningConfig",

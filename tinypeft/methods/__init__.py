@@ -2,6 +2,7 @@
 adapter_config.json files of any of them load."""
 
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
+from .ia3 import IA3Config
 from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
 from .selective import (
@@ -18,6 +19,7 @@ __all__ = [
     "PEFT_PREFIX",
     "Adapter",
     "BitFitConfig",
+    "IA3Config",
     "LNTuningConfig",
     "LastBlocksConfig",
     "PeftConfig",
