@@ -10,6 +10,7 @@ from .errors import (
     TrainingError,
 )
 from .methods import (
+    AdapterConfig,
     BitFitConfig,
     IA3Config,
     LastBlocksConfig,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GPT",
+    "AdapterConfig",
     "BitFitConfig",
     "CheckpointError",
     "ConfigError",

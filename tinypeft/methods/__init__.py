@@ -1,6 +1,7 @@
 """PEFT methods, one file each. Importing this package registers every method's config type so
 adapter_config.json files of any of them load."""
 
+from .adapter import AdapterConfig
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
 from .ia3 import IA3Config
 from .prefix import PrefixTuningConfig
@@ -18,6 +19,7 @@ from .selective import (
 __all__ = [
     "PEFT_PREFIX",
     "Adapter",
+    "AdapterConfig",
     "BitFitConfig",
     "IA3Config",
     "LNTuningConfig",
