@@ -96,9 +96,11 @@ def assert_close(diffs: dict[str, float]) -> None:
 
 
 def assume_not_degenerate(case) -> None:
-    """With one feature, ln_f's output is its bias whatever comes in: the logits depend on nothing an
-    adapter touches, whose gradient is then 0 here and rounding noise (~1e-17) in torch."""
-    assume(case.model.config.n_embd > 1)
+    """LayerNorm over one or two features is (nearly) constant: with one, its output is its bias, so the
+    adapter's gradient is 0 here and rounding noise (~1e-17) in torch; with two, it is +-1 up to terms of
+    size eps, so every gradient through it is a difference of near-equal numbers (norm ~1e-7) whose
+    relative error is set by rounding (~1e-10), not by the formula. Compare on models with three or more."""
+    assume(case.model.config.n_embd > 2)
 
 
 class ByteTokenizer:
