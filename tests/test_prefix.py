@@ -245,3 +245,21 @@ def test_save_and_load_round_trip_without_projection(tmp_path):
         2,
         3,
     )
+
+
+def test_frozen_weights_run_no_gradient_matmul(monkeypatch):
+    """The gradient reaches every layer's attention, and so every layer above block 0's c_attn, as dx
+    only; block 0's c_attn, ln_1 and the embeddings are not visited at all."""
+    import tinypeft.model as model_module
+
+    calls = []
+    original = model_module.linear_backward
+
+    def spy(dy, cache, need_dx=True, need_dweight=True, need_dbias=True):
+        calls.append((need_dx, need_dweight, need_dbias))
+        return original(dy, cache, need_dx, need_dweight, need_dbias)
+
+    monkeypatch.setattr(model_module, "linear_backward", spy)
+    model = tp.get_peft_model(small(), prefix_config(3, projection=False))
+    model.loss_and_grad([[1, 2, 3, 4]], [[1, 2, 3, 4]])
+    assert calls == [(True, False, False)] * 7  # block 1: all 4; block 0: mlp.c_proj, mlp.c_fc, attn.c_proj
