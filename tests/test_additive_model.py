@@ -1,6 +1,8 @@
-"""Prompt tuning, prefix tuning (both modes), IA3 and bottleneck adapters through the training loop: the
-loss goes down, and a run interrupted and resumed from its checkpoint computes exactly what the straight
-run computes (the adapters' tensors are updated in place and checkpointed under their own names)."""
+"""Prompt tuning, prefix tuning (both modes), IA3 and bottleneck adapters in a PeftModel and through the
+training loop: disable_adapter gives the base model; adapters of different methods live side by side and
+switch; the loss goes down, and a run interrupted and resumed from its checkpoint computes exactly what
+the straight run computes (the adapters' tensors are updated in place and checkpointed under their own
+names)."""
 
 from __future__ import annotations
 
@@ -61,3 +63,29 @@ def test_training_lowers_the_loss_and_resumes_bit_exactly(tmp_path, method):
     for name, value in straight.trainable_parameters().items():
         np.testing.assert_array_equal(resumed.trainable_parameters()[name], value, err_msg=name)
     assert result.evals == full.evals
+
+
+def randomised(model: tp.PeftModel, seed: int) -> tp.PeftModel:
+    rng = np.random.default_rng(seed)
+    for value in model.trainable_parameters().values():
+        value += 0.3 * rng.standard_normal(value.shape).astype(value.dtype)
+    return model
+
+
+def test_disable_adapter_gives_the_base_and_adapters_switch():
+    base = pretrained_base()
+    ids = np.frombuffer(b"lorem ipsum dolor", dtype=np.uint8)[None].astype(np.int64)
+    singles = {
+        name: randomised(tp.get_peft_model(base, make()), i) for i, (name, (make, _)) in enumerate(METHODS.items())
+    }
+    together = tp.get_peft_model(base, METHODS["prompt"][0]())
+    together.load_adapter_state_dict(singles["prompt"].adapter_state_dict())
+    for name, single in singles.items():
+        if name != "prompt":
+            together.add_adapter(name, single.peft_config["default"])
+            together.adapters[name].load_state_dict(single.active.state_dict())
+    for name, single in singles.items():
+        together.set_adapter("default" if name == "prompt" else name)
+        np.testing.assert_array_equal(together(ids), single(ids))
+        with single.disable_adapter():
+            np.testing.assert_array_equal(single(ids), base(ids))
