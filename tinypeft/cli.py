@@ -43,10 +43,54 @@ def _selective(args: argparse.Namespace):
     return SelectiveConfig(patterns=args.trainable)
 
 
+def _targets(value: list[str] | None) -> list[str] | None:
+    return None if value is None else list(value)
+
+
+def _prompt(args: argparse.Namespace):
+    from .methods import PromptTuningConfig
+
+    return PromptTuningConfig(
+        num_virtual_tokens=args.num_virtual_tokens,
+        prompt_tuning_init=args.prompt_tuning_init,
+        prompt_tuning_init_text=args.prompt_tuning_init_text,
+    )
+
+
+def _prefix(args: argparse.Namespace):
+    from .methods import PrefixTuningConfig
+
+    return PrefixTuningConfig(
+        num_virtual_tokens=args.num_virtual_tokens,
+        prefix_projection=args.prefix_projection,
+        encoder_hidden_size=args.encoder_hidden_size,
+    )
+
+
+def _ia3(args: argparse.Namespace):
+    from .methods import IA3Config
+
+    return IA3Config(
+        target_modules=_targets(args.target_modules), feedforward_modules=_targets(args.feedforward_modules)
+    )
+
+
+def _adapter(args: argparse.Namespace):
+    from .methods import AdapterConfig
+
+    return AdapterConfig(
+        bottleneck_size=args.bottleneck_size, non_linearity=args.non_linearity, placement=args.placement
+    )
+
+
 def _methods() -> dict[str, MethodSpec]:
     from .methods import BitFitConfig, LastBlocksConfig, LNTuningConfig
 
     return {
+        "prompt": MethodSpec("prompt tuning: --num_virtual_tokens trainable input embeddings", 3e-2, _prompt),
+        "prefix": MethodSpec("prefix tuning: trainable keys/values in every layer", 1e-2, _prefix),
+        "ia3": MethodSpec("IA3: learned scaling of c_attn outputs and mlp.c_proj inputs", 2e-2, _ia3),
+        "adapter": MethodSpec("bottleneck adapters after attn.c_proj and mlp.c_proj", 3e-3, _adapter),
         "full": MethodSpec("full fine-tuning: every parameter", 3e-4, lambda a: None),
         "bitfit": MethodSpec("BitFit: only the bias vectors", 3e-3, lambda a: BitFitConfig()),
         "lntuning": MethodSpec("LayerNorm tuning: ln_1, ln_2, ln_f", 3e-3, lambda a: LNTuningConfig()),
@@ -65,6 +109,33 @@ def _add_method_args(p: argparse.ArgumentParser, methods: dict[str, MethodSpec])
         help="; ".join(f"{k}: {v.help} (lr {v.default_lr:g})" for k, v in sorted(methods.items())),
     )
     g = p.add_argument_group("method options")
+    g.add_argument(
+        "--target_modules",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="lora/ia3: layers to adapt (PEFT matching: a name or a suffix such as c_attn); default: PEFT's for gpt2",
+    )
+    g.add_argument(
+        "--feedforward_modules", nargs="+", default=None, metavar="NAME", help="ia3: targets scaled on input"
+    )
+    g.add_argument("--num_virtual_tokens", type=int, default=20, help="prompt/prefix: virtual tokens")
+    g.add_argument(
+        "--prompt_tuning_init",
+        choices=["RANDOM", "SAMPLE_VOCAB", "TEXT"],
+        default="RANDOM",
+        help="prompt: initialise from N(0,1), random vocabulary rows, or the bytes of --prompt_tuning_init_text",
+    )
+    g.add_argument("--prompt_tuning_init_text", default=None, help="prompt: text for TEXT initialisation")
+    g.add_argument("--prefix_projection", action="store_true", help="prefix: reparameterise through a tanh MLP")
+    g.add_argument("--encoder_hidden_size", type=int, default=None, help="prefix: MLP width (default n_embd)")
+    g.add_argument("--bottleneck_size", type=int, default=16, help="adapter: bottleneck width")
+    g.add_argument(
+        "--non_linearity", choices=["relu", "gelu_tanh", "tanh", "silu"], default="relu", help="adapter: activation"
+    )
+    g.add_argument(
+        "--placement", choices=["both", "attn", "mlp"], default="both", help="adapter: after attention, MLP, or both"
+    )
     g.add_argument("--num_blocks", type=int, default=1, help="last_blocks: how many blocks to train")
     g.add_argument("--trainable", nargs="+", default=None, metavar="GLOB", help="selective: parameter name globs")
 
@@ -211,9 +282,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     train_config = _train_config(args, lr)
     base_dir = _base_dir(args.base)
     base = GPT.from_pretrained(base_dir, device=args.device)
-    if args.seq_len > base.config.n_positions:
-        raise ConfigError(f"--seq_len {args.seq_len} exceeds the base model's n_positions {base.config.n_positions}")
     method_config = spec.build(args)
+    virtual = args.num_virtual_tokens if args.method in ("prompt", "prefix") else 0
+    if args.seq_len + virtual > base.config.n_positions:
+        extra = f" + {virtual} virtual tokens" if virtual else ""
+        raise ConfigError(
+            f"--seq_len {args.seq_len}{extra} exceeds the base model's n_positions {base.config.n_positions}"
+        )
     model = base if method_config is None else get_peft_model(base, method_config, seed=args.seed)
     task, prose = load_corpus(args.corpus), load_corpus(args.prose_corpus)
     print(f"base model: {base_dir}")
