@@ -4,6 +4,7 @@ adapter_config.json files of any of them load."""
 from .adapter import AdapterConfig
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
 from .ia3 import IA3Config
+from .lora import LoraConfig
 from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
 from .selective import (
@@ -24,6 +25,7 @@ __all__ = [
     "IA3Config",
     "LNTuningConfig",
     "LastBlocksConfig",
+    "LoraConfig",
     "PeftConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",

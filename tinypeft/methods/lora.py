@@ -1,0 +1,534 @@
+"""LoRA (Hu et al. 2021) and its variants rsLoRA, DoRA and PiSSA, on GPT-2's linear layers.
+
+A targeted linear layer y = x W + b (W: (in, out), GPT-2's Conv1D layout) gets two small factors in
+PEFT's shapes, A: (r, in) and B: (out, r), and computes
+
+    y = x W + b + s · dropout(x) Aᵀ Bᵀ,        s = lora_alpha / r   (rsLoRA: lora_alpha / √r)
+
+so the effective weight is W + s (B A)ᵀ, a rank-r update. Only A and B train; W is never touched.
+
+- DoRA (Liu et al. 2024) adds a magnitude m: (out,) and rescales each output feature j by
+  k_j = m_j / ‖W[:, j] + s (BA)ᵀ[:, j]‖, the norm held constant in the backward (as the paper and PEFT do).
+- PiSSA (Meng et al. 2024) starts A and B from the top r singular triples of W and trains them on the
+  residual W − s (B A)ᵀ, which the adapter keeps as a frozen tensor of its own (see `LoraAdapter`).
+
+The math is in the pure forward/backward pairs below; `docs/lora.md` derives them step by step and
+lists where tinypeft deliberately differs from PEFT. Tensor names are PEFT's file names
+(`base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`), so adapters move between the two.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..backend import namespace, to_numpy
+from ..errors import ConfigError
+from ..sites import Sites
+from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
+
+if TYPE_CHECKING:
+    from ..model import GPT
+
+Array = Any
+
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+BIAS_CHOICES = ("none", "all", "lora_only")
+GPT2_DEFAULT_TARGETS = ("c_attn",)  # PEFT's default for model_type "gpt2"
+
+
+# ===================================================================== the math
+def stop_gradient(a: Array) -> Array:
+    """`a`'s value cut loose from autograd's trace (a traced array is a Box whose value is `_value`), so
+    autograd treats what is computed from it as a constant, as torch's `.detach()` does. Plain arrays
+    come back as they are."""
+    while type(a).__module__.startswith("autograd"):
+        a = a._value
+    return a
+
+
+def lora_forward(
+    x: Array, weight: Array, bias: Array | None, lora_A: Array, lora_B: Array, scaling: float, keep: Array | None
+) -> tuple[Array, tuple]:
+    """y = x W + b + s · x_d Aᵀ Bᵀ,  x_d = x ⊙ keep (dropout on the LoRA branch only; x_d = x if keep is None).
+
+    x: (..., in), W: (in, out), b: (out,) or None, A: (r, in), B: (out, r),
+    keep: None or (..., in) holding 0 (dropped) and 1/(1 - p) (kept)  ->  y: (..., out).
+    Cache: x_d, h = x_d Aᵀ (N, r), W, A, B, keep and s. h is the only new array kept (N·r numbers); with
+    keep None, x_d is x itself, not a copy. x is not kept: it would serve only W's gradient, and W is frozen.
+    """
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, n_in)  # [B, T, in] -> [N, in]
+    keep2 = None if keep is None else keep.reshape(-1, n_in)
+    x_drop = x2 if keep2 is None else x2 * keep2  # [N, in]
+    h = x_drop @ lora_A.T  # [N, in] @ [in, r] -> [N, r]
+    y = x2 @ weight + scaling * (h @ lora_B.T)  # [N, in] @ [in, out] + s [N, r] @ [r, out] -> [N, out]
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, weight.shape[1]), (x_drop, h, weight, lora_A, lora_B, keep2, scaling)
+
+
+def lora_backward(
+    dy: Array, cache: tuple, need_dx: bool = True, need_dlora: bool = True, need_dbias: bool = False
+) -> tuple[Array | None, Array | None, Array | None, Array | None]:
+    """(dx, dA, dB, db) for y = x W + b + s · h Bᵀ with h = x_d Aᵀ and x_d = x ⊙ keep:
+
+        dB  = s · dyᵀ h                    (out, r)
+        dh  = s · dy B                     (N, r)
+        dA  = dhᵀ x_d                      (r, in)
+        dx  = dy Wᵀ + (dh A) ⊙ keep        (N, in): the base path and the LoRA path join here
+        db  = Σ_positions dy
+
+    W is frozen, so its gradient x^T dy, a matmul as large as the forward's, is never computed.
+    """
+    x_drop, h, weight, lora_A, lora_B, keep2, scaling = cache
+    n_in, n_out = weight.shape
+    # in the forward pass this was: y = x W + b + s · (x_d Aᵀ) Bᵀ, so now:
+    dy2 = dy.reshape(-1, n_out)  # [N, out]
+    dx = dA = dB = db = None
+    dh = scaling * (dy2 @ lora_B) if (need_dx or need_dlora) else None  # [N, out] @ [out, r] -> [N, r]
+    if need_dlora:
+        dB = scaling * (dy2.T @ h)  # [out, N] @ [N, r] -> [out, r]
+        dA = dh.T @ x_drop  # [r, N] @ [N, in] -> [r, in]
+    if need_dx:
+        dx_lora = dh @ lora_A  # [N, r] @ [r, in] -> [N, in]: the gradient at x_d
+        dx = dy2 @ weight.T + (dx_lora if keep2 is None else dx_lora * keep2)  # [N, out] @ [out, in]
+        dx = dx.reshape(*dy.shape[:-1], n_in)
+    if need_dbias:
+        db = dy2.sum(axis=0)
+    return dx, dA, dB, db
+
+
+def dora_weight_norm(weight: Array, lora_A: Array, lora_B: Array, scaling: float) -> Array:
+    """‖W + s (B A)ᵀ‖ per output feature, over the input dimension: (out,). W: (in, out)."""
+    xp = namespace(weight, lora_A, lora_B)
+    directional = weight + scaling * (lora_B @ lora_A).T  # [in, out] + s ([out, r] @ [r, in])ᵀ
+    return xp.sqrt((directional * directional).sum(axis=0))  # [in, out] -> [out]
+
+
+def dora_forward(
+    x: Array,
+    weight: Array,
+    bias: Array | None,
+    lora_A: Array,
+    lora_B: Array,
+    magnitude: Array,
+    scaling: float,
+    weight_norm: Array,
+    keep: Array | None,
+) -> tuple[Array, tuple]:
+    """DoRA as PEFT computes it: with k = m / ‖W + s (B A)ᵀ‖ per output feature (the norm given, a constant),
+
+        y = x W + b + (k − 1) ⊙ (x_d W) + k ⊙ s · x_d Aᵀ Bᵀ,      x_d = x ⊙ keep.
+
+    Without dropout (keep None) x_d = x and this is y = k ⊙ (x W + s x Aᵀ Bᵀ) + b: each output feature of
+    the LoRA-updated layer rescaled to length m. With dropout, the undropped x W stays and only the
+    correction is computed from the dropped input, exactly PEFT's formula.
+
+    x: (..., in), W: (in, out), A: (r, in), B: (out, r), m and the norm: (out,)  ->  y: (..., out).
+    Cache: x_d, h = x_d Aᵀ (N, r), v = x_d W + s h Bᵀ (N, out: the output before rescaling, needed for
+    dm), k, the norm and the weights.
+    """
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, n_in)  # [N, in]
+    keep2 = None if keep is None else keep.reshape(-1, n_in)
+    x_drop = x2 if keep2 is None else x2 * keep2  # [N, in]
+    base = x2 @ weight  # [N, in] @ [in, out] -> [N, out]
+    base_drop = base if keep2 is None else x_drop @ weight  # [N, out]
+    h = x_drop @ lora_A.T  # [N, in] @ [in, r] -> [N, r]
+    lora = scaling * (h @ lora_B.T)  # [N, r] @ [r, out] -> [N, out]
+    k = magnitude / weight_norm  # [out]
+    y = base + (k - 1) * base_drop + k * lora  # [N, out]
+    if bias is not None:
+        y = y + bias
+    cache = (x_drop, h, base_drop + lora, k, weight, lora_A, lora_B, weight_norm, keep2, scaling)
+    return y.reshape(*lead, weight.shape[1]), cache
+
+
+def dora_backward(
+    dy: Array, cache: tuple, need_dx: bool = True, need_dparams: bool = True, need_dbias: bool = False
+) -> tuple[Array | None, Array | None, Array | None, Array | None, Array | None]:
+    """(dx, dA, dB, dm, db) for y = x W + b + (k − 1) ⊙ (x_d W) + k ⊙ s · h Bᵀ, h = x_d Aᵀ, k = m / n,
+    with the norm n a constant (DoRA's detached norm: no gradient reaches A or B through it):
+
+        dm   = Σ_positions dy ⊙ (x_d W + s h Bᵀ) / n        (out,)
+        g    = dy ⊙ k                                       (N, out): the gradient at the LoRA output
+        dB   = s · gᵀ h,   dh = s · g B,   dA = dhᵀ x_d
+        dx   = dy Wᵀ + ((dy ⊙ (k − 1)) Wᵀ + dh A) ⊙ keep   (= (dy ⊙ k) Wᵀ + dh A without dropout)
+        db   = Σ_positions dy
+    """
+    x_drop, h, unscaled, k, weight, lora_A, lora_B, weight_norm, keep2, scaling = cache
+    n_in, n_out = weight.shape
+    # in the forward pass this was: y = x W + b + (k − 1) ⊙ (x_d W) + k ⊙ s · (x_d Aᵀ) Bᵀ, so now:
+    dy2 = dy.reshape(-1, n_out)  # [N, out]
+    dx = dA = dB = dm = db = None
+    g = dy2 * k  # [N, out]
+    dh = scaling * (g @ lora_B) if (need_dx or need_dparams) else None  # [N, out] @ [out, r] -> [N, r]
+    if need_dparams:
+        dm = (dy2 * unscaled).sum(axis=0) / weight_norm  # [N, out] -> [out]
+        dB = scaling * (g.T @ h)  # [out, N] @ [N, r] -> [out, r]
+        dA = dh.T @ x_drop  # [r, N] @ [N, in] -> [r, in]
+    if need_dx:
+        if keep2 is None:  # x_d = x: both paths meet before the matmul with Wᵀ
+            dx = g @ weight.T + dh @ lora_A  # [N, out] @ [out, in] + [N, r] @ [r, in]
+        else:
+            dx_drop = (dy2 * (k - 1)) @ weight.T + dh @ lora_A  # the gradient at x_d: [N, in]
+            dx = dy2 @ weight.T + dx_drop * keep2
+        dx = dx.reshape(*dy.shape[:-1], n_in)
+    if need_dbias:
+        db = dy2.sum(axis=0)
+    return dx, dA, dB, dm, db
+
+
+def lora_merged_weight(weight: Array, lora_A: Array, lora_B: Array, scaling: float) -> Array:
+    """W + s (B A)ᵀ: (in, out), the weight a merged LoRA layer computes with."""
+    return weight + scaling * (lora_B @ lora_A).T  # [in, out] + s ([out, r] @ [r, in])ᵀ
+
+
+def dora_merged_weight(weight: Array, lora_A: Array, lora_B: Array, magnitude: Array, scaling: float) -> Array:
+    """(m / ‖W + s (B A)ᵀ‖) ⊙ (W + s (B A)ᵀ), each output column scaled: (in, out). The bias is not scaled."""
+    directional = lora_merged_weight(weight, lora_A, lora_B, scaling)  # [in, out]
+    return directional * (magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling))  # [in, out] * [out]
+
+
+def dropout_keep_mask(key: tuple[int, ...], shape: tuple[int, ...], p: float, dtype: str) -> np.ndarray:
+    """Inverted dropout's multiplier, as torch.nn.Dropout applies it: 0 with probability p, else 1 / (1 - p).
+    Drawn from a generator seeded by `key`, so the same key gives the same mask on every call."""
+    kept = np.random.default_rng(key).random(shape) >= p
+    return (kept / (1.0 - p)).astype(dtype)
+
+
+def pissa_factors(weight: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, residual) of PiSSA's init, as PEFT's `pissa_init`, in float64.
+
+    With the SVD Wᵀ = U S Vh (Wᵀ is PEFT's (out, in) layout): A = diag(√(S_r/s)) Vh_r (r, in),
+    B = U_r diag(√(S_r/s)) (out, r), so s (B A)ᵀ is W's best rank-r approximation, and the residual
+    W − s (B A)ᵀ (in, out) holds the rest.
+    """
+    W = np.asarray(weight, dtype=np.float64)
+    U, S, Vh = np.linalg.svd(W.T, full_matrices=False)  # [out, in] = [out, k] [k] [k, in]
+    root = np.sqrt(S[:r] / scaling)  # [r]
+    lora_A = root[:, None] * Vh[:r]  # [r, in]
+    lora_B = U[:, :r] * root[None, :]  # [out, r]
+    return lora_A, lora_B, W - scaling * (lora_B @ lora_A).T
+
+
+# ===================================================================== config
+@register
+@dataclass
+class LoraConfig(PeftConfig):
+    """LoRA and its variants, with PEFT's field names and defaults.
+
+    r: the rank; lora_alpha: the scale numerator (s = lora_alpha / r, or lora_alpha / √r with
+    use_rslora); lora_dropout: dropout on the LoRA branch's input while training; target_modules: PEFT's
+    matching over the linear layers (a list of names or suffixes, or a full-match regex string; None is
+    GPT-2's default, ["c_attn"]); use_dora: DoRA's magnitude vector; init_lora_weights: True (A kaiming-
+    uniform, B = 0: the adapter starts as the identity), "gaussian" (A ~ N(0, 1/r²), B = 0), False (A and B
+    both random: used by tests to get a non-identity adapter), "pissa" (SVD init); bias: which base biases
+    train too, "none", "all" or "lora_only" (those of the targeted layers).
+
+    fan_in_fan_out is always True for GPT-2's Conv1D layers; PEFT forces it, and so does this class.
+    rank_pattern, alpha_pattern and lora_bias are PEFT options tinypeft does not implement; they are
+    fields only so that a PEFT adapter_config.json that uses them is refused instead of being computed
+    as something else.
+    """
+
+    peft_type = "LORA"
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    bias: str = "none"
+    fan_in_fan_out: bool = True
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
+    lora_bias: bool = False
+
+    def __post_init__(self) -> None:
+        r, alpha, p = self.r, self.lora_alpha, self.lora_dropout
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer (the rank); got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+            raise ConfigError(f"LoraConfig.lora_alpha must be a positive finite number; got {alpha!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ConfigError(f"LoraConfig.lora_dropout must be a probability in [0, 1); got {p!r}")
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"LoraConfig.{name} must be True or False; got {getattr(self, name)!r}")
+        init = self.init_lora_weights
+        if not any(init is c if isinstance(c, bool) else init == c for c in INIT_CHOICES):
+            raise ConfigError(f"LoraConfig.init_lora_weights must be one of {INIT_CHOICES}; got {init!r}")
+        if self.bias not in BIAS_CHOICES:
+            raise ConfigError(f"LoraConfig.bias must be one of {BIAS_CHOICES}; got {self.bias!r}")
+        if self.target_modules is None:
+            self.target_modules = list(GPT2_DEFAULT_TARGETS)
+        elif isinstance(self.target_modules, (set, frozenset)):  # PEFT keeps a set; JSON needs a list
+            self.target_modules = sorted(self.target_modules)
+        elif isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if not self.fan_in_fan_out:
+            warnings.warn(
+                "fan_in_fan_out=False, but GPT-2's linear layers are Conv1D (weights stored (in, out)); "
+                "setting fan_in_fan_out=True, as PEFT does",
+                UserWarning,
+                stacklevel=3,
+            )
+            self.fan_in_fan_out = True
+        unsupported = {k: getattr(self, k) for k in ("rank_pattern", "alpha_pattern", "lora_bias") if getattr(self, k)}
+        if unsupported:
+            raise ConfigError(
+                f"LoraConfig: tinypeft does not implement PEFT's {unsupported}; leave them at their defaults"
+            )
+
+    @property
+    def scaling(self) -> float:
+        """s = lora_alpha / r, or lora_alpha / √r with rsLoRA (Kalajdzievski 2023), which keeps the update's
+        size stable as r grows."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def targets(self, base: GPT) -> list[str]:
+        """The targeted linear layers' module names, in model order."""
+        from ..model import linear_module_names
+
+        return match_modules(linear_module_names(base.config), self.target_modules)
+
+    def validate(self, base: GPT) -> None:
+        for module in self.targets(base):
+            n_in, n_out = base.params[module + ".weight"].shape
+            if self.r > min(n_in, n_out):
+                raise ConfigError(
+                    f"LoraConfig.r={self.r} exceeds min(in, out) = min({n_in}, {n_out}) of {module}: a rank-r update "
+                    f"of that layer cannot have rank above {min(n_in, n_out)}; use r <= {min(n_in, n_out)}"
+                )
+
+    def build(self, base: GPT, seed: int = 0) -> LoraAdapter:
+        return LoraAdapter.create(self, base, seed)
+
+
+# ===================================================================== adapter
+@dataclass(frozen=True)
+class LoraLayer:
+    """One targeted linear layer: its module name, sizes and the names of the tensors it uses."""
+
+    module: str
+    in_features: int
+    out_features: int
+
+    @property
+    def weight(self) -> str:
+        return self.module + ".weight"
+
+    @property
+    def bias(self) -> str:
+        return self.module + ".bias"
+
+    @property
+    def lora_A(self) -> str:
+        return f"{PEFT_PREFIX}{self.module}.lora_A.weight"
+
+    @property
+    def lora_B(self) -> str:
+        return f"{PEFT_PREFIX}{self.module}.lora_B.weight"
+
+    @property
+    def magnitude(self) -> str:
+        return f"{PEFT_PREFIX}{self.module}.lora_magnitude_vector"
+
+    @property
+    def trained_bias(self) -> str:
+        """PEFT's name for this layer's bias when bias="all"/"lora_only" trains it: the LoRA layer wraps
+        the original as `base_layer`."""
+        return f"{PEFT_PREFIX}{self.module}.base_layer.bias"
+
+
+class LoraAdapter(Adapter):
+    """LoRA factors (and DoRA magnitudes) for each targeted layer, plus trained bias copies for bias="all"/
+    "lora_only" (stand-ins via `overrides`, named as PEFT saves them).
+
+    PiSSA's residual weights. PEFT overwrites the base weight with the residual W − s (B A)ᵀ. Here the
+    base GPT is shared by every adapter of a PeftModel, so it is left alone: the adapter holds the
+    residual as a frozen tensor of its own (`residual_weights`, not in `params`, so it is neither
+    trained nor saved) and its sites compute with it in place of W. `disable_adapter()` therefore gives
+    the original base (PEFT gives the residual model), other adapters see the original W, and a saved
+    PiSSA adapter loads onto the original base, where the same SVD recreates the residual (as PEFT's
+    from_pretrained also does).
+    """
+
+    def __init__(
+        self,
+        config: LoraConfig,
+        base: GPT,
+        params: dict[str, Array],
+        overrides: Mapping[str, str],
+        layers: list[LoraLayer],
+        residual_weights: Mapping[str, Array],
+        seed: int,
+    ) -> None:
+        super().__init__(config, base, params, overrides)
+        self.config: LoraConfig = config
+        self.layers = layers
+        self.residual_weights = dict(residual_weights)
+        # dropout masks: one key per sites(training=True) call, from a stream apart from the init's
+        self._dropout_keys = np.random.default_rng((seed, 1))
+
+    @classmethod
+    def create(cls, config: LoraConfig, base: GPT, seed: int) -> LoraAdapter:
+        """Fresh tensors for every targeted layer, drawn in float64 from one generator in model order."""
+        xp, dtype, s = base.xp, base.config.dtype, config.scaling
+        rng = np.random.default_rng(seed)
+        layers, params, residuals = [], {}, {}
+        for module in config.targets(base):
+            n_in, n_out = base.params[module + ".weight"].shape
+            layer = LoraLayer(module, n_in, n_out)
+            layers.append(layer)
+            if config.init_lora_weights == "pissa":
+                W = to_numpy(base.params[layer.weight])
+                A, B, residual = pissa_factors(W, config.r, s)
+                residuals[module] = xp.asarray(residual.astype(dtype))
+            else:
+                A, B = _init_factors(config, n_in, n_out, rng)
+            params[layer.lora_A] = xp.asarray(A.astype(dtype))
+            params[layer.lora_B] = xp.asarray(B.astype(dtype))
+            if config.use_dora:
+                # m starts at the norm it divides by, so k = 1 and a zero-B adapter is still the identity
+                W_used = residuals[module] if module in residuals else base.params[layer.weight]
+                params[layer.magnitude] = dora_weight_norm(W_used, params[layer.lora_A], params[layer.lora_B], s)
+        overrides = {}
+        for name in _trained_biases(config.bias, base, layers):
+            stand_in = next((lay.trained_bias for lay in layers if lay.bias == name), PEFT_PREFIX + name)
+            params[stand_in] = base.params[name].copy()
+            overrides[name] = stand_in
+        return cls(config, base, params, overrides, layers, residuals, seed)
+
+    def base_weight(self, layer: LoraLayer, base_params: Mapping[str, Array]) -> Array:
+        """The frozen weight the layer's update adds to: PiSSA's residual, or the base's own W."""
+        return self.residual_weights.get(layer.module, base_params[layer.weight])
+
+    def sites(self, training: bool = False) -> Sites:
+        p = self.config.lora_dropout
+        key = int(self._dropout_keys.integers(2**63)) if training and p > 0 else None
+        site = LoraSite(self, key)
+        return Sites(linear={layer.module: site for layer in self.layers})
+
+    def merge(self, base_params: dict[str, Array]) -> None:
+        """W <- W + s (B A)ᵀ (DoRA: scaled per column to length m), PiSSA's residual in place of W; trained
+        bias copies replace the base biases."""
+        super().merge(base_params)
+        s = self.config.scaling
+        for layer in self.layers:
+            W, A, B = self.base_weight(layer, base_params), self.params[layer.lora_A], self.params[layer.lora_B]
+            if self.config.use_dora:
+                base_params[layer.weight] = dora_merged_weight(W, A, B, self.params[layer.magnitude], s)
+            else:
+                base_params[layer.weight] = lora_merged_weight(W, A, B, s)
+
+    def unmerge(self, base_params: dict[str, Array], originals: Mapping[str, Array]) -> None:
+        """Put back the very arrays the merge replaced (exact; PEFT subtracts the update again, which
+        rounds, and for DoRA divides by k)."""
+        super().unmerge(base_params, originals)
+        for layer in self.layers:
+            base_params[layer.weight] = originals[layer.weight]
+
+
+def _init_factors(config: LoraConfig, n_in: int, n_out: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A (r, in) and B (out, r) as PEFT initialises them (PiSSA's are replaced by the caller).
+
+    True: A ~ U(±1/√in) (torch's kaiming_uniform_ with a = √5, nn.Linear's default), B = 0.
+    "gaussian": A ~ N(0, std 1/r), B = 0. False: both as nn.Linear leaves them, A ~ U(±1/√in), B ~ U(±1/√r).
+    """
+    r, init = config.r, config.init_lora_weights
+    if init == "gaussian":
+        A = rng.normal(0.0, 1.0 / r, size=(r, n_in))
+    else:
+        A = rng.uniform(-1 / math.sqrt(n_in), 1 / math.sqrt(n_in), size=(r, n_in))
+    B = rng.uniform(-1 / math.sqrt(r), 1 / math.sqrt(r), size=(n_out, r)) if init is False else np.zeros((n_out, r))
+    return A, B
+
+
+def _trained_biases(bias: str, base: GPT, layers: list[LoraLayer]) -> list[str]:
+    """The base biases bias="all" (every `*.bias`, LayerNorms' included, as PEFT) or "lora_only" (those of
+    the targeted layers) trains."""
+    if bias == "all":
+        return [n for n in base.params if n.endswith(".bias")]
+    if bias == "lora_only":
+        return [layer.bias for layer in layers]
+    return []
+
+
+# ===================================================================== site
+class LoraSite:
+    """What stands in for each targeted linear layer during one forward and its backward.
+
+    `dropout_key` (None: no dropout) seeds every layer's mask, so a forward, its backward and a gradient
+    check re-running the forward all see the same masks. `held_norms`, if given, replaces DoRA's weight
+    norms by fixed arrays (see `holding_norms`).
+    """
+
+    def __init__(
+        self, adapter: LoraAdapter, dropout_key: int | None, held_norms: Mapping[str, Array] | None = None
+    ) -> None:
+        self.adapter = adapter
+        self.dropout_key = dropout_key
+        self.held_norms = held_norms
+        self.layers = {layer.module: layer for layer in adapter.layers}
+        self.layer_index = {layer.module: i for i, layer in enumerate(adapter.layers)}
+
+    def keep_mask(self, module: str, shape: tuple[int, ...]) -> np.ndarray | None:
+        """The dropout multiplier for `module`'s input of this shape (None without dropout)."""
+        if self.dropout_key is None:
+            return None
+        key = (self.dropout_key, self.layer_index[module])
+        return dropout_keep_mask(key, tuple(shape), self.adapter.config.lora_dropout, self.adapter.dtype)
+
+    def weight_norm(self, params: Mapping[str, Array], layer: LoraLayer) -> Array:
+        """DoRA's ‖W + s (B A)ᵀ‖, from stopped copies of the weights, so that autograd, like PEFT's
+        `.detach()` and the hand-written backward, treats it as a constant."""
+        if self.held_norms is not None:
+            return self.held_norms[layer.module]
+        W = stop_gradient(self.adapter.base_weight(layer, params))
+        A, B = stop_gradient(params[layer.lora_A]), stop_gradient(params[layer.lora_B])
+        return dora_weight_norm(W, A, B, self.adapter.config.scaling)
+
+    def holding_norms(self, params: Mapping[str, Array]) -> LoraSite:
+        """This site with DoRA's norms fixed at their values at `params`. Its forward is then a function whose
+        true derivative is the detached-norm gradient, which finite differences can check."""
+        norms = {m: self.weight_norm(params, layer) for m, layer in self.layers.items()}
+        return LoraSite(self.adapter, self.dropout_key, norms)
+
+    def forward(self, params: Mapping[str, Array], module: str, x: Array) -> tuple[Array, tuple]:
+        layer, adapter = self.layers[module], self.adapter
+        W, b = adapter.base_weight(layer, params), params[layer.bias]
+        A, B, s = params[layer.lora_A], params[layer.lora_B], adapter.config.scaling
+        keep = self.keep_mask(module, x.shape)
+        keep = None if keep is None else adapter.xp.asarray(keep)
+        if adapter.config.use_dora:
+            m = params[layer.magnitude]
+            y, cache = dora_forward(x, W, b, A, B, m, s, self.weight_norm(params, layer), keep)
+        else:
+            y, cache = lora_forward(x, W, b, A, B, s, keep)
+        return y, (layer, cache)
+
+    def backward(
+        self, dy: Array, cache: tuple, trainable: Collection[str], need_dx: bool
+    ) -> tuple[Array | None, dict[str, Array]]:
+        layer, inner = cache
+        if layer.weight in trainable:
+            raise ConfigError(f"{layer.weight} is trainable, but LoRA keeps the base weight frozen")
+        need_dparams = not {layer.lora_A, layer.lora_B, layer.magnitude}.isdisjoint(trainable)
+        need_dbias = layer.bias in trainable
+        if self.adapter.config.use_dora:
+            dx, dA, dB, dm, db = dora_backward(dy, inner, need_dx, need_dparams, need_dbias)
+            candidates = {layer.lora_A: dA, layer.lora_B: dB, layer.magnitude: dm, layer.bias: db}
+        else:
+            dx, dA, dB, db = lora_backward(dy, inner, need_dx, need_dparams, need_dbias)
+            candidates = {layer.lora_A: dA, layer.lora_B: dB, layer.bias: db}
+        grads = {name: g for name, g in candidates.items() if g is not None and name in trainable}
+        return dx, grads
