@@ -24,6 +24,9 @@ from tinypeft.gradcheck import relative_error
 
 TOL = 1e-10  # the same float64 formulas on both sides; measured differences are ~1e-15
 MERGE_TOL = 1e-12
+# PEFT's PiSSA SVD runs in float32 and ours in float64: measured 3.5e-6 (singular vectors amplify float32's
+# rounding by the inverse gaps between singular values)
+PISSA_FLOAT32_TOL = 3e-5
 
 
 def peft_config(config: tp.LoraConfig, **changes) -> peft.LoraConfig:
@@ -137,10 +140,12 @@ def test_pissa_init_matches_peft_in_float32(use_rslora):
             theirs.lora_A["default"].weight.detach().numpy(),
             theirs.lora_B["default"].weight.detach().numpy(),
         )
-        assert relative_error(s * B @ A, s * B_ref @ A_ref) <= 1e-5, layer.module
+        assert relative_error(s * B @ A, s * B_ref @ A_ref) <= PISSA_FLOAT32_TOL, layer.module
         assert np.allclose(np.abs(A), np.abs(A_ref), atol=1e-4 * np.abs(A).max()), layer.module  # up to signs
         residual_ref = theirs.base_layer.weight.detach().numpy()
-        assert relative_error(model.active.residual_weights[layer.module], residual_ref) <= 1e-5, layer.module
+        assert relative_error(model.active.residual_weights[layer.module], residual_ref) <= PISSA_FLOAT32_TOL, (
+            layer.module
+        )
 
 
 LOADABLE = [
@@ -193,7 +198,7 @@ def test_pissa_adapters_interchange_in_float32(tmp_path):
     perturb_adapter(model, 0, scale=0.1)
     model.save_pretrained(tmp_path / "ours")
     loaded = peft.PeftModel.from_pretrained(hf_twin(base).float(), tmp_path / "ours").eval()
-    assert relative_error(model(ids), loaded(input_ids=torch.tensor(ids)).logits.detach().numpy()) <= 1e-5
+    assert relative_error(model(ids), loaded(input_ids=torch.tensor(ids)).logits.detach().numpy()) <= PISSA_FLOAT32_TOL
 
     trained = peft.get_peft_model(hf_twin(base).float(), peft_config(model.active.config))
     with torch.no_grad():
@@ -203,7 +208,7 @@ def test_pissa_adapters_interchange_in_float32(tmp_path):
     trained.save_pretrained(tmp_path / "peft")
     ours = tp.PeftModel.from_pretrained(base, tmp_path / "peft")
     ref = trained.eval()(input_ids=torch.tensor(ids)).logits.detach().numpy()
-    assert relative_error(ours(ids), ref) <= 1e-5
+    assert relative_error(ours(ids), ref) <= PISSA_FLOAT32_TOL
 
 
 @pytest.mark.parametrize("config", [{}, {"use_dora": True, "target_modules": ["c_proj"]}, {"bias": "all"}])
