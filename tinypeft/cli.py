@@ -83,10 +83,31 @@ def _adapter(args: argparse.Namespace):
     )
 
 
+def _lora(args: argparse.Namespace):
+    from .methods import LoraConfig
+
+    init = {"true": True, "false": False}.get(args.init_lora_weights, args.init_lora_weights)
+    return LoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.rank,
+        lora_dropout=args.lora_dropout,
+        target_modules=_targets(args.target_modules),
+        use_rslora=args.use_rslora,
+        use_dora=args.use_dora,
+        init_lora_weights=init,
+        bias=args.bias,
+    )
+
+
 def _methods() -> dict[str, MethodSpec]:
     from .methods import BitFitConfig, LastBlocksConfig, LNTuningConfig
 
     return {
+        "lora": MethodSpec(
+            "LoRA on --target_modules (rsLoRA, DoRA, PiSSA by flag); its rate was picked by a sweep, see the README",
+            1e-2,
+            _lora,
+        ),
         "prompt": MethodSpec("prompt tuning: --num_virtual_tokens trainable input embeddings", 3e-2, _prompt),
         "prefix": MethodSpec("prefix tuning: trainable keys/values in every layer", 1e-2, _prefix),
         "ia3": MethodSpec("IA3: learned scaling of c_attn outputs and mlp.c_proj inputs", 2e-2, _ia3),
@@ -116,6 +137,18 @@ def _add_method_args(p: argparse.ArgumentParser, methods: dict[str, MethodSpec])
         metavar="NAME",
         help="lora/ia3: layers to adapt (PEFT matching: a name or a suffix such as c_attn); default: PEFT's for gpt2",
     )
+    g.add_argument("--rank", "-r", dest="rank", type=int, default=8, help="lora: rank r")
+    g.add_argument("--lora_alpha", type=float, default=None, help="lora: scale numerator (default 2 * rank)")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="lora: dropout on the LoRA branch")
+    g.add_argument("--use_rslora", action="store_true", help="lora: scale by alpha / sqrt(r) (rsLoRA)")
+    g.add_argument("--use_dora", action="store_true", help="lora: weight-decomposed LoRA (DoRA)")
+    g.add_argument(
+        "--init_lora_weights",
+        choices=["true", "false", "gaussian", "pissa"],
+        default="true",
+        help="lora: B = 0 with A uniform (true) or gaussian; false: both random; pissa: from the SVD of W",
+    )
+    g.add_argument("--bias", choices=["none", "all", "lora_only"], default="none", help="lora: which biases train")
     g.add_argument(
         "--feedforward_modules", nargs="+", default=None, metavar="NAME", help="ia3: targets scaled on input"
     )
