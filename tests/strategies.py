@@ -24,9 +24,14 @@ class Case:
 
 
 @st.composite
-def gpt_configs(draw, max_layers: int = 3, max_heads: int = 4, max_head_dim: int = 8, dtype: str = "float64"):
+def gpt_configs(
+    draw, max_layers: int = 3, max_heads: int = 4, max_head_dim: int = 8, dtype: str = "float64", min_embd: int = 1
+):
+    """min_embd: the gradient tests ask for 3. A LayerNorm over one or two features maps every row to
+    (nearly) fixed values, so its backward is a near-total cancellation whose result is rounding noise,
+    and comparing two orders of evaluation at 1e-10 then measures the conditioning, not the code."""
     n_head = draw(st.integers(1, max_heads))
-    head_dim = draw(st.integers(1, max_head_dim))
+    head_dim = draw(st.integers(-(-min_embd // n_head), max(max_head_dim, -(-min_embd // n_head))))
     return tp.GPTConfig(
         vocab_size=draw(st.integers(3, 64)),
         n_positions=draw(st.integers(16, 24)),
