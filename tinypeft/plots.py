@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,9 +75,12 @@ def plot_training(
 
 
 def _save(fig: Any, path: str) -> None:
-    """Save through a temporary name and rename, so a killed run never leaves half a PNG."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, "." + os.path.basename(path) + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    """Render to memory, then write through io's atomic write (temporary name, fsync, rename), so a
+    killed run never leaves half a PNG."""
+    import io
+
+    from .io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())

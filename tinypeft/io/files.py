@@ -21,6 +21,10 @@ import numpy as np
 from ..errors import CheckpointError
 
 SAFETENSORS_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+# mkstemp creates files readable by the owner only; a saved model should get the permissions any
+# other new file gets. The umask can only be read by setting it, so read it once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -30,6 +34,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):  # POSIX only; Windows files have no mode bits to fix
+            os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -63,7 +69,9 @@ def load_json(path: str | os.PathLike) -> Any:
     data = _read(path)
     try:
         return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and integers longer than Python's
+    # int-to-str digit limit; RecursionError comes from very deep nesting
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{os.fspath(path)} is not valid JSON: {e}") from None
 
 
@@ -99,6 +107,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         )
     try:
         tensors = load(data)
+    except KeyError as e:  # safetensors.numpy has no NumPy dtype for this tensor (bfloat16, float8, ...)
+        raise CheckpointError(
+            f"{os.fspath(path)} holds a tensor of dtype {e.args[0]}, which NumPy cannot represent; "
+            f"tinypeft reads {list(SAFETENSORS_DTYPES)}"
+        ) from None
     except Exception as e:  # safetensors raises its own error types, and others on odd headers
         raise CheckpointError(f"{os.fspath(path)} is not a valid safetensors file: {e}") from None
     return dict(tensors)
