@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError
+
 BACKEND_ENV = "TINYPEFT_BACKEND"
 ALLOCATOR_ENV = "TINYPEFT_KEEP_MALLOC"  # set to 1 to leave the C allocator's settings alone
 DTYPES = ("float32", "float64")
@@ -40,7 +42,7 @@ def get_backend(device: str | None = None) -> ModuleType:
     if device is None:
         device = {"cupy": "cuda", "numpy": "cpu", "": "cpu"}.get(os.environ.get(BACKEND_ENV, ""))
         if device is None:
-            raise ValueError(f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r}: allowed values are 'numpy' and 'cupy'")
+            raise ConfigError(f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r}: allowed values are 'numpy' and 'cupy'")
     if device == "cpu":
         tune_allocator()
         return np
@@ -50,7 +52,7 @@ def get_backend(device: str | None = None) -> ModuleType:
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise ImportError("device='cuda' needs cupy: pip install 'tinypeft[gpu]'") from e
         return cupy
-    raise ValueError(f"device={device!r}: allowed values are 'cpu' and 'cuda'")
+    raise ConfigError(f"device={device!r}: allowed values are 'cpu' and 'cuda'")
 
 
 def tune_allocator() -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, InputTypeError
+from .errors import InputError, InputTypeError, TinyPeftError
 
 IGNORE_INDEX = -100
 
@@ -85,3 +85,10 @@ def check_attention_mask(attention_mask: Any, shape: tuple[int, ...]) -> np.ndar
         if not np.isin(mask, (0, 1)).all():
             raise InputError("attention_mask must hold only 0 (padding) and 1 (token); found other values")
     return mask.astype(bool)
+
+
+def check_seed(seed: Any, what: str = "seed", error: type[TinyPeftError] = InputError) -> int:
+    """A seed for np.random.default_rng: an integer >= 0 (a bool is not a seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise error(f"{what} must be an integer >= 0; got {seed!r}")
+    return int(seed)

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import checks
 from .backend import DTYPES, device_of, get_backend, to_numpy
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError, TrainingError
 from .ops import (
     attention_backward,
     attention_forward,
@@ -71,8 +71,11 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer; got {value!r}")
-        if self.n_inner is not None and (not isinstance(self.n_inner, (int, np.integer)) or self.n_inner <= 0):
-            raise ConfigError(f"GPTConfig.n_inner must be a positive integer or None; got {self.n_inner!r}")
+        n_inner = self.n_inner
+        if n_inner is not None and (
+            isinstance(n_inner, bool) or not isinstance(n_inner, (int, np.integer)) or n_inner <= 0
+        ):
+            raise ConfigError(f"GPTConfig.n_inner must be a positive integer or None; got {n_inner!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
@@ -81,7 +84,7 @@ class GPTConfig:
         if self.dtype not in DTYPES:
             raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}; got {self.dtype!r}")
         eps = self.layer_norm_epsilon
-        if not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
             raise ConfigError(f"GPTConfig.layer_norm_epsilon must be a positive number; got {eps!r}")
 
     @property
@@ -144,6 +147,8 @@ class GPTConfig:
         missing = [k for k in required if k not in d]
         if missing:
             raise CheckpointError(f"config.json lacks {missing}; a GPT-2 config needs {list(required)}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ConfigError(f"dtype must be None (use the saved one) or one of {DTYPES}; got {dtype!r}")
         saved_dtype = d.get("dtype", d.get("torch_dtype", "float32"))
         if dtype is None:
             dtype = saved_dtype if saved_dtype in DTYPES else "float32"
@@ -158,8 +163,10 @@ class GPTConfig:
             raise CheckpointError(f"config.json describes an impossible model: {e}") from None
 
 
-def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
+def _divisors(n: int, up_to: int = 1024) -> list[int]:
+    """The divisors of n up to `up_to`: examples for an error message, bounded so that a huge n
+    (from a corrupt config.json) cannot stall the error it is reported in."""
+    return [k for k in range(1, min(n, up_to) + 1) if n % k == 0]
 
 
 def parameter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -202,7 +209,9 @@ def layer_of(name: str) -> int | None:
         return None
     rest = name[at + len(marker) :]
     digits = rest.split(".", 1)[0]
-    return int(digits) if digits.isdigit() else None
+    # ASCII digits only (str.isdigit accepts "²", which int() refuses), and a bounded count, since a
+    # name may come from a corrupt file
+    return int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 9 else None
 
 
 def init_params(cfg: GPTConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -252,6 +261,7 @@ class GPT:
     def __init__(self, config: GPTConfig, seed: int = 0, device: str | None = None) -> None:
         if not isinstance(config, GPTConfig):
             raise ConfigError(f"GPT needs a GPTConfig; got {type(config).__name__}")
+        checks.check_seed(seed, error=ConfigError)
         self.config = config
         self.xp = get_backend(device)
         self.params: Params = {k: self.xp.asarray(v) for k, v in init_params(config, seed).items()}
@@ -607,13 +617,18 @@ class GPT:
     ) -> np.ndarray:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
-        if not isinstance(temperature, (int, float)) or not (temperature >= 0 and math.isfinite(temperature)):
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float, np.integer, np.floating))
+            or not (temperature >= 0 and math.isfinite(temperature))
+        ):
             raise InputError(f"temperature must be a finite number >= 0 (0 = greedy); got {temperature!r}")
         V = self.config.vocab_size
         if top_k is not None and (
             isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= V
         ):
             raise InputError(f"top_k must be None or an integer in 1..{V}; got {top_k!r}")
+        checks.check_seed(seed)
         ids, _ = self.check_inputs(input_ids)
         out = [to_numpy(ids)]
         if max_new_tokens == 0:
@@ -645,22 +660,37 @@ class GPT:
         """Load GPT-2 weights by name. Names may lack the "transformer." prefix (GPT2Model checkpoints);
         "lm_head.weight" is accepted when it equals wte (tied); attention-mask buffers are skipped.
         Every parameter must be present with its exact shape; nothing is loaded if anything is wrong."""
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"a state dict must map tensor names to arrays; got {type(state).__name__}")
+        bad_keys = [k for k in state if not isinstance(k, str)]
+        if bad_keys:
+            raise CheckpointError(f"tensor names must be strings; got {bad_keys[0]!r}")
+        # compare the block count first: it is cheap, says what is wrong in one line, and keeps a
+        # corrupt config's huge n_layer from costing a huge table of expected names
+        full_names = {k: k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k for k in state}
+        blocks = {layer_of(name) for name in full_names.values()} - {None}
+        n_blocks = max(blocks) + 1 if blocks else 0
+        if n_blocks != self.config.n_layer:
+            held = f"{n_blocks} transformer block(s), transformer.h.0 to h.{n_blocks - 1}" if n_blocks else "no blocks"
+            raise CheckpointError(f"the checkpoint holds {held}; this GPTConfig has n_layer={self.config.n_layer}")
         expected = parameter_shapes(self.config)
         loaded: dict[str, np.ndarray] = {}
         lm_head = None
         for key, value in state.items():
-            name = key if key.startswith("transformer.") or key == "lm_head.weight" else "transformer." + key
+            name = full_names[key]
             if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue  # causal-mask buffers old transformers versions saved; not parameters
             if name == "lm_head.weight":
-                lm_head = value
+                lm_head = _as_host_array(key, value)
                 continue
             if name not in expected:
                 raise CheckpointError(
                     f"unexpected tensor {key!r} for this GPTConfig; expected names like {next(iter(expected))!r} "
                     f"(n_layer={self.config.n_layer})"
                 )
-            arr = to_numpy(value)
+            if name in loaded:
+                raise CheckpointError(f"tensor {name!r} appears twice (with and without the 'transformer.' prefix)")
+            arr = _as_host_array(key, value)
             if not (np.issubdtype(arr.dtype, np.floating)):
                 raise CheckpointError(f"tensor {key!r} has dtype {arr.dtype}; weights must be floating point")
             if tuple(arr.shape) != expected[name]:
@@ -668,10 +698,12 @@ class GPT:
                     f"tensor {key!r} has shape {tuple(arr.shape)}; this GPTConfig needs {expected[name]}"
                 )
             loaded[name] = arr.astype(self.config.dtype)
+            if name == "transformer.wte.weight":
+                saved_wte = arr  # as saved, before the cast, to compare with a saved lm_head
         missing = [k for k in expected if k not in loaded]
         if missing:
             raise CheckpointError(f"checkpoint lacks {len(missing)} tensor(s), first {missing[:3]}")
-        if lm_head is not None and not np.array_equal(to_numpy(lm_head), to_numpy(state_get(state, "wte.weight"))):
+        if lm_head is not None and not np.array_equal(lm_head, saved_wte):
             raise CheckpointError("lm_head.weight differs from wte.weight; tinypeft's GPT ties them (GPT-2 does)")
         self.params = {k: self.xp.asarray(loaded[k]) for k in expected}
 
@@ -706,22 +738,31 @@ class GPT:
         return model
 
 
-def state_get(state: Mapping[str, Any], suffix: str) -> Any:
-    for key in ("transformer." + suffix, suffix):
-        if key in state:
-            return state[key]
-    raise KeyError(suffix)
+def _as_host_array(name: str, value: Any) -> np.ndarray:
+    """A host array from a state-dict value, or a CheckpointError naming the tensor."""
+    try:
+        return to_numpy(value)
+    except Exception as e:  # ragged lists and objects NumPy cannot turn into an array
+        raise CheckpointError(f"tensor {name!r} is not an array ({type(value).__name__}: {e})") from None
 
 
 def _pick_next(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
     """Next token per row from last-position logits (B, V): argmax, or a sample at the given temperature."""
     if temperature == 0:
         return logits.argmax(axis=-1)
-    z = logits.astype(np.float64) / temperature
+    z = logits.astype(np.float64)
+    if not np.isfinite(z).all():
+        raise TrainingError(
+            "the model's logits are not finite (NaN or inf), so there is no distribution to sample from; "
+            "its weights probably hold non-finite values"
+        )
+    # shift before dividing: z - max <= 0, so a tiny temperature gives -inf (probability 0), never inf - inf
+    with np.errstate(over="ignore"):  # overflowing to -inf is the intended result
+        z = (z - z.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None:
         kth = np.sort(z, axis=-1)[:, -top_k][:, None]
         z = np.where(z >= kth, z, -np.inf)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = np.exp(z)
     p /= p.sum(axis=-1, keepdims=True)
     return np.array([rng.choice(len(row), p=row) for row in p])
 
