@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_seed
 from .errors import CheckpointError, ConfigError, MergeError
 from .io import load_json, load_safetensors, save_json, save_safetensors
 from .methods.base import Adapter, PeftConfig
@@ -63,18 +64,17 @@ class PeftModel:
             raise ConfigError(f"an adapter named {adapter_name!r} exists; names in use: {sorted(self.adapters)}")
         if not isinstance(config, PeftConfig):
             raise ConfigError(f"expected a PEFT config (LoraConfig, ...); got {type(config).__name__}")
+        check_seed(seed, error=ConfigError)
         config.validate(self.base_model)
         self.adapters[adapter_name] = config.build(self.base_model, seed)
 
     def set_adapter(self, adapter_name: str) -> None:
         self._require_unmerged("switch adapters")
-        if adapter_name not in self.adapters:
-            raise ConfigError(f"no adapter named {adapter_name!r}; the adapters are {sorted(self.adapters)}")
+        self._adapter(adapter_name)
         self.active_adapter = adapter_name
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.adapters:
-            raise ConfigError(f"no adapter named {adapter_name!r}; the adapters are {sorted(self.adapters)}")
+        self._adapter(adapter_name)
         if len(self.adapters) == 1:
             raise ConfigError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back")
         if adapter_name == self.active_adapter:
@@ -236,7 +236,7 @@ class PeftModel:
 
     def _adapter(self, adapter_name: str | None) -> Adapter:
         name = self.active_adapter if adapter_name is None else adapter_name
-        if name not in self.adapters:
+        if not isinstance(name, str) or name not in self.adapters:
             raise ConfigError(f"no adapter named {name!r}; the adapters are {sorted(self.adapters)}")
         return self.adapters[name]
 
@@ -259,7 +259,11 @@ class PeftModel:
         """Add the adapter saved in `folder` under `adapter_name` (not made active)."""
         config, state = read_adapter(folder)
         self.add_adapter(adapter_name, config)
-        self.adapters[adapter_name].load_state_dict(state)
+        try:
+            self.adapters[adapter_name].load_state_dict(state)
+        except BaseException:
+            del self.adapters[adapter_name]  # a failed load adds nothing
+            raise
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, np.ndarray]]:
@@ -269,7 +273,12 @@ def read_adapter(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, np.nd
             f"{folder} is not a folder; expected one holding {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
         )
     config = PeftConfig.from_dict(load_json(os.path.join(folder, ADAPTER_CONFIG_NAME)))
-    return config, load_safetensors(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
+    weights_path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+    if not os.path.exists(weights_path):
+        pickles = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        hint = f"; found {pickles}, which are pickles and are never loaded" if pickles else ""
+        raise CheckpointError(f"{weights_path} does not exist{hint}")
+    return config, load_safetensors(weights_path)
 
 
 def _gpt_with(template: GPT, params: Mapping[str, Array]) -> GPT:

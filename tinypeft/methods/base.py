@@ -63,7 +63,7 @@ class PeftConfig:
         if not isinstance(d, Mapping):
             raise CheckpointError(f"adapter_config.json must be a JSON object; got {type(d).__name__}")
         peft_type = d.get("peft_type")
-        if peft_type not in CONFIG_TYPES:
+        if not isinstance(peft_type, str) or peft_type not in CONFIG_TYPES:
             raise CheckpointError(
                 f"adapter_config.json has peft_type {peft_type!r}; tinypeft loads {sorted(CONFIG_TYPES)}"
             )
@@ -127,8 +127,10 @@ class Adapter:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace the tensors, all or nothing: names must match exactly; shapes must match (after
         `normalize_loaded`); values are cast to the model's dtype."""
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"an adapter state dict must map tensor names to arrays; got {type(state).__name__}")
         missing = sorted(set(self.params) - set(state))
-        unexpected = sorted(set(state) - set(self.params))
+        unexpected = sorted((set(state) - set(self.params)), key=repr)  # keys from a file may be of any type
         if missing or unexpected:
             raise CheckpointError(
                 f"{self.config.peft_type} adapter tensors do not match this model: "
@@ -137,7 +139,13 @@ class Adapter:
             )
         new = {}
         for name, current in self.params.items():
-            arr = self.normalize_loaded(name, to_numpy(state[name]))
+            value = state[name]
+            try:
+                host = to_numpy(value)
+            except Exception as e:  # ragged lists, objects NumPy cannot turn into an array
+                kind = type(value).__name__
+                raise CheckpointError(f"adapter tensor {name!r} is not an array ({kind}: {e})") from None
+            arr = self.normalize_loaded(name, host)
             if not np.issubdtype(arr.dtype, np.floating):
                 raise CheckpointError(f"adapter tensor {name!r} has dtype {arr.dtype}; expected floating point")
             if tuple(arr.shape) != tuple(current.shape):
@@ -189,6 +197,13 @@ def match_parameters(names: Iterable[str], patterns: Sequence[str] = (), regex: 
     """Parameter names matching any glob pattern (fnmatch: `*.bias`, `transformer.h.3.*`) or the
     full-match regex. A pattern that matches nothing is an error listing examples of what exists."""
     names = list(names)
+    if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
+        raise ConfigError(f"patterns must be a list of glob strings (like ['*.bias']); got {patterns!r}")
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise ConfigError(f"patterns entries must be non-empty glob strings; got {p!r}")
+    if regex is not None and not isinstance(regex, str):
+        raise ConfigError(f"regex must be a string (a full-match regular expression) or None; got {regex!r}")
     hits = set()
     for p in patterns:
         found = fnmatch.filter(names, p)
