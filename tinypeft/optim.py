@@ -29,6 +29,9 @@ def _check_positive(name: str, value: float, allow_zero: bool = True) -> None:
 class Optimizer:
     """Base: `step(params, grads, lr)` updates params[name] in place for every name in grads."""
 
+    # the state each parameter has once it has been updated: what load_state_dict requires
+    SLOTS: tuple[str, ...] = ()
+
     def __init__(self, lr: float, weight_decay: float) -> None:
         _check_positive("lr", lr)
         _check_positive("weight_decay", weight_decay)
@@ -62,27 +65,52 @@ class Optimizer:
         return out
 
     def load_state_dict(self, state: Mapping[str, Any], params: Mapping[str, Array]) -> None:
-        """Restore from `state_dict()`; state arrays go to the device and dtype of their parameters."""
+        """Restore from `state_dict()`; state arrays go to the device and dtype of their parameters.
+
+        All or nothing: every entry is checked (a known slot of this optimizer for a trainable
+        parameter, a floating array of the parameter's shape, every slot of a parameter present)
+        before anything is replaced, so a bad file leaves the optimizer as it was."""
+        kind = type(self).__name__
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{kind} state must map names to arrays; got {type(state).__name__}")
         if "t" not in state:
-            raise CheckpointError("optimizer state lacks its step counter 't'")
+            raise CheckpointError(f"{kind} state lacks its step counter 't'")
+        t = _host(state["t"], "t")
+        if t.size != 1 or not np.issubdtype(t.dtype, np.integer) or int(t.reshape(-1)[0]) < 0:
+            raise CheckpointError(f"{kind} state 't' must be one integer >= 0 (the steps taken); got {t!r}")
         new: dict[str, dict[str, Array]] = {}
         for key, value in state.items():
             if key == "t":
                 continue
+            if not isinstance(key, str):
+                raise CheckpointError(f"{kind} state names must be strings; got {key!r}")
             slot, _, name = key.partition("/")
+            if slot not in self.SLOTS:
+                raise CheckpointError(
+                    f"{kind} state {key!r} has slot {slot!r}; {kind} keeps {list(self.SLOTS)} "
+                    "(was it saved by another optimizer?)"
+                )
             if name not in params:
-                raise CheckpointError(f"optimizer state for {name!r}, which is not a trainable parameter here")
+                raise CheckpointError(f"{kind} state for {name!r}, which is not a trainable parameter here")
             p = params[name]
-            if tuple(value.shape) != tuple(p.shape):
-                raise CheckpointError(f"optimizer state {key!r} has shape {tuple(value.shape)}; parameter is {p.shape}")
-            xp = namespace(p)
-            new.setdefault(name, {})[slot] = xp.asarray(np.asarray(value, dtype=p.dtype))
-        self.t = int(np.asarray(state["t"]).reshape(-1)[0])
+            arr = _host(value, key)
+            if not np.issubdtype(arr.dtype, np.floating):
+                raise CheckpointError(f"{kind} state {key!r} has dtype {arr.dtype}; expected floating point")
+            if tuple(arr.shape) != tuple(p.shape):
+                raise CheckpointError(f"{kind} state {key!r} has shape {tuple(arr.shape)}; parameter is {p.shape}")
+            new.setdefault(name, {})[slot] = namespace(p).asarray(arr.astype(p.dtype))
+        for name, slots in new.items():
+            absent = [s for s in self.SLOTS if s not in slots]
+            if absent:
+                raise CheckpointError(f"{kind} state for {name!r} lacks {absent}; {kind} keeps {list(self.SLOTS)}")
+        self.t = int(t.reshape(-1)[0])
         self.state = new
 
 
 class SGD(Optimizer):
     """p <- p - lr * b,  b <- momentum * b + (g + wd * p)   (PyTorch's SGD, dampening 0)."""
+
+    SLOTS = ("momentum",)
 
     def __init__(self, lr: float = 1e-2, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         super().__init__(lr, weight_decay)
@@ -111,6 +139,8 @@ class AdamW(Optimizer):
     m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
     p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
+
+    SLOTS = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -144,6 +174,13 @@ class AdamW(Optimizer):
         bias_correction2 = 1 - b2**self.t
         denom = xp.sqrt(v) / math.sqrt(bias_correction2) + self.eps
         p -= (lr / bias_correction1) * (m / denom)
+
+
+def _host(value: Any, name: str) -> np.ndarray:
+    try:
+        return to_numpy(value)
+    except Exception as e:  # ragged lists, objects NumPy cannot turn into an array
+        raise CheckpointError(f"optimizer state {name!r} is not an array ({type(value).__name__}: {e})") from None
 
 
 def clip_grad_norm(grads: Mapping[str, Array], max_norm: float | None) -> tuple[dict[str, Array], float]:
