@@ -82,8 +82,11 @@ def check_attention_mask(attention_mask: Any, shape: tuple[int, ...]) -> np.ndar
     if mask.dtype != bool:
         if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
             raise InputTypeError(f"attention_mask must hold 0/1 or bools; got dtype {mask.dtype}")
-        if not np.isin(mask, (0, 1)).all():
-            raise InputError("attention_mask must hold only 0 (padding) and 1 (token); found other values")
+        other = mask[~np.isin(mask, (0, 1))]
+        if other.size:
+            raise InputError(
+                f"attention_mask must hold only 0 (padding) and 1 (token); found {other.reshape(-1)[0].item()!r}"
+            )
     return mask.astype(bool)
 
 

@@ -129,7 +129,7 @@ class GPTConfig:
         a transformers model in eval mode.
         """
         if not isinstance(d, Mapping):
-            raise CheckpointError(f"config must be a JSON object; got {type(d).__name__}")
+            raise CheckpointError(f"config.json must be a JSON object; got {type(d).__name__}")
         if d.get("model_type", "gpt2") != "gpt2":
             raise CheckpointError(f"config.json is for model_type {d.get('model_type')!r}; only 'gpt2' loads here")
         rules = {

@@ -47,7 +47,10 @@ class Optimizer:
     def step(self, params: Mapping[str, Array], grads: Mapping[str, Array], lr: float | None = None) -> None:
         unknown = set(grads) - set(params)
         if unknown:
-            raise ConfigError(f"gradients for unknown parameters {sorted(unknown)[:3]}")
+            raise ConfigError(
+                f"gradients for unknown parameters {sorted(unknown)[:3]}; the parameters are {sorted(params)[:3]}"
+                f"{' ...' if len(params) > 3 else ''}"
+            )
         self.t += 1
         lr = self.lr if lr is None else lr
         for name, g in grads.items():

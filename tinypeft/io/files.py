@@ -105,6 +105,12 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             f"{os.fspath(path)} is truncated or not safetensors: its header claims {header_len} bytes "
             f"but only {len(data) - 8} follow"
         )
+    data_len = _described_data_length(data[8 : 8 + header_len])
+    if data_len is not None and 8 + header_len + data_len > len(data):
+        raise CheckpointError(
+            f"{os.fspath(path)} is truncated: its header describes {data_len} bytes of tensors "
+            f"but only {len(data) - 8 - header_len} follow"
+        )
     try:
         tensors = load(data)
     except KeyError as e:  # safetensors.numpy has no NumPy dtype for this tensor (bfloat16, float8, ...)
@@ -115,6 +121,19 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as e:  # safetensors raises its own error types, and others on odd headers
         raise CheckpointError(f"{os.fspath(path)} is not a valid safetensors file: {e}") from None
     return dict(tensors)
+
+
+def _described_data_length(header: bytes) -> int | None:
+    """The tensor bytes a safetensors header describes (the largest end offset), or None if the
+    header is not readable that way (safetensors' own parser then says what is wrong)."""
+    try:
+        entries = json.loads(header)
+        return max(
+            (int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"),
+            default=0,
+        )
+    except Exception:  # anything unexpected in a corrupt header: leave the verdict to safetensors
+        return None
 
 
 def _read(path: str | os.PathLike) -> bytes:

@@ -135,7 +135,8 @@ class Adapter:
             raise CheckpointError(
                 f"{self.config.peft_type} adapter tensors do not match this model: "
                 f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
-                f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
+                f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''} "
+                "(saved for another base model or method?)"
             )
         new = {}
         for name, current in self.params.items():
