@@ -1,0 +1,1316 @@
+"""The error catalogue: every misuse tinypeft catches, each raising one of tinypeft's error types
+with a message that names the bad value and says what is allowed.
+
+A case is a `Bad`: the situation (`when`, also its row in docs/errors.md), a call that must fail,
+the exact error type, and fragments the message must contain (the bad value, and what is allowed).
+Cases are grouped in lists by section; a method file adds the configs it refuses to METHOD_CASES
+in the same form. After adding cases, regenerate the documented list with
+
+    PYTHONPATH=. python tests/test_errors.py > docs/errors.md
+
+(a test checks that docs/errors.md lists every case).
+
+Besides the catalogue: a failed load changes nothing, and no pickle is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import pickle
+import re
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import tinypeft as tp
+from tinypeft import data
+from tinypeft.cli import _selective
+from tinypeft.errors import (
+    CheckpointError,
+    ConfigError,
+    InputError,
+    InputTypeError,
+    MergeError,
+    TinyPeftError,
+    TrainingError,
+)
+from tinypeft.optim import SGD, AdamW
+from tinypeft.train import TrainConfig, train
+
+CFG = tp.GPTConfig(vocab_size=32, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+IDS = np.arange(8).reshape(2, 4)
+DATA = np.random.default_rng(0).integers(0, 32, size=400).astype(np.uint8)
+RUN = TrainConfig(steps=4, batch_size=2, seq_len=8, warmup_steps=0, eval_every=0, eval_windows=1, checkpoint_every=2)
+CHECKPOINT = "checkpoints/step-000002"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+
+
+# ------------------------------------------------------------------ the world the cases break
+class Raw:
+    """An edit of a file's bytes (the other edits see parsed JSON or a dict of arrays)."""
+
+    def __init__(self, change: Callable[[bytes], bytes]) -> None:
+        self.change = change
+
+
+@dataclass
+class World:
+    """A tiny base model, and folders to break: a saved model, a saved BitFit adapter of that model,
+    and a training run (BitFit-free, the full model) checkpointed at step 2."""
+
+    root: Path
+    base: tp.GPT
+    model_dir: Path
+    adapter_dir: Path
+    run_dir: Path
+
+    @classmethod
+    def create(cls, root: Path) -> World:
+        base = tp.GPT(CFG, seed=0)
+        base.save_pretrained(root / "model")
+        tp.get_peft_model(base, tp.BitFitConfig()).save_pretrained(root / "adapter")
+        train(tp.GPT(CFG, seed=0), DATA, RUN, run_dir=str(root / "run"), progress=False, stop_after=2)
+        return cls(root, base, root / "model", root / "adapter", root / "run")
+
+    def variant(self, source: Path, edits: Mapping[str, object]) -> Path:
+        """A fresh copy of `source` with its files edited. An edit is None (delete the file), bytes
+        (the new content), a Raw (bytes -> bytes), or a function of the parsed file: JSON -> JSON,
+        {name: array} -> {name: array}."""
+        dest = Path(tempfile.mkdtemp(dir=self.root, prefix=source.name + "-"))
+        shutil.copytree(source, dest, dirs_exist_ok=True)
+        for rel, edit in edits.items():
+            path = dest / rel
+            if edit is None:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            elif isinstance(edit, bytes):
+                path.write_bytes(edit)
+            elif isinstance(edit, Raw):
+                path.write_bytes(edit.change(path.read_bytes()))
+            elif rel.endswith(".json"):
+                path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+            else:
+                save_file(edit(dict(load_file(path))), path)
+        return dest
+
+    def peft(self, config: tp.PeftConfig | None = None) -> tp.PeftModel:
+        return tp.get_peft_model(tp.GPT(CFG, seed=0), config or tp.BitFitConfig())
+
+    def resume(self, run_dir: Path, config: TrainConfig = RUN) -> None:
+        train(tp.GPT(CFG, seed=0), DATA, config, run_dir=str(run_dir), resume=True, progress=False)
+
+
+def load_model(edits: Mapping[str, object]) -> Callable[[World], object]:
+    return lambda w: tp.GPT.from_pretrained(w.variant(w.model_dir, edits))
+
+
+def load_adapter(edits: Mapping[str, object]) -> Callable[[World], object]:
+    return lambda w: tp.PeftModel.from_pretrained(w.base, w.variant(w.adapter_dir, edits))
+
+
+def resume(edits: Mapping[str, object]) -> Callable[[World], object]:
+    return lambda w: w.resume(w.variant(w.run_dir, edits))
+
+
+def first_tensor(change: Callable[[np.ndarray], np.ndarray]) -> Callable[[dict], dict]:
+    """An edit of the first tensor (in sorted name order) of a safetensors file."""
+
+    def edit(tensors: dict) -> dict:
+        name = sorted(tensors)[0]
+        return tensors | {name: change(tensors[name])}
+
+    return edit
+
+
+def without_first(tensors: dict) -> dict:
+    return {k: v for k, v in tensors.items() if k != sorted(tensors)[0]}
+
+
+def renamed_first(tensors: dict) -> dict:
+    name = sorted(tensors)[0]
+    return {(k + ".renamed" if k == name else k): v for k, v in tensors.items()}
+
+
+def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
+    """A safetensors file written by hand, for dtypes safetensors.numpy cannot write."""
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+class Payload:
+    """Unpickling this creates the marker file: proof that a pickle was loaded."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def fails_at(model, call: int):
+    """A model whose loss becomes NaN at the given call of loss_and_grad."""
+
+    class Diverging:
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def loss_and_grad(self, ids, labels, mask=None):
+            Diverging.calls += 1
+            loss, grads = model.loss_and_grad(ids, labels, mask)
+            return (float("nan") if Diverging.calls == call else loss), grads
+
+    return Diverging()
+
+
+def overflows_at(model, call: int):
+    """A model whose weights become inf during the given call of loss_and_grad (as an overflowing
+    update would leave them), while its loss stays finite."""
+
+    class Overflowing:
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def loss_and_grad(self, ids, labels, mask=None):
+            Overflowing.calls += 1
+            result = model.loss_and_grad(ids, labels, mask)
+            if Overflowing.calls == call:
+                next(iter(model.trainable_parameters().values()))[...] = np.inf
+            return result
+
+    return Overflowing()
+
+
+def train_while_disabled(model: tp.PeftModel) -> None:
+    with model.disable_adapter():
+        model.loss_and_grad(IDS, IDS)
+
+
+def nan_model() -> tp.GPT:
+    model = tp.GPT(CFG, seed=0)
+    model.params["transformer.ln_f.weight"] = np.full(CFG.n_embd, np.nan, dtype=np.float32)
+    return model
+
+
+def merged_bitfit() -> tp.PeftModel:
+    model = tp.get_peft_model(tp.GPT(CFG, seed=0), tp.BitFitConfig())
+    model.merge_adapter()
+    return model
+
+
+def non_finite_bitfit() -> tp.PeftModel:
+    model = tp.get_peft_model(tp.GPT(CFG, seed=0), tp.BitFitConfig())
+    next(iter(model.trainable_parameters().values()))[0] = np.nan
+    return model
+
+
+@dataclass(frozen=True)
+class Bad:
+    when: str
+    call: Callable[[World], object]
+    error: type[TinyPeftError]
+    says: tuple[str, ...]
+
+
+# ------------------------------------------------------------------ configs
+CONFIG_CASES = [
+    Bad(
+        "n_embd not divisible by n_head",
+        lambda w: tp.GPTConfig(n_embd=10, n_head=3),
+        ConfigError,
+        ("n_embd=10", "n_head=3", "n_head in [1, 2, 5, 10]"),
+    ),
+    *[
+        Bad(
+            f"GPTConfig.{field} = {value!r}",
+            lambda w, f=field, v=value: tp.GPTConfig(**{f: v}),
+            ConfigError,
+            (f"GPTConfig.{field}", repr(value), "positive integer"),
+        )
+        for field, value in [
+            ("vocab_size", 0),
+            ("n_positions", -1),
+            ("n_embd", 0),
+            ("n_layer", -2),
+            ("n_head", 0),
+            ("n_embd", 8.0),
+            ("n_layer", True),
+            ("vocab_size", "256"),
+        ]
+    ],
+    Bad("GPTConfig.n_inner = 0", lambda w: tp.GPTConfig(n_inner=0), ConfigError, ("n_inner", "0", "or None")),
+    Bad("GPTConfig.n_inner = True", lambda w: tp.GPTConfig(n_inner=True), ConfigError, ("n_inner", "True")),
+    Bad(
+        "GPTConfig.dtype not float32/float64",
+        lambda w: tp.GPTConfig(dtype="float16"),
+        ConfigError,
+        ("'float16'", "float32", "float64"),
+    ),
+    *[
+        Bad(
+            f"GPTConfig.layer_norm_epsilon = {value!r}",
+            lambda w, v=value: tp.GPTConfig(layer_norm_epsilon=v),
+            ConfigError,
+            ("layer_norm_epsilon", repr(value), "positive number"),
+        )
+        for value in [0.0, float("nan"), "1e-5", True]
+    ],
+    Bad(
+        "GPT given something else than a GPTConfig", lambda w: tp.GPT({"n_embd": 8}), ConfigError, ("GPTConfig", "dict")
+    ),
+    Bad("GPT seed negative", lambda w: tp.GPT(CFG, seed=-1), ConfigError, ("seed", "-1", ">= 0")),
+    Bad("unknown device", lambda w: tp.GPT(CFG, device="tpu"), ConfigError, ("'tpu'", "'cpu'", "'cuda'")),
+    Bad(
+        "from_pretrained dtype not float32/float64",
+        lambda w: tp.GPT.from_pretrained(w.model_dir, dtype="float16"),
+        ConfigError,
+        ("'float16'", "float32", "float64"),
+    ),
+    *[
+        Bad(
+            f"TrainConfig.{field} = {value!r}",
+            lambda w, f=field, v=value: TrainConfig(**{f: v}),
+            ConfigError,
+            (field, repr(value), allowed),
+        )
+        for field, value, allowed in [
+            ("steps", 0, ">= 1"),
+            ("batch_size", -1, ">= 1"),
+            ("seq_len", 1.5, ">= 1"),
+            ("eval_windows", True, ">= 1"),
+            ("warmup_steps", -1, ">= 0"),
+            ("eval_every", "10", ">= 0"),
+            ("checkpoint_every", -5, ">= 0"),
+            ("lr", -1.0, ">= 0"),
+            ("lr", float("nan"), "finite"),
+            ("lr", float("inf"), "finite"),
+            ("weight_decay", "0.1", "number"),
+            ("grad_clip", -1.0, ">= 0"),
+            ("min_lr_ratio", 2.0, "[0, 1]"),
+            ("min_lr_ratio", "0.1", "[0, 1]"),
+            ("optimizer", "adam", "'adamw' or 'sgd'"),
+            ("momentum", 1.0, "[0, 1)"),
+            ("seed", -1, ">= 0"),
+            ("seed", "0", ">= 0"),
+        ]
+    ],
+    Bad("AdamW lr negative", lambda w: AdamW(lr=-1.0), ConfigError, ("lr", "-1.0", ">= 0")),
+    Bad("AdamW betas outside [0, 1)", lambda w: AdamW(betas=(0.9, 1.0)), ConfigError, ("(0.9, 1.0)", "[0, 1)")),
+    Bad("AdamW eps zero", lambda w: AdamW(eps=0.0), ConfigError, ("eps", "0.0", "> 0")),
+    Bad("SGD momentum outside [0, 1)", lambda w: SGD(momentum=1.5), ConfigError, ("1.5", "[0, 1)")),
+    Bad(
+        "optimizer given gradients of unknown parameters",
+        lambda w: AdamW().step({"a": np.zeros(2)}, {"b": np.zeros(2)}),
+        ConfigError,
+        ("unknown parameters", "'b'"),
+    ),
+    Bad(
+        "training a model with nothing trainable",
+        lambda w: train((lambda m: (tp.freeze(m), m)[1])(tp.GPT(CFG)), DATA, RUN, progress=False),
+        ConfigError,
+        ("no trainable parameters",),
+    ),
+    Bad(
+        "resume without a run folder",
+        lambda w: train(tp.GPT(CFG), DATA, RUN, resume=True, progress=False),
+        ConfigError,
+        ("resume=True", "run_dir"),
+    ),
+    Bad(
+        "get_peft_model on something else than a GPT",
+        lambda w: tp.get_peft_model("gpt2", tp.BitFitConfig()),
+        ConfigError,
+        ("tinypeft GPT", "str"),
+    ),
+    Bad(
+        "get_peft_model with something else than a PEFT config",
+        lambda w: tp.get_peft_model(w.base, {"r": 8}),
+        ConfigError,
+        ("PEFT config", "dict"),
+    ),
+    Bad(
+        "get_peft_model seed negative",
+        lambda w: tp.get_peft_model(w.base, tp.BitFitConfig(), seed=-3),
+        ConfigError,
+        ("seed", "-3", ">= 0"),
+    ),
+    Bad(
+        "adapter name empty",
+        lambda w: w.peft().add_adapter("", tp.BitFitConfig()),
+        ConfigError,
+        ("adapter_name", "''", "non-empty string"),
+    ),
+    Bad(
+        "adapter name taken",
+        lambda w: w.peft().add_adapter("default", tp.BitFitConfig()),
+        ConfigError,
+        ("'default'", "names in use"),
+    ),
+    Bad(
+        "set_adapter to an unknown name",
+        lambda w: w.peft().set_adapter("other"),
+        ConfigError,
+        ("'other'", "['default']"),
+    ),
+    Bad(
+        "set_adapter to a non-string",
+        lambda w: w.peft().set_adapter(["default"]),
+        ConfigError,
+        ("['default']", "the adapters are"),
+    ),
+    Bad(
+        "deleting the only adapter",
+        lambda w: w.peft().delete_adapter("default"),
+        ConfigError,
+        ("'default'", "only adapter", "unload()"),
+    ),
+    Bad(
+        "training inside disable_adapter()",
+        lambda w: train_while_disabled(w.peft()),
+        ConfigError,
+        ("disabled", "nothing to train"),
+    ),
+    Bad(
+        "finetune --method selective without --trainable",
+        lambda w: _selective(argparse.Namespace(trainable=None)),
+        ConfigError,
+        ("--trainable",),
+    ),
+]
+
+# selective fine-tuning here; each method file adds the configs it refuses (r <= 0, NV + T > n_positions, ...)
+METHOD_CASES = [
+    Bad(
+        "selective pattern matching nothing",
+        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig(["*.nothing"])),
+        ConfigError,
+        ("'*.nothing'", "names look like", "transformer.wte.weight"),
+    ),
+    Bad(
+        "selective patterns not a list",
+        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig("*.bias")),
+        ConfigError,
+        ("'*.bias'", "list of glob strings"),
+    ),
+    Bad(
+        "selective pattern not a string",
+        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig([5])),
+        ConfigError,
+        ("5", "non-empty glob strings"),
+    ),
+    Bad(
+        "selective regex invalid",
+        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig(regex="(")),
+        ConfigError,
+        ("'('", "not a valid regular expression"),
+    ),
+    Bad(
+        "selective regex not a string",
+        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig(regex=5)),
+        ConfigError,
+        ("5", "regex must be a string"),
+    ),
+    Bad(
+        "selective regex matching nothing",
+        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig(regex="x")),
+        ConfigError,
+        ("'x'", "matches no parameter", "names look like"),
+    ),
+    Bad(
+        "selective with nothing selected",
+        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig()),
+        ConfigError,
+        ("patterns or a regex",),
+    ),
+    Bad(
+        "unfreeze with an invalid regex",
+        lambda w: tp.unfreeze(tp.GPT(CFG), regex="[a"),
+        ConfigError,
+        ("'[a'", "not a valid regular expression"),
+    ),
+    Bad(
+        "LN tuning target that does not exist",
+        lambda w: tp.get_peft_model(w.base, tp.LNTuningConfig(target_modules=["ln_3"])),
+        ConfigError,
+        ("'ln_3'", "matches no module", "'ln_1'", "'ln_2'", "'transformer.ln_f'"),
+    ),
+    Bad(
+        "LN tuning targets empty",
+        lambda w: tp.get_peft_model(w.base, tp.LNTuningConfig(target_modules=[])),
+        ConfigError,
+        ("[]", "non-empty list"),
+    ),
+    Bad(
+        "LN tuning target regex matching nothing",
+        lambda w: tp.get_peft_model(w.base, tp.LNTuningConfig(target_modules="attn.*")),
+        ConfigError,
+        ("'attn.*'", "matches no module", "'ln_1'"),
+    ),
+    Bad(
+        "last_blocks num_blocks 0",
+        lambda w: tp.get_peft_model(w.base, tp.LastBlocksConfig(num_blocks=0)),
+        ConfigError,
+        ("num_blocks", "0", "1..n_layer=2"),
+    ),
+    Bad(
+        "last_blocks num_blocks > n_layer",
+        lambda w: tp.get_peft_model(w.base, tp.LastBlocksConfig(num_blocks=3)),
+        ConfigError,
+        ("num_blocks", "3", "1..n_layer=2"),
+    ),
+]
+
+# ------------------------------------------------------------------ call-time inputs
+INPUT_CASES = [
+    Bad(
+        "token id >= vocab_size",
+        lambda w: w.base(np.array([[1, 32]])),
+        InputError,
+        ("token id 32", "0..31", "vocab_size=32"),
+    ),
+    Bad("negative token id", lambda w: w.base(np.array([[-1, 3]])), InputError, ("token id -1", "0..31")),
+    Bad("float token ids", lambda w: w.base(np.array([[1.0, 2.0]])), InputTypeError, ("integers", "float64")),
+    Bad("bool token ids", lambda w: w.base(np.array([[True, False]])), InputTypeError, ("integers", "bool")),
+    Bad("string token ids", lambda w: w.base("hello"), InputTypeError, ("integers", "<U5")),
+    Bad("ragged token ids", lambda w: w.base([[1, 2], [3]]), InputError, ("rectangular", "list")),
+    Bad("token ids of rank 1", lambda w: w.base(np.arange(5)), InputError, ("(batch, seq_len)", "(5,)")),
+    Bad(
+        "token ids of rank 3", lambda w: w.base(np.zeros((1, 2, 3), int)), InputError, ("(batch, seq_len)", "(1, 2, 3)")
+    ),
+    Bad("empty batch", lambda w: w.base(np.zeros((0, 4), int)), InputError, ("empty", "(0, 4)", ">= 1")),
+    Bad("empty sequences", lambda w: w.base(np.zeros((2, 0), int)), InputError, ("empty", "(2, 0)", ">= 1")),
+    Bad(
+        "longer than n_positions", lambda w: w.base(np.zeros((1, 17), int)), InputError, ("17 tokens", "n_positions=16")
+    ),
+    Bad(
+        "bad token ids through a PeftModel", lambda w: w.peft()(np.array([[40]])), InputError, ("token id 40", "0..31")
+    ),
+    Bad("labels of another shape", lambda w: w.base.loss(IDS, IDS[:, :3]), InputError, ("(2, 4)", "(2, 3)")),
+    Bad("label >= vocab_size", lambda w: w.base.loss(IDS, IDS + 30), InputError, ("labels hold 32", "0..31", "-100")),
+    Bad(
+        "negative label other than -100",
+        lambda w: w.base.loss(IDS, -IDS - 1),
+        InputError,
+        ("labels hold -1", "-100 (ignored)"),
+    ),
+    Bad("float labels", lambda w: w.base.loss(IDS, IDS.astype(float)), InputTypeError, ("float64", "-100")),
+    Bad(
+        "labels with nothing to predict",
+        lambda w: w.base.loss(IDS, np.full_like(IDS, -100)),
+        InputError,
+        ("nothing to predict", "at least one target"),
+    ),
+    Bad(
+        "sequences of one token (nothing to predict)",
+        lambda w: w.base.loss(IDS[:, :1], IDS[:, :1]),
+        InputError,
+        ("nothing to predict", "seq_len is 1"),
+    ),
+    Bad("attention mask not 0/1", lambda w: w.base(IDS, np.full(IDS.shape, 2)), InputError, ("only 0", "1", "found 2")),
+    Bad("attention mask holding NaN", lambda w: w.base(IDS, np.full(IDS.shape, np.nan)), InputError, ("found nan",)),
+    Bad("attention mask of another shape", lambda w: w.base(IDS, np.ones((2, 3))), InputError, ("(2, 4)", "(2, 3)")),
+    Bad(
+        "attention mask of strings",
+        lambda w: w.base(IDS, np.full(IDS.shape, "1")),
+        InputTypeError,
+        ("0/1 or bools", "<U1"),
+    ),
+    Bad(
+        "generate max_new_tokens negative",
+        lambda w: w.base.generate(IDS, -1),
+        InputError,
+        ("max_new_tokens", "-1", ">= 0"),
+    ),
+    Bad(
+        "generate max_new_tokens not an integer",
+        lambda w: w.base.generate(IDS, 2.5),
+        InputError,
+        ("max_new_tokens", "2.5"),
+    ),
+    Bad(
+        "generate past n_positions",
+        lambda w: w.base.generate(IDS, 14),
+        InputError,
+        ("14 tokens after 4", "n_positions=16"),
+    ),
+    *[
+        Bad(
+            f"generate temperature {value!r}",
+            lambda w, v=value: w.base.generate(IDS, 2, temperature=v),
+            InputError,
+            ("temperature", repr(value), "finite number >= 0"),
+        )
+        for value in [-1.0, float("nan"), float("inf"), "hot", True]
+    ],
+    *[
+        Bad(
+            f"generate top_k {value!r}",
+            lambda w, v=value: w.base.generate(IDS, 2, 1.0, top_k=v),
+            InputError,
+            ("top_k", repr(value), "1..32"),
+        )
+        for value in [0, 33, 2.5]
+    ],
+    Bad("generate seed negative", lambda w: w.base.generate(IDS, 2, 1.0, seed=-1), InputError, ("seed", "-1", ">= 0")),
+    Bad("encode a non-string", lambda w: data.encode(b"bytes"), InputError, ("str", "bytes")),
+    Bad("decode ids outside a byte", lambda w: data.decode([65, 300]), InputError, ("0..255", "300")),
+    Bad(
+        "corpus shorter than seq_len",
+        lambda w: data.random_batch(DATA[:5], 2, 8, np.random.default_rng(0)),
+        InputError,
+        ("5 bytes", "seq_len=8"),
+    ),
+    Bad(
+        "corpus that is not a file or folder",
+        lambda w: data.load_corpus(str(w.root / "nope")),
+        ConfigError,
+        ("nope", "'prose'", "existing file or folder"),
+    ),
+]
+
+# ------------------------------------------------------------------ files: models and adapters
+TORCH_ZIP = b"PK\x03\x04" + bytes(60)  # the start of what torch.save writes
+FILE_CASES = [
+    Bad(
+        "model folder missing",
+        lambda w: tp.GPT.from_pretrained(w.root / "nope"),
+        CheckpointError,
+        ("nope", "not a folder", "config.json", "model.safetensors"),
+    ),
+    Bad(
+        "model path is a file",
+        lambda w: tp.GPT.from_pretrained(w.model_dir / "config.json"),
+        CheckpointError,
+        ("config.json is not a folder",),
+    ),
+    Bad("config.json missing", load_model({"config.json": None}), CheckpointError, ("config.json does not exist",)),
+    Bad(
+        "model.safetensors missing",
+        load_model({"model.safetensors": None}),
+        CheckpointError,
+        ("model.safetensors does not exist",),
+    ),
+    Bad(
+        "only a pickled pytorch_model.bin",
+        load_model({"model.safetensors": None, "pytorch_model.bin": TORCH_ZIP}),
+        CheckpointError,
+        ("model.safetensors does not exist", "pytorch_model.bin", "never loaded"),
+    ),
+    Bad(
+        "config.json truncated",
+        load_model({"config.json": Raw(lambda b: b[: len(b) // 2])}),
+        CheckpointError,
+        ("config.json is not valid JSON",),
+    ),
+    Bad(
+        "config.json not UTF-8",
+        load_model({"config.json": b"\xff\xfe{}"}),
+        CheckpointError,
+        ("config.json is not valid JSON", "utf-8"),
+    ),
+    Bad(
+        "config.json integer with 5000 digits",
+        load_model({"config.json": b'{"n_embd": ' + b"9" * 5000 + b"}"}),
+        CheckpointError,
+        ("config.json is not valid JSON", "digits"),
+    ),
+    Bad(
+        "config.json not an object",
+        load_model({"config.json": lambda c: [c]}),
+        CheckpointError,
+        ("config.json must be a JSON object", "list"),
+    ),
+    Bad(
+        "config.json of another architecture",
+        load_model({"config.json": lambda c: c | {"model_type": "llama"}}),
+        CheckpointError,
+        ("'llama'", "'gpt2'"),
+    ),
+    Bad(
+        "config.json activation tinypeft does not compute",
+        load_model({"config.json": lambda c: c | {"activation_function": "relu"}}),
+        CheckpointError,
+        ("activation_function='relu'", "gelu_new"),
+    ),
+    Bad(
+        "config.json untied embeddings",
+        load_model({"config.json": lambda c: c | {"tie_word_embeddings": False}}),
+        CheckpointError,
+        ("tie_word_embeddings=False", "(True,)"),
+    ),
+    Bad(
+        "config.json lacks a size",
+        load_model({"config.json": lambda c: {k: v for k, v in c.items() if k != "n_head"}}),
+        CheckpointError,
+        ("lacks ['n_head']", "vocab_size"),
+    ),
+    Bad(
+        "config.json size of the wrong type",
+        load_model({"config.json": lambda c: c | {"n_embd": "8"}}),
+        CheckpointError,
+        ("config.json", "n_embd", "'8'", "positive integer"),
+    ),
+    Bad(
+        "config.json n_embd not divisible by n_head",
+        load_model({"config.json": lambda c: c | {"n_head": 3}}),
+        CheckpointError,
+        ("config.json", "n_embd=8", "n_head=3"),
+    ),
+    Bad(
+        "config.json huge n_embd (answered at once)",
+        load_model({"config.json": lambda c: c | {"n_embd": 10**18 + 1, "n_head": 2}}),
+        CheckpointError,
+        ("n_embd=1000000000000000001", "n_head=2"),
+    ),
+    Bad(
+        "config.json n_layer disagrees with the weights",
+        load_model({"config.json": lambda c: c | {"n_layer": 3}}),
+        CheckpointError,
+        ("2 transformer block(s)", "n_layer=3"),
+    ),
+    Bad(
+        "config.json huge n_layer (answered at once)",
+        load_model({"config.json": lambda c: c | {"n_layer": 10**12}}),
+        CheckpointError,
+        ("2 transformer block(s)", "n_layer=1000000000000"),
+    ),
+    Bad(
+        "config.json n_embd disagrees with the weights",
+        load_model({"config.json": lambda c: c | {"n_embd": 16}}),
+        CheckpointError,
+        ("has shape", "; this GPTConfig needs"),
+    ),
+    Bad("model.safetensors empty", load_model({"model.safetensors": b""}), CheckpointError, ("truncated", "0 bytes")),
+    Bad(
+        "model.safetensors truncated",
+        load_model({"model.safetensors": Raw(lambda b: b[: len(b) // 2])}),
+        CheckpointError,
+        ("model.safetensors is", "truncated"),
+    ),
+    Bad(
+        "model.safetensors not safetensors",
+        load_model({"model.safetensors": b"hello, this is text" * 10}),
+        CheckpointError,
+        ("model.safetensors is", "not safetensors"),
+    ),
+    Bad(
+        "model.safetensors with a corrupt header",
+        load_model({"model.safetensors": Raw(lambda b: b[:8] + b"[" + b[9:])}),
+        CheckpointError,
+        ("model.safetensors is not a valid safetensors file",),
+    ),
+    Bad(
+        "model.safetensors is a pickle",
+        load_model({"model.safetensors": pickle.dumps({"a": 1}, protocol=4)}),
+        CheckpointError,
+        ("pickle", "never loads pickles", "safetensors"),
+    ),
+    Bad(
+        "model.safetensors is a torch .bin",
+        load_model({"model.safetensors": TORCH_ZIP}),
+        CheckpointError,
+        ("torch .bin/.pt", "never loads pickles"),
+    ),
+    Bad(
+        "model.safetensors in bfloat16",
+        load_model(
+            {
+                "model.safetensors": safetensors_bytes(
+                    {"x": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, bytes(4)
+                )
+            }
+        ),
+        CheckpointError,
+        ("dtype BF16", "float32"),
+    ),
+    Bad(
+        "weights with an unexpected name",
+        load_model({"model.safetensors": renamed_first}),
+        CheckpointError,
+        ("unexpected tensor", ".renamed", "expected names like"),
+    ),
+    Bad(
+        "weights lacking a tensor",
+        load_model({"model.safetensors": without_first}),
+        CheckpointError,
+        ("lacks 1 tensor(s)",),
+    ),
+    Bad(
+        "weights of the wrong shape",
+        load_model({"model.safetensors": first_tensor(lambda a: a[:1])}),
+        CheckpointError,
+        ("has shape (1,)", "needs (24,)"),
+    ),
+    Bad(
+        "weights of an integer dtype",
+        load_model({"model.safetensors": first_tensor(lambda a: a.astype(np.int32))}),
+        CheckpointError,
+        ("dtype int32", "floating point"),
+    ),
+    Bad(
+        "lm_head differs from wte",
+        load_model({"model.safetensors": lambda t: t | {"lm_head.weight": t["transformer.wte.weight"] + 1}}),
+        CheckpointError,
+        ("lm_head.weight differs", "ties"),
+    ),
+    Bad(
+        "a tensor given with and without the transformer. prefix",
+        load_model({"model.safetensors": lambda t: t | {"wte.weight": t["transformer.wte.weight"]}}),
+        CheckpointError,
+        ("'transformer.wte.weight' appears twice",),
+    ),
+    Bad(
+        "load_state_dict given a list",
+        lambda w: tp.GPT(CFG).load_state_dict([1, 2]),
+        CheckpointError,
+        ("map tensor names to arrays", "list"),
+    ),
+    Bad(
+        "load_state_dict with a non-string name",
+        lambda w: tp.GPT(CFG).load_state_dict({0: np.zeros(2)}),
+        CheckpointError,
+        ("strings", "0"),
+    ),
+    Bad(
+        "load_state_dict with a value that is not an array",
+        lambda w: tp.GPT(CFG).load_state_dict(w.base.state_dict() | {"transformer.wte.weight": [[1.0], [1.0, 2.0]]}),
+        CheckpointError,
+        ("'transformer.wte.weight' is not an array", "list"),
+    ),
+    Bad(
+        "adapter folder missing",
+        lambda w: tp.PeftModel.from_pretrained(w.base, w.root / "nope"),
+        CheckpointError,
+        ("nope", "not a folder", "adapter_config.json", "adapter_model.safetensors"),
+    ),
+    Bad(
+        "adapter_config.json missing",
+        load_adapter({"adapter_config.json": None}),
+        CheckpointError,
+        ("adapter_config.json does not exist",),
+    ),
+    Bad(
+        "adapter_model.safetensors missing",
+        load_adapter({"adapter_model.safetensors": None}),
+        CheckpointError,
+        ("adapter_model.safetensors does not exist",),
+    ),
+    Bad(
+        "only a pickled adapter_model.bin",
+        load_adapter({"adapter_model.safetensors": None, "adapter_model.bin": TORCH_ZIP}),
+        CheckpointError,
+        ("adapter_model.safetensors does not exist", "adapter_model.bin", "never loaded"),
+    ),
+    Bad(
+        "adapter_config.json truncated",
+        load_adapter({"adapter_config.json": Raw(lambda b: b[:-3])}),
+        CheckpointError,
+        ("adapter_config.json is not valid JSON",),
+    ),
+    Bad(
+        "adapter_config.json not an object",
+        load_adapter({"adapter_config.json": lambda c: "BITFIT"}),
+        CheckpointError,
+        ("adapter_config.json must be a JSON object", "str"),
+    ),
+    Bad(
+        "adapter_config.json of an unknown method",
+        load_adapter({"adapter_config.json": lambda c: c | {"peft_type": "NOT_A_METHOD"}}),
+        CheckpointError,
+        ("'NOT_A_METHOD'", "tinypeft loads", "BITFIT"),
+    ),
+    Bad(
+        "adapter_config.json without peft_type",
+        load_adapter({"adapter_config.json": lambda c: {k: v for k, v in c.items() if k != "peft_type"}}),
+        CheckpointError,
+        ("peft_type None", "BITFIT"),
+    ),
+    Bad(
+        "adapter_config.json peft_type not a string",
+        load_adapter({"adapter_config.json": lambda c: c | {"peft_type": ["BITFIT"]}}),
+        CheckpointError,
+        ("peft_type ['BITFIT']", "tinypeft loads"),
+    ),
+    Bad(
+        "adapter_config.json field of the wrong type",
+        load_adapter({"adapter_config.json": lambda c: c | {"peft_type": "SELECTIVE", "patterns": 5}}),
+        ConfigError,
+        ("patterns", "5", "list of glob strings"),
+    ),
+    Bad(
+        "adapter_config.json of another method than its weights",
+        load_adapter({"adapter_config.json": lambda c: c | {"peft_type": "LN_TUNING"}}),
+        CheckpointError,
+        ("LN_TUNING adapter tensors do not match", "missing", "ln_1.weight", "unexpected", "c_attn.bias"),
+    ),
+    Bad(
+        "adapter saved for another base (n_layer)",
+        lambda w: tp.PeftModel.from_pretrained(tp.GPT(CFG.replace(n_layer=1)), w.adapter_dir),
+        CheckpointError,
+        ("do not match this model", "unexpected", "transformer.h.1."),
+    ),
+    Bad(
+        "adapter saved for another base (n_embd)",
+        lambda w: tp.PeftModel.from_pretrained(tp.GPT(CFG.replace(n_embd=16)), w.adapter_dir),
+        CheckpointError,
+        ("has shape (8,)", "needs (16,)"),
+    ),
+    Bad(
+        "adapter tensor of the wrong shape",
+        load_adapter({"adapter_model.safetensors": first_tensor(lambda a: a[:2])}),
+        CheckpointError,
+        ("has shape (2,)", "needs (24,)"),
+    ),
+    Bad(
+        "adapter tensor of an integer dtype",
+        load_adapter({"adapter_model.safetensors": first_tensor(lambda a: a.astype(np.int64))}),
+        CheckpointError,
+        ("dtype int64", "floating point"),
+    ),
+    Bad(
+        "adapter_model.safetensors truncated",
+        load_adapter({"adapter_model.safetensors": Raw(lambda b: b[: len(b) - 7])}),
+        CheckpointError,
+        ("adapter_model.safetensors is truncated",),
+    ),
+    Bad(
+        "adapter_model.safetensors is a pickle",
+        load_adapter({"adapter_model.safetensors": pickle.dumps([1], protocol=2)}),
+        CheckpointError,
+        ("pickle", "never loads pickles"),
+    ),
+    Bad(
+        "load_adapter_state_dict given a list",
+        lambda w: w.peft().load_adapter_state_dict(["a"]),
+        CheckpointError,
+        ("map tensor names to arrays", "list"),
+    ),
+    Bad(
+        "load_adapter_state_dict with a value that is not an array",
+        lambda w: (lambda m: m.load_adapter_state_dict({k: [[0.0], []] for k in m.adapter_state_dict()}))(w.peft()),
+        CheckpointError,
+        ("is not an array", "list"),
+    ),
+    Bad(
+        "load_adapter_state_dict with names of mixed types",
+        lambda w: w.peft().load_adapter_state_dict({1: np.zeros(1), "x": np.zeros(1)}),
+        CheckpointError,
+        ("do not match", "unexpected ['x', 1]"),
+    ),
+]
+
+# ------------------------------------------------------------------ training checkpoints
+CHECKPOINT_CASES = [
+    Bad(
+        "resume with no checkpoint",
+        lambda w: w.resume(w.root / "empty"),
+        CheckpointError,
+        ("no checkpoint to resume from", "latest.json"),
+    ),
+    Bad(
+        "latest.json truncated",
+        resume({"checkpoints/latest.json": Raw(lambda b: b[:5])}),
+        CheckpointError,
+        ("latest.json is not valid JSON",),
+    ),
+    Bad(
+        "latest.json not an object",
+        resume({"checkpoints/latest.json": lambda c: [c]}),
+        CheckpointError,
+        ("latest.json must be", '"path": "step-NNNNNN"'),
+    ),
+    Bad(
+        "latest.json pointing outside the run",
+        resume({"checkpoints/latest.json": lambda c: c | {"path": "../.."}}),
+        CheckpointError,
+        ("latest.json must be", "'../..'"),
+    ),
+    Bad(
+        "latest.json step not an integer",
+        resume({"checkpoints/latest.json": lambda c: c | {"step": "2"}}),
+        CheckpointError,
+        ("step '2'", "integer >= 0"),
+    ),
+    Bad(
+        "latest.json naming a missing checkpoint",
+        resume({CHECKPOINT: None}),
+        CheckpointError,
+        ("names step-000002", "is not a folder"),
+    ),
+    Bad(
+        "state.json missing",
+        resume({f"{CHECKPOINT}/state.json": None}),
+        CheckpointError,
+        ("state.json does not exist",),
+    ),
+    Bad(
+        "state.json not an object",
+        resume({f"{CHECKPOINT}/state.json": lambda s: []}),
+        CheckpointError,
+        ("state.json must be a JSON object", "list"),
+    ),
+    Bad(
+        "state.json lacking keys",
+        resume({f"{CHECKPOINT}/state.json": lambda s: {k: v for k, v in s.items() if k not in ("rng", "result")}}),
+        CheckpointError,
+        ("lacks ['rng', 'result']", "step, rng, train_config and result"),
+    ),
+    Bad(
+        "state.json of another step than latest.json",
+        resume({f"{CHECKPOINT}/state.json": lambda s: s | {"step": 3}}),
+        CheckpointError,
+        ("for step 3", "latest.json names step 2"),
+    ),
+    Bad(
+        "checkpoint past the run's end",
+        lambda w: w.resume(w.run_dir, dataclasses.replace(RUN, steps=1)),
+        CheckpointError,
+        ("for step 2", "past the run's 1 steps"),
+    ),
+    Bad(
+        "resume with another training config",
+        lambda w: w.resume(w.run_dir, dataclasses.replace(RUN, lr=0.5)),
+        CheckpointError,
+        ("differs", "'lr': (0.5, 0.003)", "same settings"),
+    ),
+    Bad(
+        "state.json train_config not an object",
+        resume({f"{CHECKPOINT}/state.json": lambda s: s | {"train_config": "adamw"}}),
+        CheckpointError,
+        ("train_config 'adamw'", "JSON object"),
+    ),
+    Bad(
+        "state.json random-generator state broken",
+        resume({f"{CHECKPOINT}/state.json": lambda s: s | {"rng": {"bit_generator": "PCG64"}}}),
+        CheckpointError,
+        ("invalid random-generator state",),
+    ),
+    Bad(
+        "state.json history malformed",
+        resume({f"{CHECKPOINT}/state.json": lambda s: s | {"result": s["result"] | {"train_losses": 5}}}),
+        CheckpointError,
+        ("malformed result", "train_losses and evals"),
+    ),
+    Bad(
+        "checkpoint weights lacking a tensor",
+        resume({f"{CHECKPOINT}/trainable.safetensors": without_first}),
+        CheckpointError,
+        ("other tensors than this model trains", "missing ['transformer.h.0.attn.c_attn.bias']"),
+    ),
+    Bad(
+        "checkpoint weights of the wrong shape",
+        resume({f"{CHECKPOINT}/trainable.safetensors": first_tensor(lambda a: a[:3])}),
+        CheckpointError,
+        ("shape (3,)", "model has (24,)"),
+    ),
+    Bad(
+        "checkpoint weights of another dtype",
+        resume({f"{CHECKPOINT}/trainable.safetensors": first_tensor(lambda a: a.astype(np.float64))}),
+        CheckpointError,
+        ("dtype float64", "model has float32"),
+    ),
+    Bad(
+        "checkpoint weights file truncated",
+        resume({f"{CHECKPOINT}/trainable.safetensors": Raw(lambda b: b[: len(b) // 3])}),
+        CheckpointError,
+        ("trainable.safetensors is", "truncated"),
+    ),
+    Bad(
+        "optimizer state without its step counter",
+        resume({f"{CHECKPOINT}/optimizer.safetensors": lambda t: {k: v for k, v in t.items() if k != "t"}}),
+        CheckpointError,
+        ("lacks its step counter 't'",),
+    ),
+    Bad(
+        "optimizer step counter negative",
+        resume({f"{CHECKPOINT}/optimizer.safetensors": lambda t: t | {"t": np.array([-1])}}),
+        CheckpointError,
+        ("'t' must be one integer >= 0", "-1"),
+    ),
+    Bad(
+        "optimizer state of another optimizer",
+        resume(
+            {
+                f"{CHECKPOINT}/optimizer.safetensors": lambda t: {
+                    k.replace("exp_avg_sq/", "momentum/"): v for k, v in t.items()
+                }
+            }
+        ),
+        CheckpointError,
+        ("slot 'momentum'", "AdamW keeps ['exp_avg', 'exp_avg_sq']"),
+    ),
+    Bad(
+        "optimizer state lacking a slot",
+        resume(
+            {
+                f"{CHECKPOINT}/optimizer.safetensors": lambda t: {
+                    k: v for k, v in t.items() if k != "exp_avg_sq/transformer.wte.weight"
+                }
+            }
+        ),
+        CheckpointError,
+        ("'transformer.wte.weight' lacks ['exp_avg_sq']",),
+    ),
+    Bad(
+        "optimizer state for an unknown parameter",
+        resume({f"{CHECKPOINT}/optimizer.safetensors": lambda t: t | {"exp_avg/nope": np.zeros(1, np.float32)}}),
+        CheckpointError,
+        ("'nope'", "not a trainable parameter"),
+    ),
+    Bad(
+        "optimizer state of the wrong shape",
+        resume({f"{CHECKPOINT}/optimizer.safetensors": lambda t: t | {"exp_avg/transformer.ln_f.bias": np.zeros(3)}}),
+        CheckpointError,
+        ("'exp_avg/transformer.ln_f.bias' has shape (3,)", "parameter is (8,)"),
+    ),
+    Bad(
+        "optimizer state of an integer dtype",
+        resume(
+            {f"{CHECKPOINT}/optimizer.safetensors": lambda t: t | {"exp_avg/transformer.ln_f.bias": np.zeros(8, int)}}
+        ),
+        CheckpointError,
+        ("dtype int64", "floating point"),
+    ),
+    Bad(
+        "optimizer state loaded from a non-array",
+        lambda w: AdamW().load_state_dict({"t": np.array([1]), "exp_avg/a": [[1.0], []]}, {"a": np.zeros(2)}),
+        CheckpointError,
+        ("'exp_avg/a' is not an array",),
+    ),
+    Bad(
+        "optimizer.safetensors is a pickle",
+        resume({f"{CHECKPOINT}/optimizer.safetensors": pickle.dumps(0)}),
+        CheckpointError,
+        ("pickle", "never loads pickles"),
+    ),
+]
+
+# ------------------------------------------------------------------ numbers that stop a computation
+NUMERIC_CASES = [
+    Bad(
+        "training loss becomes non-finite",
+        lambda w: train(fails_at(tp.GPT(CFG), 2), DATA, RUN, progress=False),
+        TrainingError,
+        ("non-finite at step 2", "loss nan", "no update applied", "lower learning rate"),
+    ),
+    Bad(
+        "weights become non-finite before a checkpoint",
+        lambda w: train(overflows_at(tp.GPT(CFG), 4), DATA, RUN, run_dir=str(w.root / "overflow"), progress=False),
+        TrainingError,
+        ("after step 4", "non-finite values", "not saving", "step-000002"),
+    ),
+    Bad(
+        "sampling from a model with NaN weights",
+        lambda w: nan_model().generate(IDS, 2, temperature=1.0),
+        TrainingError,
+        ("logits are not finite", "non-finite"),
+    ),
+    Bad(
+        "safe_merge of a non-finite adapter",
+        lambda w: non_finite_bitfit().merge_and_unload(safe_merge=True),
+        MergeError,
+        ("safe_merge", "non-finite", "left unchanged"),
+    ),
+    Bad(
+        "training a merged adapter",
+        lambda w: merged_bitfit().loss_and_grad(IDS, IDS),
+        MergeError,
+        ("merged", "unmerge_adapter()"),
+    ),
+]
+
+SECTIONS = {
+    "Configurations": CONFIG_CASES,
+    "Method configurations": METHOD_CASES,
+    "Call-time inputs": INPUT_CASES,
+    "Model and adapter files": FILE_CASES,
+    "Training checkpoints (resume)": CHECKPOINT_CASES,
+    "Non-finite numbers": NUMERIC_CASES,
+}
+CASES = [case for cases in SECTIONS.values() for case in cases]
+
+
+# ------------------------------------------------------------------ tests
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    return World.create(tmp_path_factory.mktemp("world"))
+
+
+def test_cases_are_distinct():
+    whens = [c.when for c in CASES]
+    assert len(whens) == len(set(whens)), [w for w in whens if whens.count(w) > 1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.when for c in CASES])
+def test_catalogue(world, case):
+    with pytest.raises(TinyPeftError) as info:
+        case.call(world)
+    error = info.value
+    assert type(error) is case.error, f"{type(error).__name__}: {error}"
+    assert isinstance(error, (ValueError, TypeError, RuntimeError))
+    message = str(error)
+    for fragment in case.says:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert "\n" not in message, "one line, so the CLI prints one line"
+
+
+def test_docs_list_every_case():
+    text = DOCS.read_text()
+    absent = [c.when for c in CASES if f"| {c.when} |" not in text]
+    assert not absent, f"docs/errors.md lacks {absent}; regenerate it: PYTHONPATH=. python tests/test_errors.py"
+
+
+# ------------------------------------------------------------------ a failed load changes nothing
+def test_failed_model_load_changes_nothing(world):
+    model = tp.GPT(CFG, seed=1)
+    before = model.params
+    state = world.base.state_dict()
+    state["transformer.ln_f.bias"] = np.zeros(3, np.float32)  # the last tensor: everything before it was fine
+    with pytest.raises(CheckpointError):
+        model.load_state_dict(state)
+    assert model.params is before
+
+
+def test_failed_adapter_load_changes_nothing(world):
+    model = world.peft()
+    before = {k: v.copy() for k, v in model.trainable_parameters().items()}
+    state = model.adapter_state_dict()
+    state[sorted(state)[-1]] = np.zeros(1)
+    with pytest.raises(CheckpointError):
+        model.load_adapter_state_dict(state)
+    for k, v in model.trainable_parameters().items():
+        np.testing.assert_array_equal(v, before[k])
+    broken = world.variant(world.adapter_dir, {"adapter_model.safetensors": first_tensor(lambda a: a[:1])})
+    with pytest.raises(CheckpointError):
+        model.load_adapter(broken, "second")
+    assert list(model.adapters) == ["default"]
+
+
+def test_failed_resume_changes_nothing(world):
+    """Weights and optimizer state both valid on their own, the optimizer's for another optimizer:
+    the weights must not have been restored when the optimizer state is refused."""
+    run = world.variant(
+        world.run_dir,
+        {f"{CHECKPOINT}/optimizer.safetensors": lambda t: t | {"momentum/transformer.ln_f.bias": np.zeros(8)}},
+    )
+    model = tp.GPT(CFG, seed=5)
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(CheckpointError, match="slot 'momentum'"):
+        train(model, DATA, RUN, run_dir=str(run), resume=True, progress=False)
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+# ------------------------------------------------------------------ pickles are never loaded
+def payloads(marker: Path) -> dict[str, bytes]:
+    """Pickles that create `marker` when unpickled: plain pickles of old and new protocols, and a
+    torch.save archive (a zip holding a pickle)."""
+    buffer = io.BytesIO()
+    torch.save({"weight": Payload(str(marker))}, buffer)
+    return {
+        "pickle protocol 0": pickle.dumps(Payload(str(marker)), protocol=0),
+        "pickle protocol 2": pickle.dumps(Payload(str(marker)), protocol=2),
+        "pickle protocol 5": pickle.dumps(Payload(str(marker)), protocol=5),
+        "torch.save": buffer.getvalue(),
+    }
+
+
+def test_pickles_are_refused_and_never_loaded(world, tmp_path):
+    marker = tmp_path / "unpickled"
+    for kind, payload in payloads(marker).items():
+        unpickled = (
+            torch.load(io.BytesIO(payload), weights_only=False) if kind == "torch.save" else pickle.loads(payload)
+        )
+        assert marker.exists(), f"{kind}: the payload does not work, so this test would prove nothing"
+        (unpickled["weight"] if kind == "torch.save" else unpickled).close()
+        marker.unlink()
+        loads = {
+            "model.safetensors": load_model({"model.safetensors": payload}),
+            "pytorch_model.bin": load_model({"model.safetensors": None, "pytorch_model.bin": payload}),
+            "adapter_model.safetensors": load_adapter({"adapter_model.safetensors": payload}),
+            "adapter_model.bin": load_adapter({"adapter_model.safetensors": None, "adapter_model.bin": payload}),
+            "trainable.safetensors": resume({f"{CHECKPOINT}/trainable.safetensors": payload}),
+            "optimizer.safetensors": resume({f"{CHECKPOINT}/optimizer.safetensors": payload}),
+        }
+        for where, load in loads.items():
+            with pytest.raises(CheckpointError):
+                load(world)
+            assert not marker.exists(), f"{kind} as {where} was unpickled"
+
+
+# ------------------------------------------------------------------ the command line
+@pytest.mark.parametrize("command", ["eval", "generate", "merge"])
+def test_cli_reports_a_corrupt_file_in_one_line(world, command, capsys):
+    from tinypeft.cli import main
+
+    model = world.variant(world.model_dir, {"config.json": Raw(lambda b: b[:10])})
+    extra = {
+        "eval": ["--corpus", "prose"],
+        "generate": [],
+        "merge": ["--adapter", str(world.adapter_dir), "--out", str(world.root / "merged")],
+    }[command]
+    assert main([command, "--model", str(model), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tinypeft {command}: error: ") and "config.json is not valid JSON" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ docs/errors.md
+def markdown(world: World) -> str:
+    """docs/errors.md: every case of the catalogue with the message tinypeft gives for it."""
+    lines = [
+        "# Errors",
+        "",
+        "Every error tinypeft raises on purpose is one of the types in `tinypeft/errors.py`, all subclasses of",
+        "`TinyPeftError` and of the builtin a caller would expect, so `except ValueError` keeps working:",
+        "",
+        "| type | base | for |",
+        "|---|---|---|",
+        "| `ConfigError` | `ValueError` | a model, method, optimizer or training configuration that cannot work |",
+        "| `InputError` | `ValueError` | bad call-time input: token ids, labels, attention masks, generate arguments |",
+        "| `InputTypeError` | `TypeError` | input of the wrong type (float or bool token ids, string masks) |",
+        "| `CheckpointError` | `ValueError` | a file or folder that cannot be loaded: missing, truncated, corrupt, a "
+        "pickle, wrong names/shapes/dtypes, written for another model, method or optimizer |",
+        "| `MergeError` | `ValueError` | a merge that cannot be done (non-finite result, merged state) |",
+        "| `TrainingError` | `RuntimeError` | a computation that became non-finite (training loss, weights before a "
+        "checkpoint, logits when sampling) |",
+        "",
+        "Each message says what was wrong and what is allowed. A load that fails changes nothing (the model,",
+        "adapter or optimizer is left as it was), and no pickle is ever unpickled. The command line prints the",
+        "message on one line and exits with status 2.",
+        "",
+        "The catalogue below is generated from `tests/test_errors.py`, where each row is a test",
+        "(`PYTHONPATH=. python tests/test_errors.py > docs/errors.md`); paths are shortened to `<dir>`.",
+        f"It has {len(CASES)} cases.",
+    ]
+    root = str(world.root)
+    for section, cases in SECTIONS.items():
+        lines += ["", f"## {section}", "", "| when | error | message |", "|---|---|---|"]
+        for case in cases:
+            try:
+                case.call(world)
+                message = "(no error: the catalogue test fails)"
+            except TinyPeftError as e:
+                message = str(e)
+            message = re.sub(re.escape(root) + r"/[^/\s]*", "<dir>", message).replace("|", "\\|")
+            lines.append(f"| {case.when} | `{case.error.__name__}` | {message} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as folder:
+        sys.stdout.write(markdown(World.create(Path(folder))))
