@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from limits import time_bound
 from safetensors.numpy import load_file, save_file
 
 import tinypeft as tp
@@ -1157,7 +1158,7 @@ def test_cases_are_distinct():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.when for c in CASES])
 def test_catalogue(world, case):
-    with pytest.raises(TinyPeftError) as info:
+    with pytest.raises(TinyPeftError) as info, time_bound(30):  # some cases guard against hangs
         case.call(world)
     error = info.value
     assert type(error) is case.error, f"{type(error).__name__}: {error}"
