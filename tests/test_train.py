@@ -101,3 +101,61 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
     train(resumed, DATA, config, run_dir=str(tmp_path), resume=True, progress=False, stop_after=5)
     for k, v in reference.params.items():
         np.testing.assert_array_equal(resumed.params[k], v)
+
+
+@pytest.mark.parametrize("method", [tp.BitFitConfig, tp.LNTuningConfig])
+def test_peft_resume_is_bit_exact(tmp_path, method):
+    """A PeftModel resumed from a checkpoint into a fresh base and adapter continues exactly; the base
+    is never touched."""
+    config = quick(checkpoint_every=7)
+    straight = tp.get_peft_model(tp.GPT(CFG, seed=0), method())
+    full = train(straight, DATA, config, eval_sets={"val": DATA}, progress=False)
+
+    interrupted = tp.get_peft_model(tp.GPT(CFG, seed=0), method())
+    train(interrupted, DATA, config, eval_sets={"val": DATA}, run_dir=str(tmp_path), progress=False, stop_after=17)
+    base = tp.GPT(CFG, seed=0)
+    resumed = tp.get_peft_model(base, method())
+    result = train(resumed, DATA, config, eval_sets={"val": DATA}, run_dir=str(tmp_path), resume=True, progress=False)
+    for k, v in straight.adapter_state_dict().items():
+        np.testing.assert_array_equal(resumed.adapter_state_dict()[k], v, err_msg=k)
+    assert [r["loss"] for r in result.train_losses] == [r["loss"] for r in full.train_losses]
+    assert result.evals == full.evals
+    for k, v in tp.GPT(CFG, seed=0).params.items():
+        np.testing.assert_array_equal(base.params[k], v)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    config = quick(steps=6, eval_every=3)
+    model = tp.GPT(CFG, seed=0)
+    first = train(model, DATA, config, eval_sets={"val": DATA}, run_dir=str(tmp_path), progress=False)
+    again = tp.GPT(CFG, seed=0)
+    second = train(again, DATA, config, eval_sets={"val": DATA}, run_dir=str(tmp_path), resume=True, progress=False)
+    for k, v in model.params.items():
+        np.testing.assert_array_equal(again.params[k], v)
+    assert second.evals == first.evals and second.train_losses == first.train_losses
+
+
+class OverflowsAtCall(FailsAtCall):
+    """A model whose weights become inf during the n-th call (as an overflowing update leaves them)
+    while the loss it reports stays finite: only the checkpoint guard can notice."""
+
+    def loss_and_grad(self, ids, labels, mask=None):
+        self.calls += 1
+        result = self.model.loss_and_grad(ids, labels, mask)
+        if self.calls == self.n:
+            self.model.params["transformer.ln_f.bias"][...] = np.inf
+        return result
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    config = quick(steps=20, checkpoint_every=5)
+    model = OverflowsAtCall(tp.GPT(CFG, seed=0), n=10)  # during step 10, the one a checkpoint follows
+    with pytest.raises(TrainingError, match=r"after step 10 the weights hold non-finite.*step-000005"):
+        train(model, DATA, config, run_dir=str(tmp_path), progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step-000005"]
+    reference = tp.GPT(CFG, seed=0)
+    train(reference, DATA, config, progress=False, stop_after=5)
+    resumed = tp.GPT(CFG, seed=0)
+    train(resumed, DATA, config, run_dir=str(tmp_path), resume=True, progress=False, stop_after=5)
+    for k, v in reference.params.items():
+        np.testing.assert_array_equal(resumed.params[k], v)
