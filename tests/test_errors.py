@@ -856,7 +856,7 @@ FILE_CASES = [
         "adapter_config.json of another method than its weights",
         load_adapter({"adapter_config.json": lambda c: c | {"peft_type": "LN_TUNING"}}),
         CheckpointError,
-        ("LN_TUNING adapter tensors do not match", "missing", "ln_1.weight", "unexpected", "c_attn.bias"),
+        ("LN_TUNING adapter tensors do not match", "missing", "ln_tuning_layers", "unexpected", "c_attn.bias"),
     ),
     Bad(
         "adapter saved for another base (n_layer)",
