@@ -1272,6 +1272,17 @@ def test_cli_reports_a_corrupt_file_in_one_line(world, command, capsys):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_cli_reports_an_unwritable_out_folder_before_training(tmp_path, capsys):
+    from tinypeft.cli import main
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    with time_bound(20):  # refused at once, not after the first steps of a long run
+        assert main(["pretrain", "--out", str(blocked / "run"), "--steps", "100000", "--no_progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tinypeft pretrain: error: [Errno 20] Not a directory") and err.count("\n") == 1
+
+
 # ------------------------------------------------------------------ docs/errors.md
 def markdown(world: World) -> str:
     """docs/errors.md: every case of the catalogue with the message tinypeft gives for it."""
@@ -1293,8 +1304,10 @@ def markdown(world: World) -> str:
         "checkpoint, logits when sampling) |",
         "",
         "Each message says what was wrong and what is allowed. A load that fails changes nothing (the model,",
-        "adapter or optimizer is left as it was), and no pickle is ever unpickled. The command line prints the",
-        "message on one line and exits with status 2.",
+        "adapter or optimizer is left as it was), and no pickle is ever unpickled. Every file is written to a",
+        "temporary name in its folder, flushed, fsynced and renamed, so a killed process leaves the previous",
+        "file whole. The command line prints the message on one line and exits with status 2 (an error of",
+        "the operating system, such as a full disk or an unwritable --out, also in one line, with status 1).",
         "",
         "The catalogue below is generated from `tests/test_errors.py`, where each row is a test",
         "(`PYTHONPATH=. python tests/test_errors.py > docs/errors.md`); paths are shortened to `<dir>`.",

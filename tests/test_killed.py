@@ -124,6 +124,24 @@ def test_adapter_survives_a_kill_mid_save(tmp_path, target):
     assert_same_params(loaded.adapter_state_dict(), expected.adapter_state_dict())
 
 
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    """A write that fails (here fsync reports a full disk) raises, keeps the previous model, and
+    removes its temporary file."""
+    folder = tmp_path / "model"
+    model(0).save_pretrained(folder)
+    before = sorted(p.name for p in folder.iterdir())
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        model(1).save_pretrained(folder)
+    monkeypatch.undo()
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert_same_params(tp.GPT.from_pretrained(folder).params, model(0).params)
+
+
 # ------------------------------------------------------------------ the command line, killed and resumed
 TINY = ["--batch_size", "2", "--seq_len", "32", "--eval_every", "4", "--eval_windows", "2", "--checkpoint_every", "2",
         "--warmup_steps", "2", "--no_progress"]  # fmt: skip

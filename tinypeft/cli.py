@@ -1,7 +1,8 @@
 """The `tinypeft` command: pretrain a base model, fine-tune it with a PEFT method, evaluate, generate, merge.
 
 Each subcommand is a function of the parsed arguments; `main` routes to it and turns tinypeft's own
-errors into a one-line message and exit status 2 instead of a traceback.
+errors into a one-line message and exit status 2 instead of a traceback (the operating system's, such
+as a full disk or a folder that cannot be written, into one line and status 1).
 """
 
 from __future__ import annotations
@@ -264,6 +265,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.seq_len > config.n_positions:
         raise ConfigError(f"--seq_len {args.seq_len} exceeds --n_positions {config.n_positions}")
     train_config = _train_config(args, args.lr)
+    os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after training
     corpus = load_corpus(args.corpus)
     print(corpus.describe())
     model = GPT(config, seed=args.seed, device=args.device)
@@ -313,6 +315,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     spec = _methods()[args.method]
     lr = spec.default_lr if args.lr is None else args.lr
     train_config = _train_config(args, lr)
+    os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after training
     base_dir = _base_dir(args.base)
     base = GPT.from_pretrained(base_dir, device=args.device)
     method_config = spec.build(args)
@@ -552,6 +555,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TinyPeftError as e:
         print(f"tinypeft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's refusal (disk full, no permission): its own words, not a traceback
+        print(f"tinypeft {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"tinypeft {args.command}: interrupted", file=sys.stderr)
         return 130
