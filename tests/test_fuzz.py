@@ -18,6 +18,7 @@ suite); TINYPEFT_FUZZ_SECONDS is the time bound per example (default 10). For ex
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -148,15 +149,18 @@ def edited_json(draw, valid: object) -> object:
 
 
 # ------------------------------------------------------------------ targets
+# a config for each method whose defaults do not apply to any model; every other registered method is
+# fuzzed with its default config, so a method file joins these tests when it registers
+METHOD_CONFIGS: dict[str, Callable[[], tp.PeftConfig]] = {"SELECTIVE": lambda: tp.SelectiveConfig(["*.ln_1.*"])}
+
+
 @dataclass
 class Valid:
-    """Valid files to damage: a saved model, a saved BitFit adapter, a run checkpointed at step 2."""
+    """Valid files to damage: a saved model, a saved adapter of every method, a run checkpointed at step 2."""
 
     root: Path
     base: tp.GPT
-    model_dir: Path
-    adapter_dir: Path
-    run_dir: Path
+    folders: dict[str, Path]
 
     def copy(self, source: Path, rel: str, content: bytes) -> Path:
         dest = Path(tempfile.mkdtemp(dir=self.root))
@@ -170,9 +174,17 @@ def valid(tmp_path_factory) -> Valid:
     root = tmp_path_factory.mktemp("fuzz")
     base = tp.GPT(CFG, seed=0)
     base.save_pretrained(root / "model")
-    tp.get_peft_model(base, tp.BitFitConfig()).save_pretrained(root / "adapter")
+    folders = {"model": root / "model", "run": root / "run"}
+    for peft_type, config_type in CONFIG_TYPES.items():
+        config = METHOD_CONFIGS.get(peft_type, config_type)()
+        adapter = tp.get_peft_model(base, config)
+        rng = np.random.default_rng(0)  # tensors away from their initial values (LoRA's B = 0, say)
+        for p in adapter.trainable_parameters().values():
+            p += 0.1 * rng.standard_normal(p.shape).astype(p.dtype)
+        adapter.save_pretrained(root / peft_type)
+        folders[peft_type] = root / peft_type
     train(tp.GPT(CFG, seed=0), DATA, RUN, run_dir=str(root / "run"), progress=False, stop_after=2)
-    return Valid(root, base, root / "model", root / "adapter", root / "run")
+    return Valid(root, base, folders)
 
 
 def use_model(v: Valid, folder: Path) -> None:
@@ -187,17 +199,30 @@ def use_run(v: Valid, folder: Path) -> None:
     train(tp.GPT(CFG, seed=0), DATA, RUN, run_dir=str(folder), resume=True, progress=False)
 
 
+# name -> (folder, file in it, how to load and use the folder). Damaged bytes of a JSON file mostly stop
+# at the JSON parser, which is the same for every method: one adapter_config.json has them.
 FILE_TARGETS = {
-    "model config.json": ("model_dir", "config.json", use_model),
-    "model.safetensors": ("model_dir", "model.safetensors", use_model),
-    "adapter_config.json": ("adapter_dir", "adapter_config.json", use_adapter),
-    "adapter_model.safetensors": ("adapter_dir", "adapter_model.safetensors", use_adapter),
-    "checkpoint latest.json": ("run_dir", "checkpoints/latest.json", use_run),
-    "checkpoint state.json": ("run_dir", f"{CHECKPOINT}/state.json", use_run),
-    "checkpoint trainable.safetensors": ("run_dir", f"{CHECKPOINT}/trainable.safetensors", use_run),
-    "checkpoint optimizer.safetensors": ("run_dir", f"{CHECKPOINT}/optimizer.safetensors", use_run),
+    "model config.json": ("model", "config.json", use_model),
+    "model.safetensors": ("model", "model.safetensors", use_model),
+    "adapter_config.json": ("BITFIT", "adapter_config.json", use_adapter),
+    **{
+        f"{peft_type} adapter_model.safetensors": (peft_type, "adapter_model.safetensors", use_adapter)
+        for peft_type in sorted(CONFIG_TYPES)
+    },
+    "checkpoint latest.json": ("run", "checkpoints/latest.json", use_run),
+    "checkpoint state.json": ("run", f"{CHECKPOINT}/state.json", use_run),
+    "checkpoint trainable.safetensors": ("run", f"{CHECKPOINT}/trainable.safetensors", use_run),
+    "checkpoint optimizer.safetensors": ("run", f"{CHECKPOINT}/optimizer.safetensors", use_run),
 }
-JSON_TARGETS = {k: v for k, v in FILE_TARGETS.items() if v[1].endswith(".json")}
+JSON_TARGETS = {
+    "model config.json": ("model", "config.json", use_model),
+    **{
+        f"{peft_type} adapter_config.json": (peft_type, "adapter_config.json", use_adapter)
+        for peft_type in sorted(CONFIG_TYPES)
+    },
+    "checkpoint latest.json": ("run", "checkpoints/latest.json", use_run),
+    "checkpoint state.json": ("run", f"{CHECKPOINT}/state.json", use_run),
+}
 
 
 def header_end(data: bytes) -> int | None:
@@ -213,8 +238,8 @@ def report(name: str, counts: Counter) -> None:
 @pytest.mark.parametrize("name", FILE_TARGETS)
 def test_damaged_files(valid, name):
     """Bytes-level damage to one file of a valid folder."""
-    folder_attr, rel, use = FILE_TARGETS[name]
-    source = getattr(valid, folder_attr)
+    folder, rel, use = FILE_TARGETS[name]
+    source = valid.folders[folder]
     original = (source / rel).read_bytes()
     counts = Counter()
 
@@ -235,8 +260,8 @@ def test_damaged_files(valid, name):
 @pytest.mark.parametrize("name", JSON_TARGETS)
 def test_edited_json(valid, name):
     """Structural damage to one JSON file: a value replaced by any JSON value, removed, or a key added."""
-    folder_attr, rel, use = JSON_TARGETS[name]
-    source = getattr(valid, folder_attr)
+    folder, rel, use = JSON_TARGETS[name]
+    source = valid.folders[folder]
     original = json.loads((source / rel).read_text())
     counts = Counter()
 
@@ -276,8 +301,9 @@ def test_gpt_config_parser_on_any_json():
 
 
 def test_peft_config_parser_on_any_json(valid):
+    """Any values for the fields of every registered method's config (and for peft_type)."""
     counts = Counter()
-    keys = sorted({"peft_type", "patterns", "regex", "target_modules", "num_blocks"})
+    keys = sorted({f.name for config_type in CONFIG_TYPES.values() for f in dataclasses.fields(config_type)})
 
     @FUZZ
     @given(
