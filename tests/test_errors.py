@@ -1218,6 +1218,18 @@ def test_failed_resume_changes_nothing(world):
         np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
+def test_numpy_scalars_in_configs_are_saved_as_numbers(tmp_path):
+    """Sizes and seeds given as NumPy integers are accepted, so they must also reach the JSON files."""
+    cfg = tp.GPTConfig(
+        vocab_size=np.int64(32), n_positions=np.int32(16), n_embd=8, n_layer=1, n_head=2, n_inner=np.int64(12)
+    )
+    tp.GPT(cfg).save_pretrained(tmp_path / "model")
+    assert tp.GPT.from_pretrained(tmp_path / "model").config == cfg
+    run = dataclasses.replace(RUN, steps=2, seed=np.int64(3))
+    train(tp.GPT(CFG), DATA, run, run_dir=str(tmp_path / "run"), progress=False)
+    assert json.loads((tmp_path / "run/checkpoints/step-000002/state.json").read_text())["train_config"]["seed"] == 3
+
+
 # ------------------------------------------------------------------ pickles are never loaded
 def payloads(marker: Path) -> dict[str, bytes]:
     """Pickles that create `marker` when unpickled: plain pickles of old and new protocols, and a

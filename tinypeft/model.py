@@ -71,11 +71,14 @@ class GPTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer; got {value!r}")
+            object.__setattr__(self, name, int(value))  # a NumPy integer would not go into config.json
         n_inner = self.n_inner
         if n_inner is not None and (
             isinstance(n_inner, bool) or not isinstance(n_inner, (int, np.integer)) or n_inner <= 0
         ):
             raise ConfigError(f"GPTConfig.n_inner must be a positive integer or None; got {n_inner!r}")
+        if n_inner is not None:
+            object.__setattr__(self, "n_inner", int(n_inner))
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "

@@ -84,7 +84,7 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be 'adamw' or 'sgd'; got {self.optimizer!r}")
         if not _is_number(self.momentum) or not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1); got {self.momentum!r}")
-        check_seed(self.seed, error=ConfigError)
+        self.seed = check_seed(self.seed, error=ConfigError)  # a plain int: it goes into state.json
 
     def make_optimizer(self) -> Optimizer:
         if self.optimizer == "sgd":
