@@ -179,6 +179,7 @@ def pretrained(tmp_path_factory, corpus) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_cli_pretrain_killed_then_resumed_equals_uninterrupted(tmp_path, corpus, pretrained):
     out = tmp_path / "run"
     kill_mid_write(tmp_path, "trainable.safetensors", 2, "cli", *pretrain_args(out, corpus))
@@ -190,6 +191,7 @@ def test_cli_pretrain_killed_then_resumed_equals_uninterrupted(tmp_path, corpus,
     assert summary["evals"] == straight["evals"]
 
 
+@pytest.mark.slow
 def test_cli_finetune_killed_then_resumed_equals_uninterrupted(tmp_path, corpus, pretrained):
     base = pretrained / "model"
     straight = tmp_path / "straight"
