@@ -130,7 +130,7 @@ class Adapter:
         if not isinstance(state, Mapping):
             raise CheckpointError(f"an adapter state dict must map tensor names to arrays; got {type(state).__name__}")
         missing = sorted(set(self.params) - set(state))
-        unexpected = sorted((set(state) - set(self.params)), key=repr)  # keys from a file may be of any type
+        unexpected = sorted(set(state) - set(self.params), key=repr)  # keys from a file may be of any type
         if missing or unexpected:
             raise CheckpointError(
                 f"{self.config.peft_type} adapter tensors do not match this model: "
