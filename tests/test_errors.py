@@ -393,7 +393,21 @@ CONFIG_CASES = [
     ),
 ]
 
-# selective fine-tuning here; each method file adds the configs it refuses (r <= 0, NV + T > n_positions, ...)
+
+def peft(make_config: Callable[[], tp.PeftConfig]) -> Callable[[World], tp.PeftModel]:
+    """A case's call: wrap the world's base with the config (made inside the call, where it may fail)."""
+    return lambda w: tp.get_peft_model(w.base, make_config())
+
+
+def prompt(**kw) -> Callable[[], tp.PeftConfig]:
+    return lambda: tp.PromptTuningConfig(**{"num_virtual_tokens": 4, **kw})
+
+
+def prefix(**kw) -> Callable[[], tp.PeftConfig]:
+    return lambda: tp.PrefixTuningConfig(**{"num_virtual_tokens": 4, **kw})
+
+
+# one entry per config a method refuses; a method file adds its own here (LoRA: r <= 0, r > min(in, out), ...)
 METHOD_CASES = [
     Bad(
         "selective pattern matching nothing",
@@ -472,6 +486,143 @@ METHOD_CASES = [
         lambda w: tp.get_peft_model(w.base, tp.LastBlocksConfig(num_blocks=3)),
         ConfigError,
         ("num_blocks", "3", "1..n_layer=2"),
+    ),
+    Bad(
+        "num_virtual_tokens 0", peft(prompt(num_virtual_tokens=0)), ConfigError, ("num_virtual_tokens", "got 0", ">= 1")
+    ),
+    Bad("num_virtual_tokens True", peft(prompt(num_virtual_tokens=True)), ConfigError, ("got True", ">= 1")),
+    Bad(
+        "num_virtual_tokens filling n_positions",
+        peft(prompt(num_virtual_tokens=16)),
+        ConfigError,
+        ("num_virtual_tokens=16", "n_positions=16", "at most 15"),
+    ),
+    Bad(
+        "prompt tuning: NV + T > n_positions",
+        lambda w: peft(prompt(num_virtual_tokens=10))(w)(np.zeros((1, 10), int)),
+        InputError,
+        ("20 positions", "10 past/prefix/virtual + 10 tokens", "n_positions=16", "at most 6 tokens"),
+    ),
+    Bad(
+        "prefix tuning: NV + T > n_positions",
+        lambda w: peft(prefix(num_virtual_tokens=10))(w)(np.zeros((1, 10), int)),
+        InputError,
+        ("20 positions", "n_positions=16", "at most 6 tokens"),
+    ),
+    Bad(
+        "prompt tuning: generating past n_positions",
+        lambda w: peft(prompt(num_virtual_tokens=10))(w).generate(np.zeros((1, 4), int), 5),
+        InputError,
+        ("5 tokens after 14 positions", "n_positions=16"),
+    ),
+    Bad(
+        "num_transformer_submodules 2",
+        peft(prompt(num_transformer_submodules=2)),
+        ConfigError,
+        ("num_transformer_submodules=2", "one transformer stack"),
+    ),
+    Bad(
+        "virtual-token adapter for another model shape",
+        peft(prefix(token_dim=16)),
+        ConfigError,
+        ("token_dim=16", "base model has 8"),
+    ),
+    Bad(
+        "prompt_tuning_init unknown",
+        peft(prompt(prompt_tuning_init="WORDS")),
+        ConfigError,
+        ("'WORDS'", "'RANDOM', 'SAMPLE_VOCAB', 'TEXT'"),
+    ),
+    Bad(
+        "prompt_tuning_init TEXT without text",
+        peft(prompt(prompt_tuning_init="TEXT")),
+        ConfigError,
+        ("prompt_tuning_init_text", "non-empty", "None"),
+    ),
+    Bad(
+        "prompt_tuning_init_text outside the vocabulary",
+        peft(prompt(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello")),
+        ConfigError,
+        ("byte 104", "vocab_size=32"),
+    ),
+    Bad(
+        "prefix_projection not a bool",
+        peft(prefix(prefix_projection="yes")),
+        ConfigError,
+        ("prefix_projection", "'yes'", "True or False"),
+    ),
+    Bad(
+        "prefix encoder_hidden_size 0",
+        peft(prefix(encoder_hidden_size=0)),
+        ConfigError,
+        ("encoder_hidden_size", "got 0", "positive integer"),
+    ),
+    Bad("prefix init_weights unknown", peft(prefix(init_weights="ones")), ConfigError, ("'ones'", "(None, 'zero')")),
+    Bad(
+        "IA3 target_modules not names",
+        peft(lambda: tp.IA3Config(target_modules=5)),
+        ConfigError,
+        ("target_modules", "got 5", "list of names or a regex"),
+    ),
+    Bad(
+        "IA3 feedforward_modules not among the targets",
+        peft(lambda: tp.IA3Config(target_modules=["c_attn"], feedforward_modules=["mlp.c_proj"])),
+        ConfigError,
+        ("['mlp.c_proj']", "subset of target_modules", "['c_attn']"),
+    ),
+    Bad(
+        "IA3 target that does not exist",
+        peft(lambda: tp.IA3Config(target_modules=["c_nothing"], feedforward_modules=[])),
+        ConfigError,
+        ("'c_nothing'", "matches no module", "'attn.c_attn'", "'mlp.c_proj'"),
+    ),
+    Bad(
+        "IA3 target that is not a linear layer",
+        peft(lambda: tp.IA3Config(target_modules=["ln_1"], feedforward_modules=[])),
+        ConfigError,
+        ("'ln_1'", "matches no module", "'attn.c_attn'"),
+    ),
+    Bad(
+        "IA3 init_ia3_weights not a bool",
+        peft(lambda: tp.IA3Config(init_ia3_weights="yes")),
+        ConfigError,
+        ("init_ia3_weights", "'yes'", "True or False"),
+    ),
+    Bad(
+        "bottleneck_size 0",
+        peft(lambda: tp.AdapterConfig(bottleneck_size=0)),
+        ConfigError,
+        ("bottleneck_size", "got 0", ">= 1"),
+    ),
+    Bad(
+        "adapter non_linearity unknown",
+        peft(lambda: tp.AdapterConfig(non_linearity="swish")),
+        ConfigError,
+        ("'swish'", "'gelu_tanh', 'relu', 'silu', 'tanh'"),
+    ),
+    Bad(
+        "adapter placement unknown",
+        peft(lambda: tp.AdapterConfig(placement="everywhere")),
+        ConfigError,
+        ("'everywhere'", "'attn', 'both', 'mlp'"),
+    ),
+    Bad(
+        "merging prompt tuning",
+        lambda w: peft(prompt())(w).merge_and_unload(),
+        MergeError,
+        ("prompt tuning cannot be merged", "nothing to fold"),
+    ),
+    Bad(
+        "merging prefix tuning",
+        lambda w: peft(prefix())(w).merge_adapter(),
+        MergeError,
+        ("prefix tuning cannot be merged",),
+    ),
+    Bad(
+        "merging bottleneck adapters",
+        lambda w: peft(lambda: tp.AdapterConfig())(w).merge_and_unload(),
+        MergeError,
+        ("bottleneck adapters cannot be merged", "not linear"),
     ),
 ]
 
