@@ -103,7 +103,17 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
         np.testing.assert_array_equal(resumed.params[k], v)
 
 
-@pytest.mark.parametrize("method", [tp.BitFitConfig, tp.LNTuningConfig])
+PEFT_METHODS = {
+    "bitfit": tp.BitFitConfig,
+    "lntuning": tp.LNTuningConfig,
+    "prompt": lambda: tp.PromptTuningConfig(num_virtual_tokens=4),
+    "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True),
+    "ia3": tp.IA3Config,
+    "adapter": lambda: tp.AdapterConfig(bottleneck_size=4),
+}
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS.values(), ids=PEFT_METHODS.keys())
 def test_peft_resume_is_bit_exact(tmp_path, method):
     """A PeftModel resumed from a checkpoint into a fresh base and adapter continues exactly; the base
     is never touched."""
