@@ -140,6 +140,13 @@ class PeftModel:
         """The active adapter's tensors by name: what an optimizer updates (in place)."""
         return self.active.params
 
+    def random_state(self) -> dict[str, Any]:
+        """The active adapter's random-generator states (dropout), which a training checkpoint saves."""
+        return self.active.random_state()
+
+    def set_random_state(self, state: Any) -> None:
+        self.active.set_random_state(state)
+
     def generate(
         self,
         input_ids: Any,

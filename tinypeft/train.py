@@ -46,6 +46,11 @@ class Trainable(Protocol):
     def trainable_parameters(self) -> dict[str, Array]: ...
 
 
+def _random_state(model: Trainable) -> dict[str, Any]:
+    """The model's own random-generator states (a PeftModel's dropout; a GPT has none)."""
+    return model.random_state() if hasattr(model, "random_state") else {}
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides what a training run computes (saved with every checkpoint)."""
@@ -247,6 +252,7 @@ def save_checkpoint(
     state = {
         "step": step,
         "rng": rng.bit_generator.state,
+        "model_rng": _random_state(model),
         "train_config": dataclasses.asdict(config),
         "result": result.to_dict(),
     }
@@ -373,6 +379,9 @@ def load_checkpoint(
         if value.dtype != params[name].dtype:  # another dtype could not continue the same computation
             raise CheckpointError(f"checkpoint tensor {name} has dtype {value.dtype}; model has {params[name].dtype}")
     optimizer.load_state_dict(load_safetensors(os.path.join(path, "optimizer.safetensors")), params)
+    model_rng = state.get("model_rng", {})  # checkpoints written before dropout's state was saved lack it
+    if model_rng or _random_state(model):
+        model.set_random_state(model_rng)  # checks everything before it changes anything
     # checked: from here on nothing can fail
     for name, value in tensors.items():
         params[name][...] = namespace(params[name]).asarray(value)

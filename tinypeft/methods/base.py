@@ -160,6 +160,34 @@ class Adapter:
         """Hook for methods whose PEFT tensors come in another but equivalent shape."""
         return value
 
+    # ---------------------------------------------------------------- randomness
+    def _generators(self) -> dict[str, np.random.Generator]:
+        """The generators this adapter draws from while training (dropout masks), found as its
+        np.random.Generator attributes so that a method needs no code for its state to be saved."""
+        return {name: g for name, g in vars(self).items() if isinstance(g, np.random.Generator)}
+
+    def random_state(self) -> dict[str, Any]:
+        """JSON-ready states of those generators: a training checkpoint saves them, so that a resumed
+        run draws the same dropout masks as an uninterrupted one."""
+        return {name: g.bit_generator.state for name, g in self._generators().items()}
+
+    def set_random_state(self, state: Any) -> None:
+        """Restore `random_state()`, all or nothing."""
+        generators = self._generators()
+        if not isinstance(state, Mapping) or set(state) != set(generators):
+            held = sorted(state) if isinstance(state, Mapping) else state
+            raise CheckpointError(
+                f"{self.config.peft_type} adapter random state holds {held!r}; "
+                f"this adapter draws from {sorted(generators)}"
+            )
+        for name, g in generators.items():
+            try:  # the bit generator's own setter is the authority on what a valid state is
+                type(g.bit_generator)().state = state[name]
+            except Exception as e:
+                raise CheckpointError(f"adapter random state {name!r} is invalid: {type(e).__name__}: {e}") from None
+        for name, g in generators.items():
+            g.bit_generator.state = state[name]
+
 
 # ------------------------------------------------------------------ matching
 def match_modules(candidates: Sequence[str], targets: str | Sequence[str], what: str = "target_modules") -> list[str]:
