@@ -69,13 +69,14 @@ class Raw:
 @dataclass
 class World:
     """A tiny base model, and folders to break: a saved model, a saved BitFit adapter of that model,
-    and a training run (BitFit-free, the full model) checkpointed at step 2."""
+    a training run of the full model and one of LoRA with dropout, both checkpointed at step 2."""
 
     root: Path
     base: tp.GPT
     model_dir: Path
     adapter_dir: Path
     run_dir: Path
+    lora_run_dir: Path
 
     @classmethod
     def create(cls, root: Path) -> World:
@@ -83,7 +84,8 @@ class World:
         base.save_pretrained(root / "model")
         tp.get_peft_model(base, tp.BitFitConfig()).save_pretrained(root / "adapter")
         train(tp.GPT(CFG, seed=0), DATA, RUN, run_dir=str(root / "run"), progress=False, stop_after=2)
-        return cls(root, base, root / "model", root / "adapter", root / "run")
+        train(lora_with_dropout(), DATA, RUN, run_dir=str(root / "lora-run"), progress=False, stop_after=2)
+        return cls(root, base, root / "model", root / "adapter", root / "run", root / "lora-run")
 
     def variant(self, source: Path, edits: Mapping[str, object]) -> Path:
         """A fresh copy of `source` with its files edited. An edit is None (delete the file), bytes
@@ -110,6 +112,16 @@ class World:
 
     def resume(self, run_dir: Path, config: TrainConfig = RUN) -> None:
         train(tp.GPT(CFG, seed=0), DATA, config, run_dir=str(run_dir), resume=True, progress=False)
+
+
+def lora_with_dropout() -> tp.PeftModel:
+    return tp.get_peft_model(tp.GPT(CFG, seed=0), tp.LoraConfig(r=2, lora_dropout=0.1))
+
+
+def resume_lora(edits: Mapping[str, object]) -> Callable[[World], object]:
+    return lambda w: train(
+        lora_with_dropout(), DATA, RUN, run_dir=str(w.variant(w.lora_run_dir, edits)), resume=True, progress=False
+    )
 
 
 def load_model(edits: Mapping[str, object]) -> Callable[[World], object]:
@@ -407,7 +419,7 @@ def prefix(**kw) -> Callable[[], tp.PeftConfig]:
     return lambda: tp.PrefixTuningConfig(**{"num_virtual_tokens": 4, **kw})
 
 
-# one entry per config a method refuses; a method file adds its own here (LoRA: r <= 0, r > min(in, out), ...)
+# one entry per config a method refuses; a new method file adds its own here
 METHOD_CASES = [
     Bad(
         "selective pattern matching nothing",
@@ -623,6 +635,74 @@ METHOD_CASES = [
         lambda w: peft(lambda: tp.AdapterConfig())(w).merge_and_unload(),
         MergeError,
         ("bottleneck adapters cannot be merged", "not linear"),
+    ),
+    Bad("LoRA r = 0", peft(lambda: tp.LoraConfig(r=0)), ConfigError, ("LoraConfig.r", "got 0", "positive integer")),
+    Bad("LoRA r not an integer", peft(lambda: tp.LoraConfig(r=2.0)), ConfigError, ("got 2.0", "positive integer")),
+    Bad(
+        "LoRA r > min(in, out)",
+        peft(lambda: tp.LoraConfig(r=9)),
+        ConfigError,
+        ("r=9", "min(8, 24)", "transformer.h.0.attn.c_attn", "r <= 8"),
+    ),
+    Bad(
+        "LoRA huge r (answered at once)",
+        peft(lambda: tp.LoraConfig(r=10**12)),
+        ConfigError,
+        ("r=1000000000000", "r <= 8"),
+    ),
+    Bad(
+        "LoRA lora_alpha not finite",
+        peft(lambda: tp.LoraConfig(lora_alpha=float("nan"))),
+        ConfigError,
+        ("lora_alpha", "nan", "positive finite number"),
+    ),
+    Bad(
+        "LoRA lora_dropout = 1",
+        peft(lambda: tp.LoraConfig(lora_dropout=1.0)),
+        ConfigError,
+        ("lora_dropout", "1.0", "[0, 1)"),
+    ),
+    Bad(
+        "LoRA lora_dropout negative",
+        peft(lambda: tp.LoraConfig(lora_dropout=-0.1)),
+        ConfigError,
+        ("lora_dropout", "-0.1", "[0, 1)"),
+    ),
+    Bad(
+        "LoRA target that does not exist",
+        peft(lambda: tp.LoraConfig(target_modules=["q_proj"])),
+        ConfigError,
+        ("'q_proj'", "matches no module", "'attn.c_attn'", "'attn.c_proj'", "'mlp.c_fc'", "'mlp.c_proj'"),
+    ),
+    Bad(
+        "LoRA target that is not a linear layer",
+        peft(lambda: tp.LoraConfig(target_modules=["wte"])),
+        ConfigError,
+        ("'wte'", "matches no module", "'attn.c_attn'"),
+    ),
+    Bad(
+        "LoRA bias unknown",
+        peft(lambda: tp.LoraConfig(bias="some")),
+        ConfigError,
+        ("'some'", "'none', 'all', 'lora_only'"),
+    ),
+    Bad(
+        "LoRA init_lora_weights unknown",
+        peft(lambda: tp.LoraConfig(init_lora_weights="xavier")),
+        ConfigError,
+        ("'xavier'", "True, False, 'gaussian', 'pissa'"),
+    ),
+    Bad(
+        "LoRA use_dora not a bool",
+        peft(lambda: tp.LoraConfig(use_dora="yes")),
+        ConfigError,
+        ("use_dora", "'yes'", "True or False"),
+    ),
+    Bad(
+        "LoRA option of PEFT's that tinypeft lacks",
+        peft(lambda: tp.LoraConfig(rank_pattern={"c_attn": 4})),
+        ConfigError,
+        ("rank_pattern", "does not implement", "defaults"),
     ),
 ]
 
@@ -1248,6 +1328,18 @@ CHECKPOINT_CASES = [
         resume({f"{CHECKPOINT}/optimizer.safetensors": pickle.dumps(0)}),
         CheckpointError,
         ("pickle", "never loads pickles"),
+    ),
+    Bad(
+        "LoRA run: state.json without the dropout generator's state",
+        resume_lora({f"{CHECKPOINT}/state.json": lambda s: s | {"model_rng": {}}}),
+        CheckpointError,
+        ("LORA adapter random state holds []", "draws from ['_dropout_keys']"),
+    ),
+    Bad(
+        "LoRA run: dropout generator state broken",
+        resume_lora({f"{CHECKPOINT}/state.json": lambda s: s | {"model_rng": {"_dropout_keys": {"state": 1}}}}),
+        CheckpointError,
+        ("adapter random state '_dropout_keys' is invalid",),
     ),
 ]
 

@@ -195,6 +195,8 @@ def valid(tmp_path_factory) -> Valid:
         adapter.save_pretrained(root / peft_type)
         folders[peft_type] = root / peft_type
     train(tp.GPT(CFG, seed=0), DATA, RUN, run_dir=str(root / "run"), progress=False, stop_after=2)
+    train(lora_with_dropout(), DATA, RUN, run_dir=str(root / "lora-run"), progress=False, stop_after=2)
+    folders["lora-run"] = root / "lora-run"
     return Valid(root, base, folders, unusable)
 
 
@@ -208,6 +210,14 @@ def use_adapter(v: Valid, folder: Path) -> None:
 
 def use_run(v: Valid, folder: Path) -> None:
     train(tp.GPT(CFG, seed=0), DATA, RUN, run_dir=str(folder), resume=True, progress=False)
+
+
+def lora_with_dropout() -> tp.PeftModel:
+    return tp.get_peft_model(tp.GPT(CFG, seed=0), tp.LoraConfig(r=2, lora_dropout=0.1))
+
+
+def use_lora_run(v: Valid, folder: Path) -> None:
+    train(lora_with_dropout(), DATA, RUN, run_dir=str(folder), resume=True, progress=False)
 
 
 # name -> (folder, file in it, how to load and use the folder). Damaged bytes of a JSON file mostly stop
@@ -233,6 +243,7 @@ JSON_TARGETS = {
     },
     "checkpoint latest.json": ("run", "checkpoints/latest.json", use_run),
     "checkpoint state.json": ("run", f"{CHECKPOINT}/state.json", use_run),
+    "LoRA-with-dropout checkpoint state.json": ("lora-run", f"{CHECKPOINT}/state.json", use_lora_run),
 }
 
 

@@ -161,7 +161,9 @@ def pretrain_args(out: Path, corpus: Path) -> list[str]:
 
 
 def finetune_args(out: Path, base: Path, corpus: Path) -> list[str]:
-    return ["finetune", "--base", str(base), "--method", "bitfit", "--steps", "8", "--corpus", str(corpus),
+    # LoRA with dropout: the resumed run must also draw the same dropout masks
+    return ["finetune", "--base", str(base), "--method", "lora", "--rank", "2", "--lora_dropout", "0.1",
+            "--steps", "8", "--corpus", str(corpus),
             "--prose_corpus", str(corpus), "--sample_bytes", "4", "--out", str(out), *TINY]  # fmt: skip
 
 

@@ -110,6 +110,8 @@ PEFT_METHODS = {
     "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True),
     "ia3": tp.IA3Config,
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4),
+    "lora": lambda: tp.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], lora_dropout=0.1),
+    "dora": lambda: tp.LoraConfig(r=4, use_dora=True, use_rslora=True),
 }
 
 
