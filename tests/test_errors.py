@@ -1412,6 +1412,24 @@ def test_catalogue(world, case):
     assert "\n" not in message, "one line, so the CLI prints one line"
 
 
+# Escapes the fuzz found in method files this branch does not own (ia3.py, adapter.py): a raw
+# TypeError instead of a ConfigError. Strict: once a file is fixed this fails, and the case moves
+# to METHOD_CASES with its message.
+KNOWN_ESCAPES = {
+    "IA3 feedforward_modules entry not a string (adapter_config.json)": lambda w: tp.get_peft_model(
+        w.base, tp.PeftConfig.from_dict({"peft_type": "IA3", "feedforward_modules": [None]})
+    ),
+    "adapter non_linearity unhashable": lambda w: tp.AdapterConfig(non_linearity=["relu"]),
+}
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="a raw TypeError escapes; see KNOWN_ESCAPES")
+@pytest.mark.parametrize("call", KNOWN_ESCAPES.values(), ids=KNOWN_ESCAPES.keys())
+def test_known_escapes(world, call):
+    with pytest.raises(ConfigError):
+        call(world)
+
+
 def test_docs_list_every_case():
     text = DOCS.read_text()
     absent = [c.when for c in CASES if f"| {c.when} |" not in text]
