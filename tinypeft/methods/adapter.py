@@ -204,11 +204,11 @@ class AdapterConfig(PeftConfig):
         r = self.bottleneck_size
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ConfigError(f"AdapterConfig.bottleneck_size must be an integer >= 1; got {r!r}")
-        if self.non_linearity not in ACTIVATIONS:
+        if not isinstance(self.non_linearity, str) or self.non_linearity not in ACTIVATIONS:
             raise ConfigError(
                 f"AdapterConfig.non_linearity must be one of {sorted(ACTIVATIONS)}; got {self.non_linearity!r}"
             )
-        if self.placement not in PLACEMENTS:
+        if not isinstance(self.placement, str) or self.placement not in PLACEMENTS:
             raise ConfigError(f"AdapterConfig.placement must be one of {sorted(PLACEMENTS)}; got {self.placement!r}")
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"AdapterConfig.init_weights must be True or False; got {self.init_weights!r}")

@@ -135,6 +135,8 @@ class IA3Config(PeftConfig):
                 setattr(self, field_name, value := sorted(value))
             if value is not None and not isinstance(value, (str, list)):
                 raise ConfigError(f"IA3Config.{field_name} must be a list of names or a regex string; got {value!r}")
+            if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
+                raise ConfigError(f"IA3Config.{field_name} entries must be non-empty module names; got {value!r}")
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if extra:
