@@ -63,9 +63,14 @@ def build_step(setup: Setup, seed: int = 0):
 
         return step
 
+    import warnings
+
     import torch
+    import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    warnings.filterwarnings("ignore")  # transformers' notes about the config are not results
+    transformers.logging.set_verbosity_error()
     torch.set_num_threads(setup.threads)
     torch.manual_seed(seed)
     config = GPT2Config(
@@ -334,7 +339,7 @@ def section_gflops(args, configs) -> dict[str, Any]:
 def section_scaling(args) -> dict[str, Any]:
     steps, warmup = max(1, args.steps // 2), 1
     if args.quick:
-        grid = {"seq_len": [16, 32], "n_embd": [16, 32], "rank": [1, 4]}
+        grid = {"seq_len": [32], "n_embd": [32], "rank": [1]}
         base = dict(n_layer=1, n_embd=16, n_head=2, seq_len=16, batch_size=2, rank=4)
     else:
         grid = {

@@ -1,0 +1,32 @@
+"""The benchmark command runs end to end on tiny settings (a smoke run: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert set(results) >= {"steps", "autograd", "memory", "gflops", "scaling", "machine"}
+    row = results["steps"]["tiny"]["median_s"]
+    expected = {
+        "tinypeft full",
+        "torch full",
+        "tinypeft lora",
+        "torch+peft lora",
+        "tinypeft prompt",
+        "torch+peft prompt",
+    }
+    assert set(row) == expected
+    assert all(t is not None and t > 0 for t in row.values()), row
+    assert results["autograd"]["speedup"] > 0
+    assert "| tinypeft full |" in done.stdout
