@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--quick", action="store_true", help="tiny configs, one timed step: a smoke run for CI")
     p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: tinypeft on cupy against torch on CUDA"
+    )
+    p.add_argument(
         "--sections",
         default="steps,autograd,memory,gflops,scaling",
         help="comma-separated subset of steps,autograd,memory,gflops,scaling",

@@ -28,6 +28,7 @@ class Setup:
     batch_size: int
     rank: int = 8
     threads: int = 2
+    device: str = "cpu"  # "cuda": tinypeft on cupy, torch on CUDA
 
     @property
     def label(self) -> str:
@@ -60,6 +61,8 @@ def build_step(setup: Setup, seed: int = 0):
         def step() -> None:
             _, grads = model.loss_and_grad(ids, ids)
             optimizer.step(params, grads)
+            if setup.device == "cuda":
+                base.xp.cuda.Device().synchronize()  # time the work, not its launch
 
         return step
 
@@ -85,20 +88,22 @@ def build_step(setup: Setup, seed: int = 0):
         bos_token_id=0,
         eos_token_id=0,
     )
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config).to(setup.device)
     if setup.method != "full":
         import peft
 
         model = peft.get_peft_model(model, peft_config(setup))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
-    tids = torch.tensor(ids)
+    tids = torch.tensor(ids, device=setup.device)
 
     def torch_step() -> None:
         loss = model(input_ids=tids, labels=tids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if setup.device == "cuda":
+            torch.cuda.synchronize()
 
     return torch_step
 
@@ -184,7 +189,7 @@ def section_steps(args, configs) -> dict[str, Any]:
     results = {}
     for name, (n_layer, n_embd, n_head, T, B) in configs.items():
         setups = [
-            Setup(lib, method, n_layer, n_embd, n_head, T, B, threads=args.threads)
+            Setup(lib, method, n_layer, n_embd, n_head, T, B, threads=args.threads, device=args.device)
             for method in ("full", "lora", "prompt")
             for lib in ("tinypeft", "torch")
         ]
@@ -417,7 +422,12 @@ def run_all(args) -> int:
     sections = set(args.sections.split(","))
     big = configs.get("B", next(iter(configs.values())))
     t0 = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine(), "threads": args.threads, "quick": args.quick}
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "threads": args.threads,
+        "quick": args.quick,
+        "device": args.device,
+    }
     print(f"# tinypeft benchmarks ({results['machine'].get('cpu')}, {args.threads} threads for every contender)")
     if "steps" in sections:
         results["steps"] = section_steps(args, configs)

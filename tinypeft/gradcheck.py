@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .backend import to_numpy
+
 Array = Any
 Params = Mapping[str, Array]
 LossFn = Callable[[Params], Any]  # params -> scalar loss, written with the shipped forward
@@ -37,7 +39,7 @@ def relative_error(a: Array, b: Array, floor: float = 0.0) -> float:
     whose exact gradient is zero or nearly so (a LayerNorm over one feature has dweight == 0 exactly,
     which one library computes as 0 and another as 1e-15).
     """
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
     scale = max(float(np.linalg.norm(a)), float(np.linalg.norm(b)), floor)
     return 0.0 if scale == 0.0 else float(np.linalg.norm(a - b)) / scale
 
