@@ -1,6 +1,6 @@
 """Make the base model shipped in tinypeft/assets/base: pretrain on the prose corpus, then copy it in.
 
-    python examples/pretrain_base.py            # about 15 minutes on 2 CPU cores (see provenance.json)
+    python examples/pretrain_base.py            # 10-25 minutes on 2 CPU cores (see provenance.json)
 
 It runs `tinypeft pretrain` with the settings below (seeded: the same machine and thread count give
 the same weights), copies the model into the package, and writes provenance.json beside it (the
@@ -20,7 +20,7 @@ ASSET = os.path.join(HERE, "..", "tinypeft", "assets", "base")
 SETTINGS = [
     "--corpus", "prose",
     "--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--n_positions", "256",
-    "--steps", "3000", "--warmup_steps", "100", "--batch_size", "16", "--seq_len", "128",
+    "--steps", "2000", "--warmup_steps", "100", "--batch_size", "16", "--seq_len", "128",
     "--learning_rate", "3e-3", "--eval_every", "250", "--checkpoint_every", "500", "--seed", "0",
 ]  # fmt: skip
 
