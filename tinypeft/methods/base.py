@@ -195,10 +195,7 @@ def match_modules(candidates: Sequence[str], targets: str | Sequence[str], what:
     string is a regular expression that must match the whole name. Every list entry must match
     something; an entry that matches nothing is an error listing what exists."""
     if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as e:
-            raise ConfigError(f"{what}={targets!r} is not a valid regular expression: {e}") from None
+        pattern = _compile_regex(targets, what)
         hits = [key for key in candidates if pattern.fullmatch(key)]
         if not hits:
             raise ConfigError(f"{what}={targets!r} matches no module; the modules are {_summarize(candidates)}")
@@ -214,6 +211,13 @@ def match_modules(candidates: Sequence[str], targets: str | Sequence[str], what:
             raise ConfigError(f"{what} entry {t!r} matches no module; the modules are {_summarize(candidates)}")
         hits.update(found)
     return [key for key in candidates if key in hits]
+
+
+def _compile_regex(pattern: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{what}={pattern!r} is not a valid regular expression: {e}") from None
 
 
 def _summarize(names: Sequence[str]) -> str:
@@ -240,10 +244,7 @@ def match_parameters(names: Iterable[str], patterns: Sequence[str] = (), regex: 
             raise ConfigError(f"pattern {p!r} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
         hits.update(found)
     if regex is not None:
-        try:
-            pattern = re.compile(regex)
-        except re.error as e:
-            raise ConfigError(f"regex {regex!r} is not a valid regular expression: {e}") from None
+        pattern = _compile_regex(regex, "regex")
         found = [n for n in names if pattern.fullmatch(n)]
         if not found:
             raise ConfigError(f"regex {regex!r} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
