@@ -148,7 +148,9 @@ def test_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert "divisible" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["pretrain", "finetune", "eval", "generate", "merge"])
+@pytest.mark.parametrize(
+    "command", ["pretrain", "finetune", "eval", "generate", "merge", "export-vectors", "check-vectors"]
+)
 def test_help_is_complete(command):
     import argparse
 

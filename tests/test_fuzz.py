@@ -5,10 +5,11 @@ the worker, or an example running past the time bound) fails the test.
 
 The loaders: GPT.from_pretrained (config.json, model.safetensors), PeftModel.from_pretrained
 (adapter_config.json, adapter_model.safetensors), resuming training from a checkpoint (latest.json,
-state.json, trainable.safetensors, optimizer.safetensors), and the config parsers on arbitrary
+state.json, trainable.safetensors, optimizer.safetensors), the golden vectors (index.json, and a case's
+case.json, weights.safetensors, expected.safetensors), and the config parsers on arbitrary
 JSON (GPTConfig.from_hf_dict, PeftConfig.from_dict then get_peft_model). Whatever loads is then
-used (a forward pass, or the resumed training steps), so a value that slips through a loader and
-breaks later is caught too.
+used (a forward pass, the resumed training steps, tinypeft run on the golden case and compared), so a
+value that slips through a loader and breaks later is caught too.
 
 Sizes: TINYPEFT_FUZZ_EXAMPLES examples per target (default 40: the bounded run in the normal
 suite); TINYPEFT_FUZZ_SECONDS is the time bound per example (default 10). For example
@@ -38,6 +39,7 @@ import tinypeft as tp
 from tinypeft.errors import TinyPeftError
 from tinypeft.methods.base import CONFIG_TYPES
 from tinypeft.train import TrainConfig, train
+from tinypeft.vectors import compare, export_vectors, load_vectors, run_case
 
 EXAMPLES = int(os.environ.get("TINYPEFT_FUZZ_EXAMPLES", "40"))
 TIME_BOUND_S = float(os.environ.get("TINYPEFT_FUZZ_SECONDS", "10"))
@@ -53,6 +55,9 @@ IDS = np.arange(6).reshape(2, 3)
 DATA = np.random.default_rng(0).integers(0, 32, size=400).astype(np.uint8)
 RUN = TrainConfig(steps=3, batch_size=2, seq_len=8, warmup_steps=0, eval_every=0, eval_windows=1, checkpoint_every=2)
 CHECKPOINT = "checkpoints/step-000002"
+# golden cases to damage: PiSSA with DoRA (an SVD of the loaded weights, a padding mask, a derived tensor) and
+# prompt tuning from text (virtual tokens, a config the init reads)
+VECTOR_CASES = ("pissa-rank1-float32", "prompt_tuning-text-float64")
 
 
 def outcome(use: Callable[[], object]) -> str:
@@ -197,6 +202,8 @@ def valid(tmp_path_factory) -> Valid:
     train(tp.GPT(CFG, seed=0), DATA, RUN, run_dir=str(root / "run"), progress=False, stop_after=2)
     train(lora_with_dropout(), DATA, RUN, run_dir=str(root / "lora-run"), progress=False, stop_after=2)
     folders["lora-run"] = root / "lora-run"
+    export_vectors(root / "vectors", VECTOR_CASES)
+    folders["vectors"] = root / "vectors"
     return Valid(root, base, folders, unusable)
 
 
@@ -220,6 +227,11 @@ def use_lora_run(v: Valid, folder: Path) -> None:
     train(lora_with_dropout(), DATA, RUN, run_dir=str(folder), resume=True, progress=False)
 
 
+def use_vectors(v: Valid, folder: Path) -> None:
+    for case in load_vectors(folder):
+        compare(case, run_case(case.port_input()))
+
+
 # name -> (folder, file in it, how to load and use the folder). Damaged bytes of a JSON file mostly stop
 # at the JSON parser, which is the same for every method: one adapter_config.json has them.
 FILE_TARGETS = {
@@ -234,6 +246,12 @@ FILE_TARGETS = {
     "checkpoint state.json": ("run", f"{CHECKPOINT}/state.json", use_run),
     "checkpoint trainable.safetensors": ("run", f"{CHECKPOINT}/trainable.safetensors", use_run),
     "checkpoint optimizer.safetensors": ("run", f"{CHECKPOINT}/optimizer.safetensors", use_run),
+    "vectors index.json": ("vectors", "index.json", use_vectors),
+    **{
+        f"vectors {case} {file}": ("vectors", f"{case}/{file}", use_vectors)
+        for case in VECTOR_CASES
+        for file in ("case.json", "weights.safetensors", "expected.safetensors")
+    },
 }
 JSON_TARGETS = {
     "model config.json": ("model", "config.json", use_model),
@@ -244,6 +262,8 @@ JSON_TARGETS = {
     "checkpoint latest.json": ("run", "checkpoints/latest.json", use_run),
     "checkpoint state.json": ("run", f"{CHECKPOINT}/state.json", use_run),
     "LoRA-with-dropout checkpoint state.json": ("lora-run", f"{CHECKPOINT}/state.json", use_lora_run),
+    "vectors index.json": ("vectors", "index.json", use_vectors),
+    **{f"vectors {case} case.json": ("vectors", f"{case}/case.json", use_vectors) for case in VECTOR_CASES},
 }
 
 
@@ -341,13 +361,16 @@ def test_peft_config_parser_on_any_json(valid):
 
 
 def test_golden_vectors_loader():
-    """Issue 7 adds golden vectors; their loader must join the targets above when it lands."""
+    """The golden vectors' loader is among the targets: every file of a case, bytes and JSON edits."""
     import importlib.util
 
     found = [m for m in ("tinypeft.vectors", "tinypeft.golden", "tinypeft.io.vectors") if importlib.util.find_spec(m)]
-    if not found:
-        pytest.skip("no golden-vectors loader in tinypeft yet")
-    pytest.fail(f"{found} exists: add its loader to the fuzz targets in tests/test_fuzz.py")
+    assert found == ["tinypeft.vectors"], f"a golden-vectors module {found} that the fuzz targets do not know"
+    fuzzed = {rel for folder, rel, use in FILE_TARGETS.values() if use is use_vectors}
+    for case in VECTOR_CASES:
+        assert {f"{case}/case.json", f"{case}/weights.safetensors", f"{case}/expected.safetensors"} <= fuzzed
+    assert "index.json" in fuzzed
+    assert {rel for folder, rel, use in JSON_TARGETS.values() if use is use_vectors} >= {"index.json"}
 
 
 def test_time_bound_catches_a_hang():

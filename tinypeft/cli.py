@@ -452,6 +452,60 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_vectors(args: argparse.Namespace) -> int:
+    from .vectors import export_vectors
+
+    names = export_vectors(args.dir, args.cases, args.dtype)
+    print(f"wrote {len(names)} golden cases to {args.dir} (index.json, and per case case.json, weights.safetensors, ")
+    print("expected.safetensors); VECTORS.md describes the format, `tinypeft check-vectors` runs a port on them")
+    return 0
+
+
+def cmd_check_vectors(args: argparse.Namespace) -> int:
+    from .io import save_json
+    from .vectors import check_vectors, load_impl
+
+    reports = check_vectors(args.dir, load_impl(args.impl), args.cases)
+    width = max(len(r.name) for r in reports) + 2
+    print(f"{'case':{width}s}result  worst tensor: error / tolerance")
+    for report in reports:
+        worst = report.worst()
+        summary = "" if worst is None else f"{worst.tensor}: {worst.error:.2e} / {worst.tolerance:.0e}"
+        print(f"{report.name:{width}s}{'pass' if report.passed else 'FAIL':8s}{summary}")
+        if report.failure:
+            print(f"    {report.failure}")
+        for check in report.checks:
+            if args.verbose or check.passed is False:
+                verdict = {True: "ok", False: "FAILED", None: "not checked"}[check.passed]
+                note = f" ({check.note})" if check.note else ""
+                print(f"    {check.tensor}: {check.error:.2e} / {check.tolerance:.0e} {verdict}{note}")
+    failed = [r.name for r in reports if not r.passed]
+    print(f"{len(reports)} cases: {len(reports) - len(failed)} passed, {len(failed)} failed")
+    if args.report:
+        save_json(args.report, {"impl": args.impl, "cases": [_report_json(r) for r in reports]})
+    return 1 if failed else 0
+
+
+def _report_json(report: Any) -> dict[str, Any]:
+    """A CaseReport for --report: errors as numbers, or strings where they are inf or nan (not JSON numbers)."""
+
+    def number(x: float) -> float | str:
+        return x if math.isfinite(x) else str(x)
+
+    tensors = [
+        {"tensor": c.tensor, "error": number(c.error), "tolerance": c.tolerance, "passed": c.passed, "note": c.note}
+        for c in report.checks
+    ]
+    return {
+        "name": report.name,
+        "method": report.method,
+        "dtype": report.dtype,
+        "passed": report.passed,
+        "failure": report.failure,
+        "tensors": tensors,
+    }
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -544,6 +598,41 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="folder for the merged model")
     mg.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
     mg.set_defaults(func=cmd_merge)
+
+    x = sub.add_parser(
+        "export-vectors",
+        formatter_class=fmt,
+        help="write golden vectors: every method's logits, loss and gradients on small cases",
+        description="Write golden vectors for ports: for the base model and every method, small cases (odd "
+        "sizes, rank 1, padded batches, virtual tokens filling the position table) in float64 and float32, each "
+        "a folder with case.json (configs, inputs, loss, tolerances), weights.safetensors and "
+        "expected.safetensors (logits and every trainable gradient). The same command writes the same bytes. "
+        "VECTORS.md describes the format.",
+    )
+    x.add_argument("dir", help="folder to write the cases and index.json into")
+    x.add_argument("--cases", nargs="+", default=["*"], metavar="GLOB", help="only cases whose name matches a glob")
+    x.add_argument("--dtype", nargs="+", choices=["float64", "float32"], default=["float64", "float32"], help="dtypes")
+    x.set_defaults(func=cmd_export_vectors)
+
+    c = sub.add_parser(
+        "check-vectors",
+        formatter_class=fmt,
+        help="run an implementation (a port) on golden vectors and compare",
+        description="Load every golden case in DIR, call run_case(case) from the implementation MODULE, and "
+        "compare its logits, loss and gradients with the expected ones, tensor by tensor, at the tolerances the "
+        "vectors state. Exit status 1 if any case fails. VECTORS.md documents the run_case interface.",
+    )
+    c.add_argument("dir", help="folder written by export-vectors")
+    c.add_argument(
+        "--impl",
+        required=True,
+        help="the implementation: a module name importable from here, or a .py file or package folder path; "
+        "tinypeft.vectors is tinypeft itself",
+    )
+    c.add_argument("--cases", nargs="+", default=["*"], metavar="GLOB", help="only cases whose name matches a glob")
+    c.add_argument("--verbose", "-v", action="store_true", help="print every tensor's error, not only failures")
+    c.add_argument("--report", default=None, help="also write every tensor's error to this JSON file")
+    c.set_defaults(func=cmd_check_vectors)
     return parser
 
 

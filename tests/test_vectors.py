@@ -1,0 +1,285 @@
+"""Golden vectors: what `tinypeft export-vectors` writes, that it is deterministic, that it covers every
+method with informative numbers, that its loader refuses what is wrong with a clear message, and that
+`tinypeft check-vectors` passes a correct implementation and fails a wrong one (exit status 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from tinypeft.cli import main
+from tinypeft.errors import CheckpointError, ConfigError
+from tinypeft.vectors import (
+    CASE_NAME,
+    EXPECTED_NAME,
+    FLOAT32_TOLERANCES,
+    INDEX_NAME,
+    SPECS,
+    WEIGHTS_NAME,
+    check_vectors,
+    compare,
+    load_case,
+    load_impl,
+    load_vectors,
+    run_case,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = {"full", "bitfit", "ln_tuning", "lora", "rslora", "dora", "pissa", "prompt_tuning", "prefix_tuning", "ia3",
+           "bottleneck_adapter"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def vectors(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vectors")
+    assert main(["export-vectors", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cases(vectors):
+    return load_vectors(vectors)
+
+
+def export_in_a_fresh_process(folder: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "tinypeft.cli", "export-vectors", str(folder)]
+    subprocess.run(command, check=True, env=env, capture_output=True, cwd=ROOT)
+
+
+def test_the_same_command_writes_the_same_bytes(tmp_path):
+    """Two processes (safetensors writes a metadata map in an order that changes between processes, and the
+    files must not carry it), byte for byte, every file."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    export_in_a_fresh_process(first)
+    export_in_a_fresh_process(second)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    assert len(files) == 1 + 3 * 2 * len(SPECS)
+    for rel in files:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+
+
+def test_every_method_in_every_dtype_with_the_variants_a_port_gets_wrong(cases):
+    assert {c.method for c in cases} == METHODS
+    assert {(c.method, c.dtype) for c in cases} == {(m, d) for m in METHODS for d in ("float64", "float32")}
+    for method in METHODS:
+        mine = [c for c in cases if c.method == method]
+        assert any(c.attention_mask is not None and not c.attention_mask.all() for c in mine), f"{method}: no padding"
+        assert any(c.model_config["n_embd"] % 2 and c.model_config["vocab_size"] % 2 for c in mine), f"{method}: odd"
+    for method in ("lora", "rslora", "dora", "pissa"):
+        assert any(c.method_config["r"] == 1 for c in cases if c.method == method), f"{method}: no rank 1"
+    for method in ("prompt_tuning", "prefix_tuning"):
+        filled = [
+            c.method_config["num_virtual_tokens"] + c.input_ids.shape[1] == c.model_config["n_positions"]
+            for c in cases
+            if c.method == method
+        ]
+        assert any(filled), f"{method}: no case fills the position table"
+    prompt_inits = {c.method_config["prompt_tuning_init"] for c in cases if c.method == "prompt_tuning"}
+    assert prompt_inits == {"RANDOM", "SAMPLE_VOCAB", "TEXT"}
+    assert {c.method_config["prefix_projection"] for c in cases if c.method == "prefix_tuning"} == {False, True}
+    # a left-padded row whose last pad predicts its first token: the query there sees no key at all
+    assert any(c.attention_mask is not None and c.attention_mask[:, 0].min() == 0 for c in cases if c.method == "full")
+
+
+def test_the_numbers_are_informative(cases):
+    """Away from every init where a formula's term vanishes: LoRA's B != 0, DoRA's m differs from the norm it
+    divides by (k != 1), IA3's vectors differ from 1, the adapters' up-projections from 0; no gradient is
+    negligible next to the case's largest."""
+    for case in cases:
+        w = case.weights
+        for name, value in w.items():
+            if name.endswith(("lora_B.weight", "adapter_up.weight")):
+                assert np.abs(value).min() > 0, name
+            if name.endswith("ia3_l"):
+                assert not np.allclose(value, 1), name
+            if name.endswith("lora_magnitude_vector"):
+                module = name.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
+                assert not np.allclose(value, np.linalg.norm(w[module + ".weight"], axis=0), rtol=0.05), name
+        norms = {name: np.linalg.norm(grad) for name, grad in case.grads.items()}
+        for name, norm in norms.items():  # none is negligible next to the others (the smallest is ~0.05 of the largest)
+            assert norm > 0.01 * max(norms.values()), (case.name, name)
+
+
+def test_tinypeft_passes_its_own_vectors_with_room_to_spare(cases):
+    """tinypeft in the case's dtype, through the same interface as a port: float64 reproduces the expected
+    values exactly (the same computation), float32 stays ten times under every tolerance."""
+    for case in cases:
+        report = compare(case, run_case(case.port_input()))
+        assert report.passed, (case.name, report.failure, [c for c in report.checks if not c.passed])
+        assert all(c.passed is not None for c in report.checks), "every derived tensor is checked"
+        for check in report.checks:
+            limit = 1e-14 if case.dtype == "float64" else check.tolerance / 10
+            assert check.error <= limit, (case.name, check)
+
+
+def test_float32_cases_hold_float32_weights_and_exact_float64_expectations(cases):
+    case = next(c for c in cases if c.name == "lora-odd-float32")
+    twin = next(c for c in cases if c.name == "lora-odd-float64")
+    assert all(v.dtype == np.float32 for v in case.weights.values())
+    assert all(v.dtype == np.float64 for v in twin.weights.values())
+    assert case.logits.dtype == np.float64
+    # the same case rounded: the float32 weights are the float64 ones to float32 precision
+    for name, value in case.weights.items():
+        np.testing.assert_allclose(value, twin.weights[name], rtol=1e-6, atol=1e-7)
+    assert case.tolerances["grads"]["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"] == 1e-4
+    full = next(c for c in cases if c.name == "full-odd-float32")
+    layernorm = {t for n, t in full.tolerances["grads"].items() if n.endswith("ln_1.weight")}
+    assert layernorm == {FLOAT32_TOLERANCES["layernorm_weight"]}
+
+
+# ------------------------------------------------------------------ check-vectors
+def write_impl(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "impl.py"
+    path.write_text("from tinypeft.vectors import run_case as reference\n\n" + body)
+    return str(path)
+
+
+def test_check_vectors_passes_tinypeft_and_reports_every_tensor(vectors, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    command = ["check-vectors", str(vectors), "--impl", "tinypeft.vectors", "--cases", "lora-*", "-v"]
+    code = main([*command, "--report", str(report)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "6 cases: 6 passed, 0 failed" in out
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight" in out
+    cases = json.loads(report.read_text())["cases"]
+    assert len(cases) == 6 and all(c["passed"] for c in cases)
+    assert all(t["error"] <= t["tolerance"] for c in cases for t in c["tensors"])
+
+
+def test_a_gradient_wrong_by_a_millionth_fails_float64_and_the_exit_status_says_so(vectors, tmp_path, capsys):
+    impl = write_impl(
+        tmp_path,
+        """
+def run_case(case):
+    result = reference(case)
+    name = sorted(result["grads"])[0]
+    result["grads"][name] = result["grads"][name] * (1 + 1e-6)
+    return result
+""",
+    )
+    code = main(["check-vectors", str(vectors), "--impl", impl, "--cases", "ia3-*"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "ia3-odd-float64" in out and "FAIL" in out and "FAILED" in out
+    assert "4 cases: 2 passed, 2 failed" in out  # below float32's tolerances: only float64 can see it
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ("    r = reference(case); r['grads'].popitem(); return r", "gradient missing"),
+        ("    r = reference(case); r['grads']['transformer.wte.weight'] = 0.0; return r", "does not train"),
+        ("    r = reference(case); r['logits'] = r['logits'][:, 1:]; return r", "shape"),
+        ("    r = reference(case); r['logits'] = r['logits'] * float('nan'); return r", "logits: inf"),
+        ("    raise RuntimeError('not ported yet')", "run_case raised RuntimeError: not ported yet"),
+        ("    return [1, 2]", "run_case must return a dict"),
+        ("    r = reference(case); r['derived'] = {'x': r['logits']}; return r", "not a derived tensor"),
+    ],
+)
+def test_what_a_broken_implementation_is_told(vectors, tmp_path, capsys, body, fragment):
+    impl = write_impl(tmp_path, "def run_case(case):\n" + body + "\n")
+    assert main(["check-vectors", str(vectors), "--impl", impl, "--cases", "lora-rank1-float64"]) == 1
+    out = capsys.readouterr().out
+    assert fragment in out and "1 cases: 0 passed, 1 failed" in out
+
+
+def test_impl_that_cannot_be_used_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_impl(str(tmp_path / "missing.py"))
+    (tmp_path / "norun.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match=r"no function run_case\(case\)"):
+        load_impl(str(tmp_path / "norun.py"))
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    with pytest.raises(ConfigError, match="importing it raised ModuleNotFoundError"):
+        load_impl(str(tmp_path / "broken.py"))
+    assert load_impl("tinypeft.vectors") is run_case
+
+
+def test_check_vectors_on_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert main(["check-vectors", str(tmp_path / "nope"), "--impl", "tinypeft.vectors"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the loader
+def damaged_copy(vectors: Path, tmp_path: Path, case: str = "dora-odd-float32") -> Path:
+    folder = tmp_path / "copy" / case
+    folder.mkdir(parents=True)
+    for name in (CASE_NAME, WEIGHTS_NAME, EXPECTED_NAME):
+        (folder / name).write_bytes((vectors / case / name).read_bytes())
+    return folder
+
+
+def edit_json(folder: Path, change) -> None:
+    doc = json.loads((folder / CASE_NAME).read_text())
+    change(doc)
+    (folder / CASE_NAME).write_text(json.dumps(doc))
+
+
+def edit_tensors(path: Path, change) -> None:
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (lambda f: edit_json(f, lambda d: d.update(version=2)), "this tinypeft reads version 1"),
+        (lambda f: edit_json(f, lambda d: d.update(dtype="float16")), "golden vectors come in"),
+        (lambda f: edit_json(f, lambda d: d["model_config"].update(n_head=2)), "impossible model"),
+        (lambda f: edit_json(f, lambda d: d["model_config"].pop("n_inner")), "exactly the keys"),
+        (lambda f: edit_json(f, lambda d: d["method_config"].update(r=0)), "LoraConfig.r must be a positive"),
+        (lambda f: edit_json(f, lambda d: d["trainable"].append("nope")), "'nope' is not in weights.safetensors"),
+        (lambda f: edit_json(f, lambda d: d["inputs"]["input_ids"][0].append(1)), "rows of equal length"),
+        (lambda f: edit_json(f, lambda d: d["inputs"]["input_ids"][0].__setitem__(0, 19)), "token id 19"),
+        (lambda f: edit_json(f, lambda d: d["inputs"].update(labels=[[True]])), "holding integers"),
+        (lambda f: edit_json(f, lambda d: d["expected"].update(loss=float("nan"))), "finite non-zero"),
+        (lambda f: edit_json(f, lambda d: d["tolerance"].update(logits=0)), "a number in (0, 1)"),
+        (lambda f: edit_json(f, lambda d: d["tolerance"]["grads"].popitem()), "one entry per tensor"),
+        (lambda f: (f / WEIGHTS_NAME).unlink(), "weights.safetensors does not exist"),
+        (lambda f: edit_tensors(f / WEIGHTS_NAME, lambda t: t.pop("transformer.wpe.weight")), "lacks the base"),
+        (lambda f: edit_tensors(f / WEIGHTS_NAME, lambda t: t.update({"transformer.h.2.ln_1.bias": np.ones(3)})),
+         "holds 3 blocks"),
+        (lambda f: edit_tensors(f / WEIGHTS_NAME, lambda t: t.update(
+            {"transformer.ln_f.bias": t["transformer.ln_f.bias"].astype(np.float64)})), "this is a float32 case"),
+        (lambda f: edit_tensors(f / WEIGHTS_NAME, lambda t: t["transformer.ln_f.bias"].__setitem__(0, np.inf)),
+         "non-finite"),
+        (lambda f: edit_tensors(f / EXPECTED_NAME, lambda t: t.update(logits=t["logits"][:, :3])), "logits have shape"),
+        (lambda f: edit_tensors(f / EXPECTED_NAME, lambda t: t.update(extra=np.ones(2))), "unexpected ['extra']"),
+        (lambda f: edit_tensors(f / EXPECTED_NAME, lambda t: t.update(logits=t["logits"].astype(np.float32))),
+         "expected values are float64"),
+    ],
+)  # fmt: skip
+def test_the_loader_refuses_a_damaged_case_and_says_what_is_wrong(vectors, tmp_path, damage, fragment):
+    folder = damaged_copy(vectors, tmp_path)
+    damage(folder)
+    with pytest.raises(CheckpointError) as caught:
+        load_case(folder)
+    assert fragment in str(caught.value)
+
+
+def test_the_index_must_list_existing_plain_case_folders(vectors, tmp_path):
+    folder = tmp_path / "v"
+    folder.mkdir()
+    index = json.loads((vectors / INDEX_NAME).read_text())
+    for cases, fragment in (
+        (["../lora-odd-float64"], "not a plain folder name"),
+        ([], "non-empty list"),
+        (["lora-odd-float64"] * 2, "twice"),
+        (["missing"], "missing/case.json does not exist"),
+    ):
+        (folder / INDEX_NAME).write_text(json.dumps({**index, "cases": cases}))
+        with pytest.raises(CheckpointError, match=fragment):
+            load_vectors(folder)  # fmt: skip
+    with pytest.raises(ConfigError, match="no case of"):
+        check_vectors(vectors, run_case, ["nothing-*"])
