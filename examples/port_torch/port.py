@@ -1,0 +1,274 @@
+"""tinypeft ported to PyTorch from its docs alone, checked against the golden vectors.
+
+Every formula here comes from a page of docs/ (named beside it); PyTorch's autograd does the backward,
+so the port checks the forward math of the docs directly, and the backward the docs derive through
+the gradients the vectors hold. It imports neither tinypeft, nor transformers, nor peft.
+
+    tinypeft export-vectors vectors/
+    tinypeft check-vectors vectors/ --impl examples/port_torch/port.py
+
+`run_case(case)` is the interface VECTORS.md defines: a case (configs, weights, inputs, the trainable
+tensor names) in, {"logits", "loss", "grads", "derived"} out, as NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+PEFT = "base_model.model."  # the prefix of every adapter tensor that lives under a module (lora.md, ia3.md, ...)
+LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # model.md, section 6
+
+
+# ================================================================ the base model (docs/model.md)
+def layernorm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """model.md §3: y = w * (x - mean) / sqrt(var + eps) + b, biased variance over the last axis."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight + bias
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """model.md §4: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def attention(qkv: Tensor, n_head: int, visible: Tensor, past: tuple[Tensor, Tensor] | None) -> Tensor:
+    """model.md §5: q, k, v split from c_attn's output in that order, past keys/values in front, scores
+    scaled by 1/sqrt(head size), hidden scores *replaced* by the dtype's most negative finite value."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+
+    def heads(t: Tensor) -> Tensor:  # [B, T, C] -> [B, NH, T, hs]
+        return t.reshape(B, T, n_head, C // n_head).transpose(1, 2)
+
+    q, k, v = heads(qkv[..., :C]), heads(qkv[..., C : 2 * C]), heads(qkv[..., 2 * C :])
+    if past is not None:
+        k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # [B, NH, P + T, hs]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(C // n_head)  # [B, NH, T, P + T]
+    scores = torch.where(visible, scores, torch.finfo(scores.dtype).min)
+    y = torch.softmax(scores, -1) @ v  # [B, NH, T, hs]
+    return y.transpose(1, 2).reshape(B, T, C)
+
+
+class GPT:
+    """GPT-2 over a flat dict of parameters named as in model.md; methods plug in at three sites:
+    `linear[module]` replaces a linear layer, `prompt` is prepended to the token embeddings, and `prefix`
+    gives every layer keys and values in front of the tokens' own."""
+
+    def __init__(self, config: dict[str, Any], params: dict[str, Tensor]) -> None:
+        self.config, self.params = config, params
+        self.linear: dict[str, Callable[[Tensor], Tensor]] = {}
+        self.prompt: Callable[[], Tensor] | None = None
+        self.prefix: Callable[[int], list[tuple[Tensor, Tensor]]] | None = None
+
+    def base_linear(self, module: str, x: Tensor) -> Tensor:
+        """model.md §2: y = x W + b, W stored (in, out)."""
+        return x @ self.params[module + ".weight"] + self.params[module + ".bias"]
+
+    def layer(self, module: str, x: Tensor) -> Tensor:
+        site = self.linear.get(module)
+        return site(x) if site is not None else self.base_linear(module, x)
+
+    def ln(self, name: str, x: Tensor) -> Tensor:
+        eps = self.config["layer_norm_epsilon"]
+        return layernorm(x, self.params[name + ".weight"], self.params[name + ".bias"], eps)
+
+    def __call__(self, ids: Tensor, mask: Tensor | None) -> Tensor:
+        p, n_head = self.params, self.config["n_head"]
+        B = ids.shape[0]
+        x = p["transformer.wte.weight"][ids]  # [B, T, C]
+        if self.prompt is not None:  # prompt_tuning.md: the table in front of every row, mask ones in front
+            table = self.prompt()
+            x = torch.cat([table.expand(B, -1, -1), x], 1)
+            mask = None if mask is None else torch.cat([torch.ones(B, table.shape[0], dtype=mask.dtype), mask], 1)
+        pasts = self.prefix(B) if self.prefix is not None else None
+        P = 0 if pasts is None else pasts[0][0].shape[2]
+        if P and mask is not None:  # prefix_tuning.md: every token sees every prefix entry
+            mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], 1)
+        T = x.shape[1]
+        x = x + p["transformer.wpe.weight"][P : P + T]  # model.md §1: positions P..P+T-1, padding or not
+        visible = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]  # [T, P + T], causal
+        visible = visible[None, None] if mask is None else visible[None, None] & (mask[:, None, None, :] != 0)
+        for i in range(self.config["n_layer"]):
+            h = f"transformer.h.{i}"
+            past = None if pasts is None else pasts[i]
+            a = attention(self.layer(f"{h}.attn.c_attn", self.ln(f"{h}.ln_1", x)), n_head, visible, past)
+            x = x + self.layer(f"{h}.attn.c_proj", a)
+            m = gelu_tanh(self.layer(f"{h}.mlp.c_fc", self.ln(f"{h}.ln_2", x)))
+            x = x + self.layer(f"{h}.mlp.c_proj", m)
+        return self.ln("transformer.ln_f", x) @ p["transformer.wte.weight"].T  # tied head: [B, T, V]
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """model.md §7: position t predicts label t+1; -100 is ignored; the mean over the rest. Virtual tokens
+    in front of the tokens (prompt tuning) get labels of -100 (prompt_tuning.md)."""
+    added = logits.shape[1] - labels.shape[1]
+    if added:
+        labels = torch.cat([torch.full((labels.shape[0], added), -100, dtype=labels.dtype), labels], 1)
+    V = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+# ================================================================ target matching (lora.md, ia3.md)
+def matches(module: str, targets: str | list[str]) -> bool:
+    """PEFT's rule: a list entry t matches module m if m == t or m ends with "." + t; a string is a
+    regular expression that must match the whole name."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def linear_modules(config: dict[str, Any]) -> list[str]:
+    return [f"transformer.h.{i}.{m}" for i in range(config["n_layer"]) for m in LINEAR_MODULES]
+
+
+# ================================================================ LoRA, rsLoRA, DoRA, PiSSA (docs/lora.md)
+def pissa_residual(W: Tensor, r: int, s: float) -> Tensor:
+    """lora.md, PiSSA: with W^T = U S V^T (SVD in float64), A = diag(sqrt(S_r/s)) V_r^T, B = U_r diag(sqrt(S_r/s))
+    at init, and the frozen residual W - s (B A)^T, computed once from the base weight."""
+    U, S, Vh = torch.linalg.svd(W.detach().double().T, full_matrices=False)
+    root = torch.sqrt(S[:r] / s)
+    A, B = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+    return (W.detach().double() - s * (B @ A).T).to(W.dtype)
+
+
+def add_lora(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> None:
+    r, s = cfg["r"], cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+    p = model.params
+    for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
+        W = p[module + ".weight"]
+        if cfg["init_lora_weights"] == "pissa":
+            W = pissa_residual(W, r, s)  # PiSSA computes with W_res in place of W, DoRA's norm included
+            derived[module + ".pissa_residual"] = W
+        A, B = p[f"{PEFT}{module}.lora_A.weight"], p[f"{PEFT}{module}.lora_B.weight"]  # (r, in), (out, r)
+        b = p[module + ".bias"]
+        if cfg["use_dora"]:
+            m = p[f"{PEFT}{module}.lora_magnitude_vector"]  # (out,)
+
+            def dora(x: Tensor, W=W, A=A, B=B, b=b, m=m) -> Tensor:
+                norm = (W + s * (B @ A).T).norm(dim=0).detach()  # per output column; a constant in the backward
+                return (m / norm) * (x @ W + s * (x @ A.T) @ B.T) + b
+
+            model.linear[module] = dora
+        else:
+            model.linear[module] = lambda x, W=W, A=A, B=B, b=b: x @ W + b + s * (x @ A.T) @ B.T
+
+
+# ================================================================ prompt tuning (docs/prompt_tuning.md)
+def add_prompt(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> None:
+    model.prompt = lambda: model.params["prompt_embeddings"]  # (NV, C)
+    if cfg["prompt_tuning_init"] == "TEXT":  # the text's UTF-8 bytes as ids, tiled, cut to NV rows of wte
+        ids = list(cfg["prompt_tuning_init_text"].encode("utf-8"))
+        nv = cfg["num_virtual_tokens"]
+        ids = (ids * math.ceil(nv / len(ids)))[:nv]
+        derived["prompt_embeddings"] = model.params["transformer.wte.weight"][ids].detach()
+
+
+# ================================================================ prefix tuning (docs/prefix_tuning.md)
+def add_prefix(model: GPT, cfg: dict[str, Any]) -> None:
+    p, L, NH = model.params, model.config["n_layer"], model.config["n_head"]
+
+    def table() -> Tensor:  # (NV, 2 L C)
+        if not cfg["prefix_projection"]:
+            return p["prompt_embeddings"]
+        E = p["prompt_encoder.embedding.weight"]
+        hidden = torch.tanh(E @ p["prompt_encoder.transform.0.weight"].T + p["prompt_encoder.transform.0.bias"])
+        return hidden @ p["prompt_encoder.transform.2.weight"].T + p["prompt_encoder.transform.2.bias"]
+
+    def prefix(batch_size: int) -> list[tuple[Tensor, Tensor]]:
+        theta = table()
+        NV = theta.shape[0]
+        kv = theta.reshape(NV, 2 * L, NH, -1).permute(1, 2, 0, 3)  # [layer][key/value][head][head_dim]
+        shape = (batch_size, NH, NV, kv.shape[-1])
+        return [(kv[2 * i].expand(shape), kv[2 * i + 1].expand(shape)) for i in range(L)]  # the same for every row
+
+    model.prefix = prefix
+
+
+# ================================================================ IA3 (docs/ia3.md)
+def add_ia3(model: GPT, cfg: dict[str, Any]) -> None:
+    p, ff = model.params, cfg["feedforward_modules"]
+    for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
+        # feedforward: a plain endswith per entry (no "." boundary), or a full-match regex string
+        feedforward = re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
+        W, b, l = p[module + ".weight"], p[module + ".bias"], p[f"{PEFT}{module}.ia3_l"]
+        if feedforward:
+            model.linear[module] = lambda x, W=W, b=b, l=l: (x * l) @ W + b
+        else:
+            model.linear[module] = lambda x, W=W, b=b, l=l: (x @ W + b) * l
+
+
+# ================================================================ bottleneck adapters (docs/adapters.md)
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "silu": torch.nn.functional.silu, "gelu_tanh": gelu_tanh}
+PLACEMENTS = {"both": ("attn.c_proj", "mlp.c_proj"), "attn": ("attn.c_proj",), "mlp": ("mlp.c_proj",)}
+
+
+def add_bottleneck(model: GPT, cfg: dict[str, Any]) -> None:
+    p, act = model.params, ACTIVATIONS[cfg["non_linearity"]]
+    for i in range(model.config["n_layer"]):
+        for place in PLACEMENTS[cfg["placement"]]:
+            module = f"transformer.h.{i}.{place}"
+            down, up = (f"{PEFT}{module}.adapter_{d}" for d in ("down", "up"))
+
+            def adapted(x: Tensor, module=module, down=down, up=up) -> Tensor:
+                h = model.base_linear(module, x)
+                g = act(h @ p[down + ".weight"].T + p[down + ".bias"])
+                return h + g @ p[up + ".weight"].T + p[up + ".bias"]
+
+            model.linear[module] = adapted
+
+
+# ================================================================ the interface (VECTORS.md)
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """logits, loss, the gradient of every trainable tensor, and the tensors the init derives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the cases are tiny: waking a thread pool for each op costs more than the op
+    try:
+        return compute(case)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def compute(case: dict[str, Any]) -> dict[str, Any]:
+    dtype = {"float64": torch.float64, "float32": torch.float32}[case["dtype"]]
+    params = {name: torch.tensor(w, dtype=dtype) for name, w in case["weights"].items()}
+    for name in case["trainable"]:
+        params[name].requires_grad_(True)
+    model = GPT(case["model_config"], params)
+    cfg, derived = case["method_config"] or {}, {}
+    kind = cfg.get("peft_type")
+    if kind == "LORA":
+        add_lora(model, cfg, derived)
+    elif kind == "PROMPT_TUNING":
+        add_prompt(model, cfg, derived)
+    elif kind == "PREFIX_TUNING":
+        add_prefix(model, cfg)
+    elif kind == "IA3":
+        add_ia3(model, cfg)
+    elif kind == "BOTTLENECK_ADAPTER":
+        add_bottleneck(model, cfg)
+    # None (full fine-tuning), BITFIT, LN_TUNING: the base model, with the trainable tensors the case names
+    ids = torch.from_numpy(case["input_ids"])
+    mask = None if case["attention_mask"] is None else torch.from_numpy(case["attention_mask"])
+    logits = model(ids, mask)
+    loss = causal_lm_loss(logits, torch.from_numpy(case["labels"]))
+    grads = torch.autograd.grad(loss, [params[n] for n in case["trainable"]])
+
+    def host(t: Tensor) -> np.ndarray:
+        return t.detach().numpy()
+
+    return {
+        "logits": host(logits),
+        "loss": float(loss.detach()),
+        "grads": {n: host(g) for n, g in zip(case["trainable"], grads, strict=True)},
+        "derived": {n: host(t) for n, t in derived.items()},
+    }
