@@ -116,7 +116,8 @@ MUTATIONS = {
         "(mask[:, None, None, :] != 0)", "(mask[:, None, None, :] != 2)", lambda c: c.attention_mask is not None),
     "hidden scores added to, as transformers does, not replaced": Mutation(
         "torch.where(visible, scores, torch.finfo(scores.dtype).min)",
-        "scores + torch.where(visible, 0.0, torch.finfo(scores.dtype).min)", loss_reads_a_query_that_sees_nothing),
+        "scores + torch.where(visible, torch.zeros_like(scores), torch.finfo(scores.dtype).min)",
+        loss_reads_a_query_that_sees_nothing),
     "final LayerNorm skipped": Mutation(
         'return self.ln("transformer.ln_f", x) @', "return x @", everything),
     "ignored labels counted in the loss": Mutation(
