@@ -23,7 +23,7 @@ import torch
 
 Tensor = torch.Tensor
 PEFT = "base_model.model."  # the prefix of every adapter tensor that lives under a module (lora.md, ia3.md, ...)
-LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # model.md, section 6
+LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # model.md §0, in block order
 
 
 # ================================================================ the base model (docs/model.md)
