@@ -67,7 +67,7 @@ def lora_forward(
     keep2 = None if keep is None else keep.reshape(-1, n_in)
     x_drop = x2 if keep2 is None else x2 * keep2  # [N, in]
     h = x_drop @ lora_A.T  # [N, in] @ [in, r] -> [N, r]
-    y = x2 @ weight + scaling * (h @ lora_B.T)  # [N, in] @ [in, out] + s [N, r] @ [r, out] -> [N, out]
+    y = x2 @ weight + (scaling * h) @ lora_B.T  # [N, in] @ [in, out] + s [N, r] @ [r, out] -> [N, out]
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, weight.shape[1]), (x_drop, h, weight, lora_A, lora_B, keep2, scaling)
@@ -81,7 +81,8 @@ def lora_backward(
         dB  = s · dyᵀ h                    (out, r)
         dh  = s · dy B                     (N, r)
         dA  = dhᵀ x_d                      (r, in)
-        dx  = dy Wᵀ + (dh A) ⊙ keep        (N, in): the base path and the LoRA path join here
+        dx  = dy Wᵀ + (dh A) ⊙ keep        (N, in): the base path and the LoRA path join here;
+                                           without dropout that is dy (W + s (B A)ᵀ)ᵀ, one matmul
         db  = Σ_positions dy
 
     W is frozen, so its gradient x^T dy, a matmul as large as the forward's, is never computed.
@@ -96,8 +97,14 @@ def lora_backward(
         dB = scaling * (dy2.T @ h)  # [out, N] @ [N, r] -> [out, r]
         dA = dh.T @ x_drop  # [r, N] @ [N, in] -> [r, in]
     if need_dx:
-        dx_lora = dh @ lora_A  # [N, r] @ [r, in] -> [N, in]: the gradient at x_d
-        dx = dy2 @ weight.T + (dx_lora if keep2 is None else dx_lora * keep2)  # [N, out] @ [out, in]
+        if keep2 is None:
+            # both paths see the same x, so dx = dy (W + s (B A)ᵀ)ᵀ: one [N, out] @ [out, in] matmul through
+            # the merged weight instead of two products and an [N, in] sum
+            merged = weight + scaling * (lora_B @ lora_A).T  # [in, out]
+            dx = dy2 @ merged.T
+        else:
+            dx = dy2 @ weight.T  # [N, out] @ [out, in]
+            dx += (dh @ lora_A) * keep2  # [N, r] @ [r, in]: the gradient at x_d, through the dropout mask
         dx = dx.reshape(*dy.shape[:-1], n_in)
     if need_dbias:
         db = dy2.sum(axis=0)
