@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checks
+from . import checks, parallel
 from .backend import DTYPES, device_of, get_backend, to_numpy
 from .errors import CheckpointError, ConfigError, InputError, TrainingError
 from .ops import (
@@ -536,26 +536,55 @@ class GPT:
 
         Positions that an embedding site puts in front of the tokens (virtual tokens) get label -100,
         as PEFT does for prompt tuning.
+
+        On the CPU a large batch is computed as row blocks on parallel threads (`parallel.py`): block i
+        with n_i targets contributes its mean loss with weight n_i / n, and its gradient is taken of that
+        weighted loss, so the sums are the mean over all n targets and its gradient, up to rounding.
+        Sites that draw random masks per forward (dropout) keep the batch whole: their masks are drawn
+        for the shape they see.
         """
         ids, mask = self.check_inputs(input_ids, attention_mask)
         # an embedding site may put positions in front of the tokens, and then label 0 is a target too:
         # whether anything is predicted is known once the forward says how many positions it added
         leading = 0 if sites.embedding is None else None
         host_labels = checks.check_labels(labels, ids.shape, self.config.vocab_size, leading)
-        logits, cache = self.forward(params, ids, mask, sites)
-        added = logits.shape[1] - ids.shape[1]
+        B, T = ids.shape
+        whole = self.xp is not np or sites.stochastic
+        blocks = [slice(0, B)] if whole else parallel.row_blocks(B, T * self.config.n_embd)
+
+        def forward_block(rows: slice) -> tuple:
+            block_mask = None if mask is None else mask[rows]
+            logits, cache = self.forward(params, ids[rows], block_mask, sites)
+            added = logits.shape[1] - T
+            block_labels = self.xp.asarray(host_labels[rows])
+            if added:
+                pad = self.xp.full((block_labels.shape[0], added), checks.IGNORE_INDEX, dtype=block_labels.dtype)
+                block_labels = self.xp.concatenate([pad, block_labels], axis=1)
+            n_targets = int((block_labels[:, 1:] != checks.IGNORE_INDEX).sum())
+            if n_targets == 0:  # a block of padding: it adds nothing to the loss or the gradient
+                return 0.0, 0, None, None, added
+            loss, loss_cache = causal_lm_loss_forward(logits, block_labels)
+            return float(loss), n_targets, loss_cache, cache, added
+
+        parts = parallel.map_blocks(forward_block, blocks)
         if leading is None:
-            checks.check_has_target(host_labels, added)
-        labels = self.xp.asarray(host_labels)
-        if added:
-            labels = self.xp.concatenate(
-                [self.xp.full((ids.shape[0], added), checks.IGNORE_INDEX, dtype=labels.dtype), labels], axis=1
-            )
-        loss, loss_cache = causal_lm_loss_forward(logits, labels)
+            checks.check_has_target(host_labels, parts[0][4])
+        n_total = sum(part[1] for part in parts)
+        loss = sum(part[0] * part[1] for part in parts) / n_total
         if not trainable:
-            return float(loss), {}
-        dlogits = causal_lm_loss_backward(1.0, loss_cache)
-        return float(loss), self.backward(dlogits, cache, trainable)
+            return loss, {}
+
+        def backward_block(index: int) -> dict[str, Array]:
+            _, n_targets, loss_cache, cache, _ = parts[index]
+            dlogits = causal_lm_loss_backward(n_targets / n_total, loss_cache)
+            return self.backward(dlogits, cache, trainable)
+
+        used = [i for i, part in enumerate(parts) if part[1]]
+        block_grads = parallel.map_blocks(backward_block, used)
+        grads = block_grads[0]
+        for more in block_grads[1:]:  # in block order: the sum does not depend on thread timing
+            grads = {k: g + more[k] for k, g in grads.items()}
+        return loss, grads
 
     def check_inputs(self, input_ids: Any, attention_mask: Any = None) -> tuple[Array, Array | None]:
         """Validated (ids, mask) on this model's device, or an InputError/InputTypeError saying what is wrong."""

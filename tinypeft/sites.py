@@ -69,11 +69,14 @@ class Sites:
     linear: Mapping[str, LinearSite] = field(default_factory=dict)
     embedding: EmbeddingSite | None = None
     prefix: PrefixSite | None = None
+    # the sites draw random masks for the shapes they are given (dropout in training): the model must
+    # then compute the batch whole, not in row blocks, or two blocks of one shape would share a mask
+    stochastic: bool = False
 
     def continuation(self) -> Sites:
         """The sites for a later step of cached generation: the input-level sites (virtual tokens,
         prefixes) already sit in the key/value cache, so only the linear sites remain."""
-        return Sites(linear=self.linear)
+        return Sites(linear=self.linear, stochastic=self.stochastic)
 
 
 NO_SITES = Sites()

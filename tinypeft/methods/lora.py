@@ -423,7 +423,7 @@ class LoraAdapter(Adapter):
         p = self.config.lora_dropout
         key = int(self._dropout_keys.integers(2**63)) if training and p > 0 else None
         site = LoraSite(self, key)
-        return Sites(linear={layer.module: site for layer in self.layers})
+        return Sites(linear={layer.module: site for layer in self.layers}, stochastic=key is not None)
 
     def merge(self, base_params: dict[str, Array]) -> None:
         """W <- W + s (B A)ᵀ (DoRA: scaled per column to length m), PiSSA's residual in place of W; trained

@@ -1,0 +1,73 @@
+"""Row-parallel training steps on the CPU.
+
+A batch's rows are independent until the loss averages them, so a step can split the batch into row
+blocks, run each block's forward and backward on its own thread, and add the results. NumPy releases
+the GIL inside ufunc loops and BLAS calls, so two threads on two halves of a batch keep two cores
+busy with everything, the element-wise work included; one thread with multi-threaded BLAS keeps the
+second core busy only inside matmuls. While blocks run, BLAS is held to one thread per block, so the
+cores are not oversubscribed (multi-threaded OpenBLAS on a busy machine can slow down tenfold).
+
+The number of threads is `TINYPEFT_THREADS`, else the number of CPU cores (at most 8). A batch is
+split only when each block still holds at least MIN_BLOCK_WORK activations per layer (rows * T * C):
+below that, thread overhead outweighs the gain. GPU (cupy) models never split.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+THREADS_ENV = "TINYPEFT_THREADS"
+MIN_BLOCK_WORK = 1 << 17  # activations per layer in one block: 131,072 (e.g. 8 rows of 128 tokens x 128)
+
+T = TypeVar("T")
+K = TypeVar("K")
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def threads() -> int:
+    """Worker threads for row blocks: $TINYPEFT_THREADS, else the CPU count, at most 8."""
+    value = os.environ.get(THREADS_ENV, "")
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            from .errors import ConfigError
+
+            raise ConfigError(f"{THREADS_ENV}={value!r}: give a whole number of threads >= 1")
+        return n
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def row_blocks(n_rows: int, work_per_row: int) -> list[slice]:
+    """Contiguous row slices covering range(n_rows): one per thread while each block keeps at least
+    MIN_BLOCK_WORK of work; a single slice when splitting would not pay."""
+    n_blocks = min(threads(), n_rows, max(1, (n_rows * work_per_row) // MIN_BLOCK_WORK))
+    bounds = [round(i * n_rows / n_blocks) for i in range(n_blocks + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(n_blocks)]
+
+
+def map_blocks(fn: Callable[[K], T], blocks: list[K]) -> list[T]:
+    """[fn(block) for block in blocks], on parallel threads with one BLAS thread each when there are
+    several blocks. Results come back in block order, so what the caller adds up does not depend on
+    which thread finished first."""
+    if len(blocks) == 1:
+        return [fn(blocks[0])]
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return list(_executor(len(blocks)).map(fn, blocks))
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size < n:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="tinypeft-rows"), n
+    return _pool
