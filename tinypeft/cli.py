@@ -8,7 +8,6 @@ as a full disk or a folder that cannot be written, into one line and status 1).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -20,8 +19,6 @@ from .errors import ConfigError, TinyPeftError
 
 DEFAULT_TASK_CORPUS = "code"
 DEFAULT_PROSE_CORPUS = "prose"
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-SHIPPED_BASE = os.path.join(ASSETS, "base")
 DEVICE_HELP = "cpu (numpy) or cuda (cupy); default: $TINYPEFT_BACKEND, else cpu"
 
 
@@ -216,40 +213,20 @@ def _train_config(args: argparse.Namespace, lr: float):
     )
 
 
-def _base_dir(path: str | None) -> str:
-    if path is not None:
-        return path
-    if os.path.exists(os.path.join(SHIPPED_BASE, "model.safetensors")):
-        return SHIPPED_BASE
-    raise ConfigError(
-        "no --base given and no shipped base model in tinypeft/assets/base; "
-        "make one with `tinypeft pretrain --out runs/pretrain` and pass --base runs/pretrain/model"
-    )
-
-
 def load_model(base: str | None, adapter: str | None, device: str | None = None, dtype: str | None = None):
     """A GPT from a model folder (default: the shipped base), wrapped with the adapter in `adapter` if given."""
+    from .experiment import base_dir
     from .model import GPT
     from .peft_model import PeftModel
 
-    model = GPT.from_pretrained(_base_dir(base), device=device, dtype=dtype)
+    model = GPT.from_pretrained(base_dir(base), device=device, dtype=dtype)
     return PeftModel.from_pretrained(model, adapter) if adapter else model
-
-
-def _bits(nats: float) -> float:
-    return nats / math.log(2)
-
-
-def _sample(model: Any, prompt: str, n: int) -> str:
-    from .data import decode, encode
-
-    ids = encode(prompt)[None, :]
-    return decode(model.generate(ids, n)[0, ids.shape[1] :])
 
 
 # ------------------------------------------------------------------ commands
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .data import VOCAB_SIZE, load_corpus
+    from .experiment import bits, maybe_plot_run
     from .io import save_json
     from .model import GPT, GPTConfig
     from .train import train
@@ -292,143 +269,69 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 2),
         "tokens_per_second": round(result.tokens_per_second, 1),
         "val_loss": final,
-        "val_bits_per_byte": _bits(final),
+        "val_bits_per_byte": bits(final),
         "evals": result.evals,
     }
     save_json(os.path.join(args.out, "summary.json"), summary)
-    _maybe_plot(result, os.path.join(args.out, "loss.png"), f"pretraining on {args.corpus}", {"val": "validation loss"})
+    maybe_plot_run(
+        result, os.path.join(args.out, "loss.png"), f"pretraining on {args.corpus}", {"val": "validation loss"}
+    )
     print(
         f"done: {result.steps} steps in {summary['seconds']} s ({summary['tokens_per_second']:,.0f} tokens/s); "
-        f"val loss {final:.4f} nats/byte = {_bits(final):.3f} bits/byte (guessing uniformly: 5.545 nats = 8 bits)"
+        f"val loss {final:.4f} nats/byte = {bits(final):.3f} bits/byte (guessing uniformly: 5.545 nats = 8 bits)"
     )
     print(f"model saved to {model_dir}")
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .data import decode, load_corpus
-    from .io import save_json
+    from .data import load_corpus
+    from .experiment import base_dir, finetune, report
     from .model import GPT
-    from .peft_model import get_peft_model
-    from .train import evaluate, train
 
     spec = _methods()[args.method]
     lr = spec.default_lr if args.lr is None else args.lr
     train_config = _train_config(args, lr)
     os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after training
-    base_dir = _base_dir(args.base)
-    base = GPT.from_pretrained(base_dir, device=args.device)
+    base_folder = base_dir(args.base)
+    base = GPT.from_pretrained(base_folder, device=args.device)
     method_config = spec.build(args)
-    virtual = args.num_virtual_tokens if args.method in ("prompt", "prefix") else 0
-    if args.seq_len + virtual > base.config.n_positions:
-        extra = f" + {virtual} virtual tokens" if virtual else ""
-        raise ConfigError(
-            f"--seq_len {args.seq_len}{extra} exceeds the base model's n_positions {base.config.n_positions}"
-        )
-    model = base if method_config is None else get_peft_model(base, method_config, seed=args.seed)
     task, prose = load_corpus(args.corpus), load_corpus(args.prose_corpus)
-    print(f"base model: {base_dir}")
-    print(f"task corpus   {task.describe()}")
-    print(f"prose corpus  {prose.describe()}")
-    print(f"method: {args.method} (learning rate {lr:g})")
-    model.print_trainable_parameters()
-
-    eval_sets = {"task": task.val, "prose": prose.val}
-    prompt = args.prompt if args.prompt is not None else decode(task.val[: args.prompt_bytes])
-
-    def measure() -> dict[str, float]:
-        model.eval()
-        return {
-            name: evaluate(model, data, args.seq_len, args.eval_windows, args.batch_size)
-            for name, data in eval_sets.items()
-        }
-
-    before = measure()
-    sample_before = _sample(model, prompt, args.sample_bytes)
-    t0 = time.perf_counter()
-    result = train(
-        model,
-        task.train,
+    run = finetune(
+        base,
+        method_config,
+        task,
+        prose,
         train_config,
-        eval_sets=eval_sets,
-        run_dir=args.out,
+        method=args.method,
+        out=args.out,
         resume=args.resume,
         progress=not args.no_progress,
+        prompt=args.prompt,
+        prompt_bytes=args.prompt_bytes,
+        sample_bytes=args.sample_bytes,
+        base_name=base_folder,
+        command="tinypeft " + " ".join(sys.argv[1:]),
     )
-    seconds = time.perf_counter() - t0
-    after = {k: v for k, v in result.evals[-1].items() if k != "step"}
-    sample_after = _sample(model, prompt, args.sample_bytes)
-
-    if method_config is None:
-        saved = os.path.join(args.out, "model")
-        model.save_pretrained(saved)
-    else:
-        saved = os.path.join(args.out, "adapter")
-        model.save_pretrained(saved)
-    plot = _maybe_plot(
-        result,
-        os.path.join(args.out, "loss.png"),
-        f"{args.method} fine-tuning on {args.corpus}",
-        {"task": f"task ({args.corpus}) validation loss", "prose": f"original ({args.prose_corpus}) validation loss"},
-    )
-    trainable = sum(int(v.size) for v in model.trainable_parameters().values())
-    summary = {
-        "command": "tinypeft " + " ".join(sys.argv[1:]),
-        "base": base_dir,
-        "method": args.method,
-        "method_config": None if method_config is None else method_config.to_dict(),
-        "train_config": vars(train_config),
-        "trainable_parameters": trainable,
-        "trainable_line": model.trainable_parameters_line(),
-        "seconds": round(seconds, 2),
-        "seconds_per_step": round(result.seconds / max(1, result.steps), 4),
-        "tokens_per_second": round(result.tokens_per_second, 1),
-        "before": {k: {"loss": v, "bits_per_byte": _bits(v)} for k, v in before.items()},
-        "after": {k: {"loss": v, "bits_per_byte": _bits(v)} for k, v in after.items()},
-        "task_gain": before["task"] - after["task"],
-        "prose_forgetting": after["prose"] - before["prose"],
-        "prompt": prompt,
-        "sample_before": sample_before,
-        "sample_after": sample_after,
-        "evals": result.evals,
-        "saved": saved,
-        "plot": plot,
-    }
-    save_json(os.path.join(args.out, "summary.json"), summary)
-
+    summary = run.summary
     print()
-    print(f"{'':8s}{'task (' + args.corpus + ')':>24s}{'prose (' + args.prose_corpus + ')':>24s}")
-    for label, row in (("before", before), ("after", after)):
-        cells = "".join(f"{row[k]:10.4f} nats {_bits(row[k]):6.3f} bpb" for k in ("task", "prose"))
-        print(f"{label:8s}{cells}")
-    print(
-        f"task loss {before['task']:.4f} -> {after['task']:.4f} ({-summary['task_gain']:+.4f}); "
-        f"prose loss {before['prose']:.4f} -> {after['prose']:.4f} "
-        f"({summary['prose_forgetting']:+.4f}; positive means forgetting)"
-    )
-    print(f"\nprompt: {prompt!r}\n  before: {sample_before!r}\n  after:  {sample_after!r}")
-    print(f"\n{result.steps} steps in {seconds:.1f} s; saved {saved}, {os.path.join(args.out, 'summary.json')}", end="")
-    print(f", {plot}" if plot else " (no plot: pip install 'tinypeft[plot]')")
+    print(report(summary, args.corpus, args.prose_corpus))
+    summary_path = os.path.join(args.out, "summary.json")
+    print(f"\n{run.result.steps} steps in {summary['seconds']:.1f} s; saved {summary['saved']}, {summary_path}", end="")
+    print(f", {summary['plot']}" if summary["plot"] else " (no plot: pip install 'tinypeft[plot]')")
     return 0
-
-
-def _maybe_plot(result: Any, path: str, title: str, labels: dict[str, str]) -> str | None:
-    from .plots import have_matplotlib, plot_training
-
-    if not have_matplotlib():
-        return None
-    return plot_training(result.train_losses, result.evals, path, title, labels)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_corpus
+    from .experiment import bits
     from .train import evaluate
 
     model = load_model(args.model, args.adapter, args.device)
     for name in args.corpus:
         corpus = load_corpus(name)
         loss = evaluate(model, corpus.val, args.seq_len, args.eval_windows, args.batch_size)
-        print(f"{name}: validation loss {loss:.4f} nats/byte = {_bits(loss):.4f} bits/byte")
+        print(f"{name}: validation loss {loss:.4f} nats/byte = {bits(loss):.4f} bits/byte")
     return 0
 
 

@@ -106,6 +106,10 @@ def _is_number(value: Any) -> bool:
 
 @dataclass
 class TrainResult:
+    """What a run did. train_losses: one row per step (step, loss, lr, grad_norm, and the step's own
+    seconds); evals: one row per evaluation (step and a loss per evaluation set); seconds: the
+    training loop's wall time, mid-run evaluations included."""
+
     steps: int
     seconds: float
     tokens_per_second: float
@@ -114,6 +118,13 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def median_step_seconds(self) -> float:
+        """Median time of one optimizer step (forward, backward, update), evaluations excluded; the
+        median shrugs off the steps another process on the machine slowed down. NaN if no step was
+        timed (rows from checkpoints written before steps were timed lack it)."""
+        times = [row["seconds"] for row in self.train_losses if "seconds" in row]
+        return float(np.median(times)) if times else math.nan
 
 
 def evaluate(model: Trainable, data: np.ndarray, seq_len: int, max_windows: int = 32, batch_size: int = 16) -> float:
@@ -181,6 +192,7 @@ def train(
     t0 = time.perf_counter()
     try:
         for step in range(start, end):
+            step_start = time.perf_counter()
             batch = random_batch(train_data, config.batch_size, config.seq_len, rng)
             loss, grads = model.loss_and_grad(batch, batch)
             grads, grad_norm = clip_grad_norm(grads, config.grad_clip)
@@ -193,7 +205,11 @@ def train(
                 )
             lr = config.lr_at(step)
             optimizer.step(params, grads, lr)
-            result.train_losses.append({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm})
+            # the step's own time, evaluations excluded: what a step-time comparison wants
+            step_seconds = time.perf_counter() - step_start
+            result.train_losses.append(
+                {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "seconds": step_seconds}
+            )
             elapsed = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step * (step + 1 - start) / elapsed:,.0f}")

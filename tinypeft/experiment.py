@@ -1,0 +1,413 @@
+"""A fine-tuning run measured one way, for `tinypeft finetune` and for the experiments in examples/.
+
+`finetune` takes a base model and a method config, trains on a task corpus, and reports what the
+command prints: trainable parameters, validation loss on the task and on the original prose corpus
+before and after (the forgetting), greedy samples before and after, and step time; given a run folder
+it also writes the adapter (PEFT format), summary.json and a loss-curve PNG.
+
+`Lab` loads a base and the two corpora once and runs `finetune` over a grid of methods, ranks or
+learning rates, each from a freshly loaded base, returning one JSON-ready row per run (a run whose
+loss turns non-finite is a row too, marked diverged). `experiment_parser` gives the example scripts
+their shared flags, `--quick` among them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import tracemalloc
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .data import Corpus, decode, encode, load_corpus, random_batch
+from .errors import ConfigError, TrainingError
+from .io import save_json
+from .methods import PeftConfig
+from .methods.virtual_tokens import VirtualTokenConfig
+from .model import GPT
+from .peft_model import get_peft_model
+from .train import Trainable, TrainConfig, TrainResult, train
+
+SHIPPED_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "base")
+
+
+def bits(nats: float) -> float:
+    """Nats per byte as bits per byte."""
+    return nats / math.log(2)
+
+
+def base_dir(path: str | None) -> str:
+    """The base model folder to use: `path`, else the one shipped in the package."""
+    if path is not None:
+        return path
+    if os.path.exists(os.path.join(SHIPPED_BASE, "model.safetensors")):
+        return SHIPPED_BASE
+    raise ConfigError(
+        "no --base given and no shipped base model in tinypeft/assets/base; "
+        "make one with `tinypeft pretrain --out runs/pretrain` and pass --base runs/pretrain/model"
+    )
+
+
+def virtual_tokens(method_config: PeftConfig | None) -> int:
+    """Positions a method adds in front of every sequence (prompt and prefix tuning), else 0."""
+    return method_config.num_virtual_tokens if isinstance(method_config, VirtualTokenConfig) else 0
+
+
+def check_fits(base: GPT, seq_len: int, method_config: PeftConfig | None) -> None:
+    """Refuse, before any work, sequences that with the method's virtual tokens exceed the base's positions."""
+    virtual = virtual_tokens(method_config)
+    if seq_len + virtual > base.config.n_positions:
+        extra = f" + {virtual} virtual tokens" if virtual else ""
+        raise ConfigError(f"--seq_len {seq_len}{extra} exceeds the base model's n_positions {base.config.n_positions}")
+
+
+def build_model(base: GPT, method_config: PeftConfig | None, seed: int = 0) -> Trainable:
+    """The model to train: `base` itself for full fine-tuning (method_config None, so training changes
+    `base`), otherwise `base` wrapped with a fresh adapter initialised from `seed`."""
+    return base if method_config is None else get_peft_model(base, method_config, seed=seed)
+
+
+def greedy_sample(model: Any, prompt: str, n_bytes: int) -> str:
+    """The model's greedy continuation of prompt, n_bytes long ("" for n_bytes 0)."""
+    if n_bytes <= 0:
+        return ""
+    ids = encode(prompt)[None, :]
+    return decode(model.generate(ids, n_bytes)[0, ids.shape[1] :])
+
+
+@dataclass
+class FinetuneRun:
+    """What `finetune` returns: the JSON-ready summary, the training history, and the trained model."""
+
+    summary: dict[str, Any]
+    result: TrainResult
+    model: Trainable
+
+
+def finetune(
+    base: GPT,
+    method_config: PeftConfig | None,
+    task: Corpus,
+    prose: Corpus,
+    config: TrainConfig,
+    *,
+    method: str,
+    out: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+    prompt: str | None = None,
+    prompt_bytes: int = 48,
+    sample_bytes: int = 120,
+    base_name: str = "",
+    command: str | None = None,
+) -> FinetuneRun:
+    """Fine-tune `base` with `method_config` (None: full fine-tuning, which trains `base` itself) on
+    task.train, and measure it on task.val and prose.val before and after.
+
+    method names the method in the summary and the plot title; the adapter is initialised from
+    config.seed. out, if given, receives resumable checkpoints, `adapter/` (PEFT format; `model/` for
+    full fine-tuning), summary.json and loss.png (when matplotlib is installed). quiet prints nothing;
+    otherwise the header (corpora, method, trainable parameters) and train's evaluation lines are
+    printed. prompt defaults to the first prompt_bytes of the task's validation text. Raises
+    TrainingError if the loss turns non-finite.
+    """
+    check_fits(base, config.seq_len, method_config)
+    if out is not None:
+        os.makedirs(out, exist_ok=True)  # an unusable folder fails now, not after training
+    model = build_model(base, method_config, seed=config.seed)
+    say = (lambda line: None) if quiet else print
+    if base_name:
+        say(f"base model: {base_name}")
+    say(f"task corpus   {task.describe()}")
+    say(f"prose corpus  {prose.describe()}")
+    say(f"method: {method} (learning rate {config.lr:g})")
+    say(model.trainable_parameters_line())
+
+    if prompt is None:
+        prompt = decode(task.val[:prompt_bytes])
+    model.eval()
+    sample_before = greedy_sample(model, prompt, sample_bytes)
+    t0 = time.perf_counter()
+    # train evaluates both sets at step 0 (or restores that evaluation on resume): the "before" numbers
+    result = train(
+        model,
+        task.train,
+        config,
+        eval_sets={"task": task.val, "prose": prose.val},
+        run_dir=out,
+        resume=resume,
+        progress=progress and not quiet,
+        log=(lambda line: None) if quiet else None,
+    )
+    seconds = time.perf_counter() - t0
+    before = {k: v for k, v in result.evals[0].items() if k != "step"}
+    after = {k: v for k, v in result.evals[-1].items() if k != "step"}
+    sample_after = greedy_sample(model, prompt, sample_bytes)
+
+    saved = plot = None
+    if out is not None:
+        saved = os.path.join(out, "adapter" if method_config is not None else "model")
+        model.save_pretrained(saved)
+        plot = maybe_plot_run(
+            result,
+            os.path.join(out, "loss.png"),
+            f"{method} fine-tuning on {task.name}",
+            {"task": f"task ({task.name}) validation loss", "prose": f"original ({prose.name}) validation loss"},
+        )
+    summary = {
+        "command": command,
+        "base": base_name,
+        "method": method,
+        "method_config": None if method_config is None else method_config.to_dict(),
+        "train_config": asdict(config),
+        "task_corpus": task.describe(),
+        "prose_corpus": prose.describe(),
+        "trainable_parameters": sum(int(v.size) for v in model.trainable_parameters().values()),
+        "trainable_line": model.trainable_parameters_line(),
+        "seconds": round(seconds, 2),
+        "seconds_per_step": round(result.seconds / max(1, result.steps), 4),
+        "median_step_seconds": round(result.median_step_seconds(), 4),
+        "tokens_per_second": round(result.tokens_per_second, 1),
+        "before": {k: {"loss": v, "bits_per_byte": bits(v)} for k, v in before.items()},
+        "after": {k: {"loss": v, "bits_per_byte": bits(v)} for k, v in after.items()},
+        "task_gain": before["task"] - after["task"],
+        "prose_forgetting": after["prose"] - before["prose"],
+        "prompt": prompt,
+        "sample_before": sample_before,
+        "sample_after": sample_after,
+        "evals": result.evals,
+        "saved": saved,
+        "plot": plot,
+    }
+    if out is not None:
+        save_json(os.path.join(out, "summary.json"), summary)
+    return FinetuneRun(summary, result, model)
+
+
+def report(summary: dict[str, Any], task_name: str, prose_name: str) -> str:
+    """The before/after table, the change in each loss, and the samples, as `tinypeft finetune` prints them."""
+    before = {k: v["loss"] for k, v in summary["before"].items()}
+    after = {k: v["loss"] for k, v in summary["after"].items()}
+    lines = [f"{'':8s}{'task (' + task_name + ')':>24s}{'prose (' + prose_name + ')':>24s}"]
+    for label, row in (("before", before), ("after", after)):
+        cells = "".join(f"{row[k]:10.4f} nats {bits(row[k]):6.3f} bpb" for k in ("task", "prose"))
+        lines.append(f"{label:8s}{cells}")
+    lines.append(
+        f"task loss {before['task']:.4f} -> {after['task']:.4f} ({-summary['task_gain']:+.4f}); "
+        f"prose loss {before['prose']:.4f} -> {after['prose']:.4f} "
+        f"({summary['prose_forgetting']:+.4f}; positive means forgetting)"
+    )
+    lines.append(f"\nprompt: {summary['prompt']!r}")
+    lines.append(f"  before: {summary['sample_before']!r}\n  after:  {summary['sample_after']!r}")
+    return "\n".join(lines)
+
+
+def maybe_plot_run(result: TrainResult, path: str, title: str, labels: dict[str, str]) -> str | None:
+    """The run's loss curves as a PNG at path, or None without matplotlib."""
+    from .plots import have_matplotlib, plot_training
+
+    if not have_matplotlib():
+        return None
+    return plot_training(result.train_losses, result.evals, path, title, labels)
+
+
+def peak_training_memory(make_model: Callable[[], Trainable], train_data: np.ndarray, config: TrainConfig) -> int:
+    """Peak bytes Python allocates (tracemalloc) to build a model with `make_model` and run two
+    optimizer steps on it: weights, adapter, gradients, optimizer state and activations, as
+    benchmarks/run.py measures it. Two steps, because the optimizer's state exists from the first."""
+    rng = np.random.default_rng(config.seed)
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    start, _ = tracemalloc.get_traced_memory()
+    try:
+        model = make_model()
+        model.train()
+        params = model.trainable_parameters()
+        optimizer = config.make_optimizer()
+        for step in range(2):
+            batch = random_batch(train_data, config.batch_size, config.seq_len, rng)
+            _, grads = model.loss_and_grad(batch, batch)
+            optimizer.step(params, grads, config.lr_at(step))
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    return int(peak)
+
+
+# ---------------------------------------------------------------- experiments
+@dataclass(frozen=True)
+class Settings:
+    """What every run of an experiment shares (only the method, its config and the rate vary)."""
+
+    steps: int = 150
+    batch_size: int = 16
+    seq_len: int = 128
+    warmup_steps: int = 15
+    eval_every: int = 50
+    eval_windows: int = 64
+    sample_bytes: int = 60
+    seed: int = 0
+
+    def train_config(self, lr: float) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            lr=lr,
+            warmup_steps=self.warmup_steps,
+            eval_every=self.eval_every,
+            eval_windows=self.eval_windows,
+            seed=self.seed,
+        )
+
+
+# CI-sized: seconds for a whole experiment, enough to run every line of it
+QUICK = Settings(steps=3, batch_size=2, seq_len=32, warmup_steps=1, eval_every=2, eval_windows=2, sample_bytes=4)
+
+
+class Lab:
+    """A base model folder and the task and prose corpora, loaded once, and runs of `finetune` on them."""
+
+    def __init__(
+        self,
+        base: str | None = None,
+        settings: Settings | None = None,
+        task: str = "code",
+        prose: str = "prose",
+        progress: bool = True,
+    ) -> None:
+        self.base_dir = base_dir(base)
+        self.settings = settings or Settings()
+        self.task, self.prose = load_corpus(task), load_corpus(prose)
+        self.progress = progress
+        self.base_config = GPT.from_pretrained(self.base_dir).config
+
+    def fresh_base(self) -> GPT:
+        """A newly loaded base (full fine-tuning changes the one it trains)."""
+        return GPT.from_pretrained(self.base_dir)
+
+    def run(
+        self,
+        label: str,
+        method_config: PeftConfig | None,
+        lr: float,
+        measure_memory: bool = False,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """One run; its row: label, lr, the fields given (the swept value, say), trainable parameters,
+        before/after losses in nats, gain and forgetting, median step seconds, peak memory if measured,
+        evaluations, samples, and status "ok" or "diverged ..." (then the after-values are None)."""
+        config = self.settings.train_config(lr)
+        row: dict[str, Any] = {"label": label, "lr": lr, **fields}
+        if measure_memory:
+            row["peak_memory_bytes"] = peak_training_memory(
+                lambda: build_model(self.fresh_base(), method_config, config.seed), self.task.train, config
+            )
+        t0 = time.perf_counter()
+        try:
+            run = finetune(
+                self.fresh_base(),
+                method_config,
+                self.task,
+                self.prose,
+                config,
+                method=label,
+                progress=self.progress,
+                quiet=True,
+                sample_bytes=self.settings.sample_bytes,
+            )
+        except TrainingError as e:
+            row |= {"status": f"diverged: {e}".split(". Last good")[0], "seconds": round(time.perf_counter() - t0, 2)}
+            row |= {"task_after": None, "prose_after": None, "task_gain": None, "prose_forgetting": None}
+            print(f"{label:>28s}  lr {lr:<8g} diverged ({row['seconds']:.0f} s)", flush=True)
+            return row
+        s = run.summary
+        row |= {
+            "status": "ok",
+            "method_config": s["method_config"],
+            "trainable_parameters": s["trainable_parameters"],
+            "task_before": s["before"]["task"]["loss"],
+            "prose_before": s["before"]["prose"]["loss"],
+            "task_after": s["after"]["task"]["loss"],
+            "prose_after": s["after"]["prose"]["loss"],
+            "task_gain": s["task_gain"],
+            "prose_forgetting": s["prose_forgetting"],
+            "median_step_seconds": s["median_step_seconds"],
+            "seconds": s["seconds"],
+            "evals": s["evals"],
+            "sample_after": s["sample_after"],
+        }
+        print(
+            f"{label:>28s}  lr {lr:<8g} task {row['task_before']:.3f} -> {row['task_after']:.3f}  "
+            f"prose {row['prose_before']:.3f} -> {row['prose_after']:.3f}  "
+            f"{row['trainable_parameters']:>9,d} trainable  {1e3 * row['median_step_seconds']:.0f} ms/step  "
+            f"({row['seconds']:.0f} s)",
+            flush=True,
+        )
+        return row
+
+    def header(self, name: str, command: str) -> dict[str, Any]:
+        """What every experiment's JSON starts with: the command, base, corpora, settings and machine load."""
+        return {
+            "experiment": name,
+            "command": command,
+            "base": os.path.relpath(self.base_dir) if self.base_dir != SHIPPED_BASE else "tinypeft/assets/base",
+            "base_config": self.base_config.to_hf_dict(),
+            "task_corpus": self.task.describe(),
+            "prose_corpus": self.prose.describe(),
+            "settings": asdict(self.settings),
+            "load_average_at_start": _load_average(),
+            "cpu_count": os.cpu_count(),
+        }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def experiment_parser(description: str, name: str) -> argparse.ArgumentParser:
+    """The flags every experiment script shares: --quick, --out, --base, --steps, --no_progress."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--quick", action="store_true", help="CI-sized smoke run: 3 steps of 2 windows of 32 bytes (seconds)"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help=f"folder for {name}.json and {name}.png (default: docs/experiments, or runs/quick with --quick)",
+    )
+    parser.add_argument("--base", default=None, help="base model folder (default: the shipped base)")
+    parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {Settings.steps})")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def settings_from(args: argparse.Namespace, **defaults: Any) -> Settings:
+    """The experiment's settings: QUICK under --quick, else the defaults (with the script's own
+    overrides), with --steps applied last."""
+    settings = QUICK if args.quick else replace(Settings(), **defaults)
+    return replace(settings, steps=args.steps) if args.steps is not None else settings
+
+
+def output_paths(args: argparse.Namespace, name: str) -> tuple[str, str]:
+    """(json path, png path) of an experiment."""
+    folder = args.out or (os.path.join("runs", "quick") if args.quick else os.path.join("docs", "experiments"))
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.png")
+
+
+def finite(values: Sequence[float | None]) -> list[float]:
+    """The values that are numbers and finite (a diverged run's None and NaN dropped)."""
+    return [v for v in values if v is not None and math.isfinite(v)]
