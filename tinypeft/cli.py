@@ -120,6 +120,17 @@ def _methods() -> dict[str, MethodSpec]:
     }
 
 
+def method_defaults(method: str, *flags: str) -> tuple[Any, float]:
+    """(config, learning rate) that `tinypeft finetune --method METHOD FLAGS...` trains with: the
+    experiments use this, so they compare the very configurations the command line gives."""
+    methods = _methods()
+    if method not in methods:
+        raise ConfigError(f"unknown method {method!r}; choose from {sorted(methods)}")
+    args = build_parser().parse_args(["finetune", "--method", method, *flags])
+    spec = methods[method]
+    return spec.build(args), spec.default_lr if args.lr is None else args.lr
+
+
 def _add_method_args(p: argparse.ArgumentParser, methods: dict[str, MethodSpec]) -> None:
     p.add_argument(
         "--method",

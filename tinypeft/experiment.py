@@ -14,11 +14,13 @@ their shared flags, `--quick` among them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
+import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -26,13 +28,15 @@ import numpy as np
 
 from .data import Corpus, decode, encode, load_corpus, random_batch
 from .errors import ConfigError, TrainingError
-from .io import save_json
+from .io import load_json, save_json
 from .methods import PeftConfig
 from .methods.virtual_tokens import VirtualTokenConfig
 from .model import GPT
-from .peft_model import get_peft_model
-from .train import Trainable, TrainConfig, TrainResult, train
+from .peft_model import PeftModel, get_peft_model
+from .train import Trainable, TrainConfig, TrainResult, evaluate, train
 
+# set in the environment, these fix how many threads NumPy's BLAS uses (None: as many as cores)
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 SHIPPED_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "base")
 
 
@@ -72,6 +76,21 @@ def build_model(base: GPT, method_config: PeftConfig | None, seed: int = 0) -> T
     return base if method_config is None else get_peft_model(base, method_config, seed=seed)
 
 
+def base_only(model: Trainable) -> contextlib.AbstractContextManager:
+    """Inside this block `model` computes its base alone: a PeftModel's adapter is disabled (a soft
+    prompt drawn at random is not the base model either); a plain GPT is its own base."""
+    return model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+
+
+def validation_losses(model: Trainable, eval_sets: Mapping[str, np.ndarray], config: TrainConfig) -> dict[str, float]:
+    """The model's loss on each evaluation set, on the windows `train` evaluates."""
+    model.eval()
+    return {
+        name: evaluate(model, data, config.seq_len, config.eval_windows, config.batch_size)
+        for name, data in eval_sets.items()
+    }
+
+
 def greedy_sample(model: Any, prompt: str, n_bytes: int) -> str:
     """The model's greedy continuation of prompt, n_bytes long ("" for n_bytes 0)."""
     if n_bytes <= 0:
@@ -106,6 +125,7 @@ def finetune(
     sample_bytes: int = 120,
     base_name: str = "",
     command: str | None = None,
+    base_losses: Mapping[str, float] | None = None,
 ) -> FinetuneRun:
     """Fine-tune `base` with `method_config` (None: full fine-tuning, which trains `base` itself) on
     task.train, and measure it on task.val and prose.val before and after.
@@ -116,6 +136,11 @@ def finetune(
     otherwise the header (corpora, method, trainable parameters) and train's evaluation lines are
     printed. prompt defaults to the first prompt_bytes of the task's validation text. Raises
     TrainingError if the loss turns non-finite.
+
+    "before" is the base model alone (the adapter disabled), so a method whose adapter does not start
+    as the identity (prompt tuning's random soft prompt) is measured against the model it changes;
+    base_losses, if given, are those numbers already measured on the same windows (a grid of runs
+    measures the base once). The evaluations in "evals" are of the model being trained, from step 0.
     """
     check_fits(base, config.seq_len, method_config)
     if out is not None:
@@ -131,22 +156,22 @@ def finetune(
 
     if prompt is None:
         prompt = decode(task.val[:prompt_bytes])
-    model.eval()
-    sample_before = greedy_sample(model, prompt, sample_bytes)
+    eval_sets = {"task": task.val, "prose": prose.val}
+    with base_only(model):
+        before = dict(base_losses) if base_losses is not None else validation_losses(model, eval_sets, config)
+        sample_before = greedy_sample(model, prompt, sample_bytes)
     t0 = time.perf_counter()
-    # train evaluates both sets at step 0 (or restores that evaluation on resume): the "before" numbers
     result = train(
         model,
         task.train,
         config,
-        eval_sets={"task": task.val, "prose": prose.val},
+        eval_sets=eval_sets,
         run_dir=out,
         resume=resume,
         progress=progress and not quiet,
         log=(lambda line: None) if quiet else None,
     )
     seconds = time.perf_counter() - t0
-    before = {k: v for k, v in result.evals[0].items() if k != "step"}
     after = {k: v for k, v in result.evals[-1].items() if k != "step"}
     sample_after = greedy_sample(model, prompt, sample_bytes)
 
@@ -289,7 +314,13 @@ class Lab:
         self.settings = settings or Settings()
         self.task, self.prose = load_corpus(task), load_corpus(prose)
         self.progress = progress
-        self.base_config = GPT.from_pretrained(self.base_dir).config
+        base = self.fresh_base()
+        self.base_config = base.config
+        self.base_parameters = base.num_parameters()
+        # every run starts from this base and is evaluated on these windows: measure it once
+        self.base_losses = validation_losses(
+            base, {"task": self.task.val, "prose": self.prose.val}, self.settings.train_config(lr=0.0)
+        )
 
     def fresh_base(self) -> GPT:
         """A newly loaded base (full fine-tuning changes the one it trains)."""
@@ -324,6 +355,7 @@ class Lab:
                 progress=self.progress,
                 quiet=True,
                 sample_bytes=self.settings.sample_bytes,
+                base_losses=self.base_losses,
             )
         except TrainingError as e:
             row |= {"status": f"diverged: {e}".split(". Last good")[0], "seconds": round(time.perf_counter() - t0, 2)}
@@ -344,6 +376,10 @@ class Lab:
             "median_step_seconds": s["median_step_seconds"],
             "seconds": s["seconds"],
             "evals": s["evals"],
+            # every 5th step's training loss: enough to draw the curve, small enough to commit
+            "train_losses": [
+                {"step": r["step"], "loss": r["loss"]} for r in run.result.train_losses if r["step"] % 5 == 0
+            ],
             "sample_after": s["sample_after"],
         }
         print(
@@ -362,10 +398,13 @@ class Lab:
             "command": command,
             "base": os.path.relpath(self.base_dir) if self.base_dir != SHIPPED_BASE else "tinypeft/assets/base",
             "base_config": self.base_config.to_hf_dict(),
+            "base_parameters": self.base_parameters,
             "task_corpus": self.task.describe(),
             "prose_corpus": self.prose.describe(),
             "settings": asdict(self.settings),
+            "base_losses": self.base_losses,
             "load_average_at_start": _load_average(),
+            "blas_threads": {var: os.environ.get(var) for var in BLAS_THREAD_VARIABLES},
             "cpu_count": os.cpu_count(),
         }
 
@@ -378,7 +417,7 @@ def _load_average() -> list[float] | None:
 
 
 def experiment_parser(description: str, name: str) -> argparse.ArgumentParser:
-    """The flags every experiment script shares: --quick, --out, --base, --steps, --no_progress."""
+    """The flags every experiment script shares: --quick, --out, --base, --steps, --replot, --no_progress."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick", action="store_true", help="CI-sized smoke run: 3 steps of 2 windows of 32 bytes (seconds)"
@@ -389,7 +428,8 @@ def experiment_parser(description: str, name: str) -> argparse.ArgumentParser:
         help=f"folder for {name}.json and {name}.png (default: docs/experiments, or runs/quick with --quick)",
     )
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped base)")
-    parser.add_argument("--steps", type=int, default=None, help=f"steps per run (default {Settings.steps})")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: the experiment's)")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the JSON of an earlier run")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 
@@ -408,6 +448,49 @@ def output_paths(args: argparse.Namespace, name: str) -> tuple[str, str]:
     return os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.png")
 
 
+def experiment_main(
+    name: str,
+    doc: str,
+    argv: Sequence[str] | None,
+    measure: Callable[[Lab], dict[str, Any]],
+    plot: Callable[[dict[str, Any], str], str],
+    **settings: Any,
+) -> int:
+    """What an example script's main does: parse the shared flags, run `measure` on a Lab with the
+    experiment's settings (keyword overrides of Settings; QUICK under --quick), save the header and
+    what measure returns as NAME.json, and draw NAME.png with `plot` (from the saved JSON alone under
+    --replot)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = experiment_parser(doc.split("\n\n")[0], name).parse_args(argv)
+    json_path, png_path = output_paths(args, name)
+    if args.replot:
+        results = load_json(json_path)
+    else:
+        t0 = time.perf_counter()
+        lab = Lab(args.base, settings_from(args, **settings), progress=not args.no_progress)
+        results = lab.header(name, command_line(name, argv)) | measure(lab)
+        results["minutes"] = round((time.perf_counter() - t0) / 60, 2)
+        save_json(json_path, results)
+        print(f"{name}: {results['minutes']:.1f} minutes")
+    plot(results, png_path)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def command_line(name: str, argv: Sequence[str]) -> str:
+    """How to rerun an experiment: `python examples/NAME.py ARGS`, from the repository root."""
+    return " ".join(["python", f"examples/{name}.py", *argv])
+
+
 def finite(values: Sequence[float | None]) -> list[float]:
     """The values that are numbers and finite (a diverged run's None and NaN dropped)."""
     return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def plateau(xs: Sequence[float], losses: Sequence[float | None], tolerance: float) -> float | None:
+    """The smallest x whose loss is within `tolerance` nats of the best loss (None if none finished)."""
+    done = [(x, loss) for x, loss in zip(xs, losses, strict=True) if loss is not None and math.isfinite(loss)]
+    if not done:
+        return None
+    best = min(loss for _, loss in done)
+    return min(x for x, loss in done if loss <= best + tolerance)

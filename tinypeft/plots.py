@@ -15,13 +15,28 @@ def have_matplotlib() -> bool:
     return True
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot drawing off-screen (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def add_bits_axis(ax: Any) -> Any:
+    """A right-hand axis in bits per byte for an axis whose y is nats per byte."""
+    right = ax.secondary_yaxis("right", functions=(lambda n: n / math.log(2), lambda b: b * math.log(2)))
+    right.set_ylabel("bits per byte")
+    return right
+
+
+def save_figure(fig: Any, path: str) -> str:
+    """Write fig as a PNG at path (atomically) and close it; returns path."""
+    _save(fig, path)
+    pyplot().close(fig)
+    return path
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:
@@ -44,7 +59,7 @@ def plot_training(
 ) -> str:
     """Loss curves in nats per byte (bits per byte on the right axis): the smoothed training loss and
     every evaluation set. Writes a PNG to path and returns it."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
     steps = [row["step"] for row in train_losses]
     losses = [row["loss"] for row in train_losses]
@@ -66,12 +81,9 @@ def plot_training(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    right = ax.secondary_yaxis("right", functions=(lambda n: n / math.log(2), lambda b: b * math.log(2)))
-    right.set_ylabel("bits per byte")
+    add_bits_axis(ax)
     fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _save(fig: Any, path: str) -> None:

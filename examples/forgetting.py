@@ -1,0 +1,111 @@
+"""Catastrophic forgetting: six ways to fine-tune the shipped base on code, at matched steps.
+
+    python examples/forgetting.py            # writes docs/experiments/forgetting.{json,png}
+    python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
+
+Full fine-tuning, LoRA, prompt tuning, IA3, bottleneck adapters and BitFit, each as `tinypeft
+finetune --method M` configures it (its default config and learning rate), train for the same steps on
+the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
+the original (prose) loss rose, both against the base model; the trainable parameters; the median time
+of a training step; and the peak memory of building the model and running two steps (tracemalloc, as
+benchmarks/run.py measures it).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from tinypeft.cli import method_defaults
+from tinypeft.experiment import Lab, experiment_main
+
+NAME = "forgetting"
+METHODS = {  # label: `tinypeft finetune --method` name
+    "full fine-tuning": "full",
+    "LoRA r=8 (c_attn)": "lora",
+    "prompt tuning (20 tokens)": "prompt",
+    "IA3": "ia3",
+    "bottleneck adapters (16)": "adapter",
+    "BitFit": "bitfit",
+}
+COLORS = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return experiment_main(NAME, __doc__, argv, measure, plot, eval_every=25)
+
+
+def measure(lab: Lab) -> dict:
+    runs = []
+    for label, method in METHODS.items():
+        config, lr = method_defaults(method)
+        runs.append(lab.run(label, config, lr, measure_memory=True, method=method))
+    return {"runs": runs}
+
+
+def plot(results: dict, path: str) -> str:
+    from tinypeft.plots import pyplot, save_figure
+
+    plt = pyplot()
+    base = results["base_losses"]
+    settings = results["settings"]
+    runs = results["runs"]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5), dpi=110, gridspec_kw={"height_ratios": [1.5, 1]})
+    plane, params_ax = axes[0]
+    time_ax, memory_ax = axes[1]
+
+    # the forgetting plane: every evaluation of every run, base model at the origin
+    plane.axhline(0, color="0.6", lw=0.8)
+    plane.axvline(0, color="0.6", lw=0.8)
+    for run, color in zip(runs, COLORS, strict=False):
+        if run["status"] != "ok":
+            continue
+        forgetting = [e["prose"] - base["prose"] for e in run["evals"]]
+        gain = [base["task"] - e["task"] for e in run["evals"]]
+        plane.plot(forgetting, gain, "-", color=color, lw=1.5, alpha=0.6)
+        plane.plot(forgetting[:-1], gain[:-1], "o", color=color, ms=3.5, alpha=0.6)
+        plane.plot(forgetting[-1], gain[-1], "o", color=color, ms=10, label=run["label"])
+    plane.set_xlabel("prose loss increase vs the base model (nats per byte): forgetting →")
+    plane.set_ylabel("code loss decrease vs the base model (nats per byte): learning →")
+    plane.set_title(
+        f"code learned against prose forgotten: a path per method\n"
+        f"(small dots: every {settings['eval_every']} steps; big dot: step {settings['steps']}; best is top left)",
+        fontsize=10,
+    )
+    plane.grid(alpha=0.3)
+    plane.legend(fontsize=8, loc="best")
+
+    ok = [(run, color) for run, color in zip(runs, COLORS, strict=False) if run["status"] == "ok"]
+    labels = [run["label"] for run, _ in ok]
+    colors = [color for _, color in ok]
+    y = range(len(ok))
+    for ax, values, xlabel, fmt, log in (
+        (params_ax, [run["trainable_parameters"] for run, _ in ok], "trainable parameters", "{:,.0f}", True),
+        (time_ax, [1e3 * run["median_step_seconds"] for run, _ in ok], "median training step (ms)", "{:.0f}", False),
+        (memory_ax, [run["peak_memory_bytes"] / 2**20 for run, _ in ok], "peak memory (MiB)", "{:.1f}", False),
+    ):
+        ax.barh(y, values, color=colors, alpha=0.8)
+        ax.set_yticks(list(y), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(xlabel)
+        if log:
+            ax.set_xscale("log")
+        for i, v in enumerate(values):
+            ax.annotate(fmt.format(v), (v, i), textcoords="offset points", xytext=(3, -3), fontsize=8)
+        ax.set_xlim(right=max(values) * (4 if log else 1.25))
+        ax.grid(alpha=0.3, axis="x")
+    params_ax.set_title("trainable parameters (log scale)", fontsize=10)
+    time_ax.set_title(
+        f"median training step ({settings['batch_size']} x {settings['seq_len']} bytes, forward + backward + AdamW)",
+        fontsize=10,
+    )
+    memory_ax.set_title("peak memory: build the model, two training steps (tracemalloc)", fontsize=10)
+    fig.suptitle(
+        f"Fine-tuning the shipped base on code for {settings['steps']} steps: each method at its default learning rate",
+    )
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
