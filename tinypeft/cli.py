@@ -186,7 +186,9 @@ DEFAULT_METHOD = "lora"
 
 
 # ------------------------------------------------------------------ shared
-def _add_train_args(p: argparse.ArgumentParser, steps: int, lr: float | None, lr_help: str) -> None:
+def _add_train_args(
+    p: argparse.ArgumentParser, steps: int, lr: float | None, lr_help: str, eval_every: int = 100
+) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     g.add_argument("--batch_size", type=int, default=16, help="sequences per step")
@@ -196,7 +198,9 @@ def _add_train_args(p: argparse.ArgumentParser, steps: int, lr: float | None, lr
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = off")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="AdamW, or SGD with momentum 0.9")
-    g.add_argument("--eval_every", type=int, default=100, help="evaluate every N steps; 0 = only at start and end")
+    g.add_argument(
+        "--eval_every", type=int, default=eval_every, help="evaluate every N steps; 0 = only at start and end"
+    )
     g.add_argument("--eval_windows", type=int, default=32, help="validation windows of seq_len bytes per corpus")
     g.add_argument("--checkpoint_every", type=int, default=100, help="resumable checkpoint every N steps; 0 = end")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches")
@@ -464,7 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--prompt_bytes", type=int, default=48, help="length of the default prompt")
     f.add_argument("--sample_bytes", type=int, default=120, help="greedy sample length before and after")
     _add_method_args(f, methods)
-    _add_train_args(f, steps=200, lr=None, lr_help="peak learning rate (default: the method's, listed under --method)")
+    _add_train_args(
+        f,
+        steps=200,
+        lr=None,
+        lr_help="peak learning rate (default: the method's, listed under --method)",
+        eval_every=25,  # a few evaluations cost seconds and give the loss curve its shape
+    )
     f.set_defaults(func=cmd_finetune)
 
     e = sub.add_parser(

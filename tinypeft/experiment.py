@@ -156,6 +156,9 @@ def finetune(
 
     if prompt is None:
         prompt = decode(task.val[:prompt_bytes])
+    # a sample longer than the positions left after the virtual tokens and the prompt is cut short
+    room = base.config.n_positions - virtual_tokens(method_config) - len(encode(prompt)) + 1
+    sample_bytes = min(sample_bytes, max(room, 0))
     eval_sets = {"task": task.val, "prose": prose.val}
     with base_only(model):
         before = dict(base_losses) if base_losses is not None else validation_losses(model, eval_sets, config)
@@ -175,6 +178,7 @@ def finetune(
     after = {k: v for k, v in result.evals[-1].items() if k != "step"}
     sample_after = greedy_sample(model, prompt, sample_bytes)
 
+    trainable = sum(int(v.size) for v in model.trainable_parameters().values())
     saved = plot = None
     if out is not None:
         saved = os.path.join(out, "adapter" if method_config is not None else "model")
@@ -182,7 +186,7 @@ def finetune(
         plot = maybe_plot_run(
             result,
             os.path.join(out, "loss.png"),
-            f"{method} fine-tuning on {task.name}",
+            f"{method} fine-tuning on {task.name}, learning rate {config.lr:g}\n{trainable:,d} trainable parameters",
             {"task": f"task ({task.name}) validation loss", "prose": f"original ({prose.name}) validation loss"},
         )
     summary = {
@@ -193,7 +197,7 @@ def finetune(
         "train_config": asdict(config),
         "task_corpus": task.describe(),
         "prose_corpus": prose.describe(),
-        "trainable_parameters": sum(int(v.size) for v in model.trainable_parameters().values()),
+        "trainable_parameters": trainable,
         "trainable_line": model.trainable_parameters_line(),
         "seconds": round(seconds, 2),
         "seconds_per_step": round(result.seconds / max(1, result.steps), 4),

@@ -1,0 +1,108 @@
+"""The experiment scripts in examples/, run as a user runs them (`python examples/NAME.py --quick`) on
+the shipped base: each writes its JSON and PNG, and the numbers in the JSON mean what they say."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_quick(name: str, out: Path) -> dict:
+    env = os.environ | {
+        "PYTHONPATH": str(ROOT),
+        # two test workers share two cores: BLAS threads of one would wait on the other's (stalls of
+        # a second per step), while one thread each runs these tiny steps in milliseconds
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, f"examples/{name}.py", "--quick", "--no_progress", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    png = out / f"{name}.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 20_000
+    results = json.loads((out / f"{name}.json").read_text())
+    assert results["experiment"] == name and results["command"].startswith(f"python examples/{name}.py --quick")
+    assert results["settings"]["steps"] == 3 and results["blas_threads"]["OPENBLAS_NUM_THREADS"] == "1"
+    for run in results["runs"]:
+        assert run["status"] == "ok", run["status"]
+        assert run["evals"][0]["step"] == 0 and run["evals"][-1]["step"] == 3
+        assert run["task_before"] == results["base_losses"]["task"]
+        assert math.isclose(run["task_gain"], run["task_before"] - run["task_after"])
+        assert math.isclose(run["prose_forgetting"], run["prose_after"] - run["prose_before"])
+        assert run["median_step_seconds"] > 0
+    return results
+
+
+def by(results: dict, key: str) -> dict:
+    return {run[key]: run for run in results["runs"]}
+
+
+def test_rank_sweep(tmp_path):
+    results = run_quick("rank_sweep", tmp_path)
+    runs = by(results, "rank")
+    assert sorted(runs) == [1, 2, 4, 8, 16, 32, 64]
+    for r, run in runs.items():
+        # LoRA on c_attn: A (r, 128) and B (384, r) in each of the 4 blocks
+        assert run["trainable_parameters"] == 4 * r * (128 + 3 * 128)
+        assert run["method_config"]["r"] == r and run["method_config"]["lora_alpha"] == 2 * r
+    assert results["smallest_rank_near_best"] in runs
+
+    # --replot draws the figure again from the JSON alone
+    png = tmp_path / "rank_sweep.png"
+    png.unlink()
+    done = subprocess.run(
+        [sys.executable, "examples/rank_sweep.py", "--replot", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_forgetting(tmp_path):
+    results = run_quick("forgetting", tmp_path)
+    runs = by(results, "method")
+    assert sorted(runs) == ["adapter", "bitfit", "full", "ia3", "lora", "prompt"]
+    assert runs["full"]["trainable_parameters"] == results["base_parameters"]
+    assert runs["prompt"]["trainable_parameters"] == 20 * 128
+    assert runs["lora"]["trainable_parameters"] == 16_384
+    # full fine-tuning keeps a gradient and two AdamW moments for every weight; the others for a few
+    peaks = {method: run["peak_memory_bytes"] for method, run in runs.items()}
+    assert max(peaks, key=peaks.get) == "full"
+    assert peaks["full"] > 4 * results["base_parameters"] * 3  # weights + gradient + 2 moments, float32
+    assert [e["step"] for e in runs["lora"]["evals"]] == [0, 2, 3]  # eval_every 2 under --quick
+
+
+def test_prompt_length(tmp_path):
+    results = run_quick("prompt_length", tmp_path)
+    runs = by(results, "num_virtual_tokens")
+    assert sorted(runs) == [1, 5, 20, 50, 100]
+    for nv, run in runs.items():
+        assert run["trainable_parameters"] == nv * 128
+
+
+def test_lr_sweep(tmp_path):
+    results = run_quick("lr_sweep", tmp_path)
+    rates = sorted({run["lr"] for run in results["runs"]})
+    assert rates == [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+    assert sorted({run["method"] for run in results["runs"]}) == ["full", "lora"]
+    for method, summary in results["summary"].items():
+        runs = [run for run in results["runs"] if run["method"] == method]
+        assert summary["best_task_loss"] == min(run["task_after"] for run in runs)
+        assert summary["best_lr"] in summary["good_rates"]
