@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -272,6 +273,36 @@ def peak_training_memory(make_model: Callable[[], Trainable], train_data: np.nda
     return int(peak)
 
 
+def interleaved_step_times(
+    makers: Mapping[str, Callable[[], Trainable]],
+    train_data: np.ndarray,
+    config: TrainConfig,
+    rounds: int = 10,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median seconds of one optimizer step (forward, backward, AdamW) of each model `makers` builds,
+    timed round-robin, one step of each in turn, so that another job's load, which comes and goes,
+    slows every model alike (as benchmarks/run.py times its contenders). The first `warmup` rounds
+    are not timed."""
+    rng = np.random.default_rng(config.seed)
+    models = {name: make() for name, make in makers.items()}
+    states = {}
+    for name, model in models.items():
+        model.train()
+        states[name] = (model.trainable_parameters(), config.make_optimizer())
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(warmup + rounds):
+        batch = random_batch(train_data, config.batch_size, config.seq_len, rng)
+        for name, model in models.items():
+            params, optimizer = states[name]
+            t0 = time.perf_counter()
+            _, grads = model.loss_and_grad(batch, batch)
+            optimizer.step(params, grads, config.lr)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 # ---------------------------------------------------------------- experiments
 @dataclass(frozen=True)
 class Settings:
@@ -394,6 +425,15 @@ class Lab:
             flush=True,
         )
         return row
+
+    def step_times(self, configs: Mapping[str, PeftConfig | None], rounds: int = 10) -> dict[str, float]:
+        """Median step seconds of each method config on a fresh base, timed round-robin (see
+        interleaved_step_times), with the experiment's batch shape."""
+        makers = {
+            label: functools.partial(build_model, self.fresh_base(), config, self.settings.seed)
+            for label, config in configs.items()
+        }
+        return interleaved_step_times(makers, self.task.train, self.settings.train_config(lr=1e-4), rounds)
 
     def header(self, name: str, command: str) -> dict[str, Any]:
         """What every experiment's JSON starts with: the command, base, corpora, settings and machine load."""
