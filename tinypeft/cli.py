@@ -8,6 +8,7 @@ as a full disk or a folder that cannot be written, into one line and status 1).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
