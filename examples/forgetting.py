@@ -137,8 +137,7 @@ def plot(results: dict, path: str) -> str:
         fontsize=10,
     )
     memory_ax.set_title(
-        "peak memory: load the base, two training steps (tracemalloc)\n"
-        "weights, activations, gradients and AdamW state",
+        "peak memory: load the base, two training steps (tracemalloc)\nweights, activations, gradients and AdamW state",
         fontsize=10,
     )
     fig.suptitle(
