@@ -20,7 +20,7 @@ ASSET = os.path.join(HERE, "..", "tinypeft", "assets", "base")
 SETTINGS = [
     "--corpus", "prose",
     "--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--n_positions", "256",
-    "--steps", "2000", "--warmup_steps", "100", "--batch_size", "16", "--seq_len", "128",
+    "--steps", "2000", "--warmup_steps", "100", "--batch_size", "8", "--seq_len", "256",
     "--learning_rate", "3e-3", "--eval_every", "250", "--checkpoint_every", "500", "--seed", "0",
 ]  # fmt: skip
 
@@ -49,6 +49,7 @@ def main() -> int:
     provenance = {
         "command": "tinypeft " + " ".join(command),
         "minutes": round(minutes, 1),
+        "tokens_per_second": summary.get("tokens_per_second"),
         "val_loss_nats_per_byte": round(summary["val_loss"], 4),
         "val_bits_per_byte": round(summary["val_bits_per_byte"], 4),
         "evals": summary["evals"],

@@ -167,3 +167,41 @@ def test_help_is_complete(command):
         [sys.executable, "-m", "tinypeft.cli", command, "--help"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("usage: tinypeft " + command)
+
+
+def _pretrain_positions(out, capsys, *seq_len: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(initial, trained) position embeddings of a 16-position model pretrained for 2 steps, and the output."""
+    shape = ["--n_layer", "1", "--n_embd", "8", "--n_head", "2", "--n_positions", "16", "--seed", "3"]
+    steps = ["--steps", "2", "--batch_size", "2", "--eval_every", "0", "--eval_windows", "1", "--no_progress"]
+    assert main(["pretrain", *shape, *steps, *seq_len, "--out", str(out)]) == 0
+    initial = tp.GPT(tp.GPTConfig(vocab_size=256, n_positions=16, n_embd=8, n_layer=1, n_head=2), seed=3)
+    trained = tp.GPT.from_pretrained(out / "model")
+    wpe = "transformer.wpe.weight"
+    return initial.state_dict()[wpe], trained.state_dict()[wpe], capsys.readouterr().out
+
+
+def test_pretrain_trains_every_position_by_default(tmp_path, capsys):
+    # a base trained on shorter sequences than n_positions leaves the last position embeddings at their
+    # random init, and a fine-tune that prepends virtual tokens (or a long sample) reads them
+    # (the last position of a window predicts nothing, the labels being shifted, so its row gets no gradient)
+    initial, trained, out = _pretrain_positions(tmp_path / "all", capsys)
+    assert (np.abs(trained[:15] - initial[:15]).max(axis=1) > 0).all()
+    assert "never seen" not in out
+    initial, trained, out = _pretrain_positions(tmp_path / "short", capsys, "--seq_len", "10")
+    assert (np.abs(trained[:9] - initial[:9]).max(axis=1) > 0).all()
+    np.testing.assert_array_equal(trained[10:], initial[10:])  # no weight decay by default: untouched
+    assert "position embeddings 10..15 are never seen in training" in out
+
+
+def test_the_shipped_base_is_small_documented_and_trained_at_every_position():
+    from tinypeft.experiment import SHIPPED_BASE
+
+    model = tp.GPT.from_pretrained(SHIPPED_BASE)
+    config = model.config
+    assert (config.n_layer, config.n_embd, config.vocab_size) == (4, 128, 256)
+    assert os.path.getsize(os.path.join(SHIPPED_BASE, "model.safetensors")) <= 5 * 2**20
+    with open(os.path.join(SHIPPED_BASE, "provenance.json")) as f:
+        provenance = json.load(f)
+    command = provenance["command"].split()
+    assert int(command[command.index("--seq_len") + 1]) == config.n_positions
+    assert 0 < provenance["val_loss_nats_per_byte"] < 1.5
