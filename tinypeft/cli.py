@@ -166,8 +166,10 @@ def _add_method_args(p: argparse.ArgumentParser, methods: dict[str, MethodSpec])
     g.add_argument(
         "--prompt_tuning_init",
         choices=["RANDOM", "SAMPLE_VOCAB", "TEXT"],
-        default="RANDOM",
-        help="prompt: initialise from N(0,1), random vocabulary rows, or the bytes of --prompt_tuning_init_text",
+        default="SAMPLE_VOCAB",
+        help="prompt: initialise from N(0,1), random vocabulary rows, or the bytes of --prompt_tuning_init_text "
+        "(PEFT's default is RANDOM; vocabulary rows start the prompt at the scale of real inputs: see "
+        "docs/experiments.md)",
     )
     g.add_argument("--prompt_tuning_init_text", default=None, help="prompt: text for TEXT initialisation")
     g.add_argument("--prefix_projection", action="store_true", help="prefix: reparameterise through a tanh MLP")
@@ -187,13 +189,29 @@ DEFAULT_METHOD = "lora"
 
 
 # ------------------------------------------------------------------ shared
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None and False: their help says what happens instead."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _add_train_args(
-    p: argparse.ArgumentParser, steps: int, lr: float | None, lr_help: str, eval_every: int = 100
+    p: argparse.ArgumentParser,
+    steps: int,
+    lr: float | None,
+    lr_help: str,
+    eval_every: int = 100,
+    batch_size: int = 16,
+    seq_len: int | None = 128,
+    seq_len_help: str = "bytes per sequence",
 ) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    g.add_argument("--batch_size", type=int, default=16, help="sequences per step")
-    g.add_argument("--seq_len", type=int, default=128, help="bytes per sequence")
+    g.add_argument("--batch_size", type=int, default=batch_size, help="sequences per step")
+    g.add_argument("--seq_len", type=int, default=seq_len, help=seq_len_help)
     g.add_argument("--learning_rate", "--lr", dest="lr", type=float, default=lr, help=lr_help)
     g.add_argument("--warmup_steps", type=int, default=20, help="linear warm-up steps before the cosine decay")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices")
@@ -255,8 +273,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         n_head=args.n_head,
         dtype=args.dtype,
     )
+    if args.seq_len is None:
+        args.seq_len = config.n_positions
     if args.seq_len > config.n_positions:
         raise ConfigError(f"--seq_len {args.seq_len} exceeds --n_positions {config.n_positions}")
+    if args.seq_len < config.n_positions:
+        # a later fine-tune with virtual tokens, or a long sample, would read these never-trained rows
+        print(
+            f"note: --seq_len {args.seq_len} < --n_positions {config.n_positions}: position embeddings "
+            f"{args.seq_len}..{config.n_positions - 1} are never seen in training"
+        )
     train_config = _train_config(args, args.lr)
     os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after training
     corpus = load_corpus(args.corpus)
@@ -427,7 +453,7 @@ def _report_json(report: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="tinypeft", description="Parameter-efficient fine-tuning from scratch in NumPy."
     )
@@ -448,7 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="parameter and compute dtype")
     p.add_argument("--corpus", default="prose", help="'prose' (pydoc topics), 'code' (stdlib sources) or a path")
     p.add_argument("--out", default="runs/pretrain", help="run folder")
-    _add_train_args(p, steps=300, lr=3e-3, lr_help="peak learning rate")
+    _add_train_args(
+        p,
+        steps=300,
+        lr=3e-3,
+        lr_help="peak learning rate",
+        batch_size=8,
+        seq_len=None,
+        seq_len_help="bytes per sequence (default: n_positions, so that every position embedding is trained)",
+    )
     p.set_defaults(func=cmd_pretrain)
 
     methods = _methods()
