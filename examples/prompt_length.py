@@ -3,10 +3,11 @@
     python examples/prompt_length.py            # writes docs/experiments/prompt_length.{json,png}
     python examples/prompt_length.py --quick    # a few seconds: 3 steps per length, into runs/quick
 
-Each length trains what `tinypeft finetune --method prompt --num_virtual_tokens NV` trains (a soft
-prompt initialised from N(0, 1), at prompt tuning's default learning rate) for the same steps on the
-same batches of the code corpus. Longer prompts have more parameters but also lengthen every sequence
-by NV positions, so each step costs more; both are measured.
+Each length trains what `tinypeft finetune --method prompt --num_virtual_tokens NV
+--prompt_tuning_init INIT` trains (at prompt tuning's default learning rate) for the same steps on the
+same batches of the code corpus, for both initialisations: rows of the vocabulary table drawn at random
+(SAMPLE_VOCAB, the command's default) and N(0, 1) (RANDOM, PEFT's default). Longer prompts have more
+parameters but also lengthen every sequence by NV positions, so each step costs more; both are measured.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tinypeft.experiment import Lab, experiment_main, plateau
 
 NAME = "prompt_length"
 LENGTHS = (1, 5, 20, 50, 100)
+INITS = {"SAMPLE_VOCAB": ("tab:blue", "vocabulary rows"), "RANDOM": ("tab:orange", "N(0, 1)")}
 PLATEAU_NATS = 0.01
 
 
@@ -28,11 +30,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def measure(lab: Lab) -> dict:
     runs = []
-    for nv in LENGTHS:
-        config, lr = method_defaults("prompt", "--num_virtual_tokens", str(nv))
-        runs.append(lab.run(f"prompt tuning NV={nv}", config, lr, num_virtual_tokens=nv))
-    near_best = plateau(LENGTHS, [run["task_after"] for run in runs], PLATEAU_NATS)
-    print(f"shortest prompt within {PLATEAU_NATS} nats of the best: {near_best}")
+    for init in INITS:
+        for nv in LENGTHS:
+            config, lr = method_defaults("prompt", "--num_virtual_tokens", str(nv), "--prompt_tuning_init", init)
+            runs.append(lab.run(f"prompt tuning {init} NV={nv}", config, lr, num_virtual_tokens=nv, init=init))
+    near_best = {
+        init: plateau(LENGTHS, [run["task_after"] for run in runs if run["init"] == init], PLATEAU_NATS)
+        for init in INITS
+    }
+    print(f"shortest prompt within {PLATEAU_NATS} nats of the best, per initialisation: {near_best}")
     return {"runs": runs, "plateau_nats": PLATEAU_NATS, "shortest_prompt_near_best": near_best}
 
 
@@ -40,22 +46,26 @@ def plot(results: dict, path: str) -> str:
     from tinypeft.plots import add_bits_axis, pyplot, save_figure
 
     plt = pyplot()
-    runs = [run for run in results["runs"] if run["status"] == "ok"]
-    lengths = [run["num_virtual_tokens"] for run in runs]
+    ok = [run for run in results["runs"] if run["status"] == "ok"]
     base = results["base_losses"]
     settings = results["settings"]
-    fig, (loss_ax, cost_ax) = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110)
-    for key, color, what in (("task", "tab:blue", "code (task)"), ("prose", "tab:red", "prose (original)")):
-        loss_ax.plot(lengths, [run[f"{key}_after"] for run in runs], "o-", color=color, lw=2, label=f"{what}, after")
-        loss_ax.axhline(base[key], color=color, ls="--", lw=1.2, alpha=0.7, label=f"{what}, base model")
-    loss_ax.set_xscale("log")
-    loss_ax.set_xticks(lengths, [str(n) for n in lengths])
-    loss_ax.set_xlabel("soft-prompt length NV (virtual tokens)")
-    loss_ax.set_ylabel("validation loss (nats per byte)")
-    loss_ax.set_title(f"validation loss after {settings['steps']} steps (lower is better)")
-    loss_ax.grid(alpha=0.3)
-    loss_ax.legend(fontsize=8, loc="best")
-    add_bits_axis(loss_ax)
+    fig, (task_ax, prose_ax, cost_ax) = plt.subplots(1, 3, figsize=(17, 4.8), dpi=110)
+    for ax, key, what in ((task_ax, "task", "code (task)"), (prose_ax, "prose", "prose (original)")):
+        for init, (color, words) in INITS.items():
+            line = [run for run in ok if run.get("init", "RANDOM") == init]
+            xs = [run["num_virtual_tokens"] for run in line]
+            ax.plot(xs, [run[f"{key}_after"] for run in line], "o-", color=color, lw=2, label=f"init: {words}")
+        ax.axhline(base[key], color="0.4", ls="--", lw=1.2, label="base model (no prompt)")
+        ax.set_xscale("log")
+        ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
+        ax.set_xlabel("soft-prompt length NV (virtual tokens)")
+        ax.set_ylabel("validation loss (nats per byte)")
+        ax.set_title(f"{what} validation loss after {settings['steps']} steps", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        add_bits_axis(ax)
+    runs = [run for run in ok if run.get("init", "RANDOM") == next(iter(INITS))] or ok
+    lengths = [run["num_virtual_tokens"] for run in runs]
 
     step_ms = [1e3 * run["median_step_seconds"] for run in runs]
     cost_ax.plot(lengths, step_ms, "s-", color="tab:purple", lw=2, label="median training step (ms)")
@@ -79,7 +89,7 @@ def plot(results: dict, path: str) -> str:
     lr = runs[0]["lr"] if runs else float("nan")
     fig.suptitle(
         f"Prompt tuning on code: soft-prompt length sweep ({settings['batch_size']} x {settings['seq_len']}-byte "
-        f"batches, lr {lr:g}, N(0, 1) initialisation)"
+        f"batches, lr {lr:g})"
     )
     fig.tight_layout()
     return save_figure(fig, path)

@@ -91,10 +91,11 @@ def test_forgetting(tmp_path):
 
 def test_prompt_length(tmp_path):
     results = run_quick("prompt_length", tmp_path)
-    runs = by(results, "num_virtual_tokens")
-    assert sorted(runs) == [1, 5, 20, 50, 100]
-    for nv, run in runs.items():
+    runs = {(run["init"], run["num_virtual_tokens"]): run for run in results["runs"]}
+    assert sorted(runs) == [(init, nv) for init in ("RANDOM", "SAMPLE_VOCAB") for nv in (1, 5, 20, 50, 100)]
+    for (init, nv), run in runs.items():
         assert run["trainable_parameters"] == nv * 128
+        assert run["method_config"]["prompt_tuning_init"] == init
 
 
 def test_lr_sweep(tmp_path):
