@@ -473,3 +473,20 @@ def test_config_defaults_and_json_are_peft_s():
         assert tp.LoraConfig(fan_in_fan_out=False).fan_in_fan_out is True
     with pytest.raises(tp.CheckpointError, match="rank_pattern"):
         tp.PeftConfig.from_dict(d | {"rank_pattern": {"c_attn": 2}})
+
+
+@pytest.mark.parametrize("n_rows", [3, 40])  # fewer rows than outputs: two products; more: the merged weight
+def test_lora_dx_is_the_same_on_either_path(n_rows):
+    """Without dropout, lora_backward takes dx through the merged weight when there are more rows than
+    outputs, else through the base weight plus the rank-r product: both must be dy (W + s (B A)ᵀ)ᵀ."""
+    from tinypeft.methods.lora import lora_backward, lora_forward
+
+    rng = np.random.default_rng(n_rows)
+    n_in, n_out, r, s = 7, 12, 3, 0.7
+    x = rng.normal(size=(n_rows, n_in))
+    W, b = rng.normal(size=(n_in, n_out)), rng.normal(size=n_out)
+    A, B = rng.normal(size=(r, n_in)), rng.normal(size=(n_out, r))
+    dy = rng.normal(size=(n_rows, n_out))
+    _, cache = lora_forward(x, W, b, A, B, s, None)
+    dx, *_ = lora_backward(dy, cache)
+    np.testing.assert_allclose(dx, dy @ (W + s * (B @ A).T).T, rtol=1e-12, atol=1e-12)

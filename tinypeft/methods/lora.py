@@ -97,14 +97,16 @@ def lora_backward(
         dB = scaling * (dy2.T @ h)  # [out, N] @ [N, r] -> [out, r]
         dA = dh.T @ x_drop  # [r, N] @ [N, in] -> [r, in]
     if need_dx:
-        if keep2 is None:
+        if keep2 is None and dy2.shape[0] > n_out:
             # both paths see the same x, so dx = dy (W + s (B A)ᵀ)ᵀ: one [N, out] @ [out, in] matmul through
-            # the merged weight instead of two products and an [N, in] sum
+            # the merged weight; building it touches in·out numbers, the [N, in] sum it saves N·in, so
+            # it pays when there are more rows than outputs
             merged = weight + scaling * (lora_B @ lora_A).T  # [in, out]
             dx = dy2 @ merged.T
         else:
             dx = dy2 @ weight.T  # [N, out] @ [out, in]
-            dx += (dh @ lora_A) * keep2  # [N, r] @ [r, in]: the gradient at x_d, through the dropout mask
+            lora_dx = dh @ lora_A  # [N, r] @ [r, in]: the gradient at x_d
+            dx += lora_dx if keep2 is None else lora_dx * keep2  # through the dropout mask, if any
         dx = dx.reshape(*dy.shape[:-1], n_in)
     if need_dbias:
         db = dy2.sum(axis=0)
