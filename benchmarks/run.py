@@ -251,7 +251,7 @@ def section_autograd(args, config) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(
-        target=_autograd_worker, args=((n_layer, n_embd, n_head, T, B, max(1, args.steps // 2), 1), child)
+        target=_autograd_worker, args=((n_layer, n_embd, n_head, T, B, max(1, args.steps), min(args.warmup, 2)), child)
     )
     proc.start()
     hand, auto = parent.recv()
