@@ -1232,6 +1232,18 @@ CHECKPOINT_CASES = [
         ("invalid random-generator state",),
     ),
     Bad(
+        "state.json dropout states not an object",
+        resume({f"{CHECKPOINT}/state.json": lambda s: s | {"model_rng": True}}),
+        CheckpointError,
+        ("model_rng must be an object", "got bool"),
+    ),
+    Bad(
+        "state.json dropout states for a model without dropout",
+        resume({f"{CHECKPOINT}/state.json": lambda s: s | {"model_rng": {"_dropout_keys": {}}}}),
+        CheckpointError,
+        ("draws no random masks", "another kind of run"),
+    ),
+    Bad(
         "state.json history malformed",
         resume({f"{CHECKPOINT}/state.json": lambda s: s | {"result": s["result"] | {"train_losses": 5}}}),
         CheckpointError,

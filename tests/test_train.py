@@ -171,3 +171,25 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     train(resumed, DATA, config, run_dir=str(tmp_path), resume=True, progress=False, stop_after=5)
     for k, v in reference.params.items():
         np.testing.assert_array_equal(resumed.params[k], v)
+
+
+@pytest.mark.parametrize(
+    "model_rng, message",
+    [(True, "must be an object of random-generator states; got bool"), ({"lora": {}}, "draws no random masks")],
+)
+def test_random_states_a_model_cannot_hold_are_refused_on_resume(tmp_path, model_rng, message):
+    """(Found by the fuzzer: a full fine-tuning checkpoint whose state.json says model_rng: true got an
+    AttributeError from deep inside resume.)"""
+    import json
+
+    config = quick(steps=4, checkpoint_every=2)
+    train(tp.GPT(CFG, seed=0), DATA, config, run_dir=str(tmp_path), progress=False)
+    for state_path in tmp_path.glob("checkpoints/step-*/state.json"):  # whichever the run resumes from
+        state = json.loads(state_path.read_text())
+        state_path.write_text(json.dumps(state | {"model_rng": model_rng}))
+    model = tp.GPT(CFG, seed=0)
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(CheckpointError, match=message):
+        train(model, DATA, config, run_dir=str(tmp_path), resume=True, progress=False)
+    for k, v in before.items():
+        np.testing.assert_array_equal(model.params[k], v)

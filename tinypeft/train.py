@@ -396,6 +396,16 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint tensor {name} has dtype {value.dtype}; model has {params[name].dtype}")
     optimizer.load_state_dict(load_safetensors(os.path.join(path, "optimizer.safetensors")), params)
     model_rng = state.get("model_rng", {})  # checkpoints written before dropout's state was saved lack it
+    if not isinstance(model_rng, dict):
+        raise CheckpointError(
+            f"checkpoint {path}: state.json's model_rng must be an object of random-generator states; "
+            f"got {type(model_rng).__name__}"
+        )
+    if model_rng and not hasattr(model, "set_random_state"):
+        raise CheckpointError(
+            f"checkpoint {path} holds random-generator states {sorted(model_rng)[:3]}, but this model draws no "
+            "random masks: it was written by another kind of run"
+        )
     if model_rng or _random_state(model):
         model.set_random_state(model_rng)  # checks everything before it changes anything
     # checked: from here on nothing can fail
