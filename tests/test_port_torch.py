@@ -15,22 +15,10 @@ from pathlib import Path
 import pytest
 
 from tinypeft.cli import main
-from tinypeft.vectors import Case, check_vectors, load_impl, load_vectors
+from tinypeft.vectors import Case, check_vectors, load_impl
 
 PORT = Path(__file__).resolve().parent.parent / "examples" / "port_torch" / "port.py"
 ALLOWED_IMPORTS = {"__future__", "math", "re", "collections.abc", "typing", "numpy", "torch"}
-
-
-@pytest.fixture(scope="module")
-def vectors(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("vectors")
-    assert main(["export-vectors", str(folder)]) == 0
-    return folder
-
-
-@pytest.fixture(scope="module")
-def cases(vectors) -> list[Case]:
-    return load_vectors(vectors)
 
 
 def test_the_port_passes_every_case_at_the_stated_tolerances(vectors, tmp_path, capsys):

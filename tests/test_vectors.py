@@ -36,18 +36,6 @@ METHODS = {"full", "bitfit", "ln_tuning", "lora", "rslora", "dora", "pissa", "pr
            "bottleneck_adapter"}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def vectors(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("vectors")
-    assert main(["export-vectors", str(folder)]) == 0
-    return folder
-
-
-@pytest.fixture(scope="module")
-def cases(vectors):
-    return load_vectors(vectors)
-
-
 def export_in_a_fresh_process(folder: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "tinypeft.cli", "export-vectors", str(folder)]
