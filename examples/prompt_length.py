@@ -52,7 +52,7 @@ def plot(results: dict, path: str) -> str:
     fig, (task_ax, prose_ax, cost_ax) = plt.subplots(1, 3, figsize=(17, 4.8), dpi=110)
     for ax, key, what in ((task_ax, "task", "code (task)"), (prose_ax, "prose", "prose (original)")):
         for init, (color, words) in INITS.items():
-            line = [run for run in ok if run.get("init", "RANDOM") == init]
+            line = [run for run in ok if run["init"] == init]
             xs = [run["num_virtual_tokens"] for run in line]
             ax.plot(xs, [run[f"{key}_after"] for run in line], "o-", color=color, lw=2, label=f"init: {words}")
         ax.axhline(base[key], color="0.4", ls="--", lw=1.2, label="base model (no prompt)")
@@ -64,7 +64,7 @@ def plot(results: dict, path: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         add_bits_axis(ax)
-    runs = [run for run in ok if run.get("init", "RANDOM") == next(iter(INITS))] or ok
+    runs = [run for run in ok if run["init"] == next(iter(INITS))] or ok
     lengths = [run["num_virtual_tokens"] for run in runs]
 
     step_ms = [1e3 * run["median_step_seconds"] for run in runs]
