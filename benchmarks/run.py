@@ -224,13 +224,14 @@ def _autograd_worker(args_tuple, conn) -> None:
     from autograd import grad
 
     import tinypeft as tp
+    from tinypeft import gpt
     from tinypeft.ops.cross_entropy import causal_lm_loss_forward
 
     model = tp.GPT(tp.GPTConfig(vocab_size=256, n_positions=max(256, T), n_embd=n_embd, n_layer=n_layer, n_head=n_head))
     ids = np.random.default_rng(0).integers(0, 256, size=(B, T))
 
     def loss(params):
-        return causal_lm_loss_forward(model.forward(params, ids)[0], ids)[0]
+        return causal_lm_loss_forward(gpt.forward(params, model.config, ids)[0], ids)[0]
 
     auto = grad(loss)
     hand_t, auto_t = [], []

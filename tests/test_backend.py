@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import tinypeft as tp
-from tinypeft import backend
+from tinypeft import backend, runtime
 
 SOURCES = sorted((pathlib.Path(tp.__file__).parent).glob("ops/*.py")) + sorted(
     (pathlib.Path(tp.__file__).parent).glob("methods/*.py")
@@ -61,9 +61,9 @@ def test_namespace_dispatch():
 
 def test_device_choice(monkeypatch):
     assert backend.get_backend("cpu") is np
-    monkeypatch.setenv(backend.BACKEND_ENV, "numpy")
+    monkeypatch.setenv(runtime.BACKEND_ENV, "numpy")
     assert backend.get_backend() is np
-    monkeypatch.setenv(backend.BACKEND_ENV, "tensorflow")
+    monkeypatch.setenv(runtime.BACKEND_ENV, "tensorflow")
     with pytest.raises(tp.ConfigError, match="numpy"):
         backend.get_backend()
     with pytest.raises(tp.ConfigError, match="cpu"):

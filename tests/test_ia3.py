@@ -203,17 +203,3 @@ def test_save_and_load_round_trip(tmp_path):
 def test_only_the_vectors_train():
     model = tp.get_peft_model(small(), tp.IA3Config(**TARGETS["every_linear"]))
     assert_only_adapter_changes(model, vocab_size=37)
-
-
-def test_frozen_base_weights_run_no_gradient_matmul(monkeypatch):
-    calls = []
-    original = ia3_module.linear_backward
-
-    def spy(dy, cache, need_dx=True, need_dweight=True, need_dbias=True):
-        calls.append(need_dweight or need_dbias)
-        return original(dy, cache, need_dx, need_dweight, need_dbias)
-
-    monkeypatch.setattr(ia3_module, "linear_backward", spy)
-    model = random_ia3(small(), "every_linear")
-    model.loss_and_grad([[1, 2, 3, 4]], [[1, 2, 3, 4]])
-    assert len(calls) == 4 * 2 - 1 and not any(calls)  # block 0's c_attn needs no dx either: nothing below

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -23,6 +25,7 @@ from strategies import perturbed_model
 
 import tinypeft as tp
 import tinypeft.methods.lora as lora_module
+from tinypeft import engine
 from tinypeft.gradcheck import (
     check_gradients,
     directional_check,
@@ -169,7 +172,7 @@ def test_the_frozen_base_weight_gets_no_gradient_and_may_not_be_trained():
     view = model.view()
     trainable = view.trainable | {"transformer.h.0.attn.c_attn.weight"}
     with pytest.raises(tp.ConfigError, match="frozen"):
-        base.run_loss_and_grad(view.params, view.sites, trainable, ids, ids)
+        engine.loss_and_grad(dataclasses.replace(view, trainable=trainable), ids, ids)
 
 
 # ------------------------------------------------------------------ init and identity
@@ -419,8 +422,8 @@ def test_dropout_masks_are_fixed_within_a_step_fresh_across_steps_and_off_in_eva
     np.testing.assert_array_equal(eval_out, no_dropout(ids))  # eval mode: no dropout
     model.train()
     view = model.view()
-    once = base.run_forward(view.params, view.sites, ids, None)
-    np.testing.assert_array_equal(base.run_forward(view.params, view.sites, ids, None), once)  # same mask
+    once = engine.logits(view, ids, None)
+    np.testing.assert_array_equal(engine.logits(view, ids, None), once)  # same mask
     assert relative_error(once, eval_out) > 1e-6
     assert relative_error(model(ids), once) > 1e-6  # a new step draws new masks
     site = view.sites.linear["transformer.h.0.attn.c_attn"]

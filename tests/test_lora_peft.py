@@ -20,6 +20,7 @@ from lora_strategies import lora_cases, lora_model, perturb_adapter
 from strategies import perturbed_model
 
 import tinypeft as tp
+from tinypeft import engine
 from tinypeft.gradcheck import relative_error
 
 TOL = 1e-10  # the same float64 formulas on both sides; measured differences are ~1e-15
@@ -101,14 +102,12 @@ def test_logits_loss_gradients_and_merge_match_peft(args):
     ids = torch.tensor(case.ids)
     mask = None if case.mask is None else torch.tensor(case.mask)
     out = twin(input_ids=ids, attention_mask=mask)
-    logits = model.base_model.run_forward(view.params, view.sites, case.ids, case.mask)
+    logits = engine.logits(view, case.ids, case.mask)
     assert relative_error(logits[rows], out.logits.detach().numpy()[rows]) <= TOL
 
     loss_ref = hf_causal_lm_loss(out.logits, torch.tensor(labels))
     loss_ref.backward()
-    loss, grads = model.base_model.run_loss_and_grad(
-        view.params, view.sites, view.trainable, case.ids, labels, case.mask
-    )
+    loss, grads = engine.loss_and_grad(view, case.ids, labels, case.mask)
     grads = view.public(grads)
     assert abs(loss - loss_ref.item()) <= TOL * abs(loss_ref.item())
     peft_grads = {our_file_name(n): p.grad.numpy() for n, p in twin.named_parameters() if p.requires_grad}

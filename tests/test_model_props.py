@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from strategies import cases, perturbed_model
 
 import tinypeft as tp
+from tinypeft import gpt
+from tinypeft.generation import forward_cached
 from tinypeft.gradcheck import relative_error
 
 
@@ -61,10 +63,10 @@ def test_backward_twice_gives_the_same_gradients():
         np.testing.assert_array_equal(g1[k], g2[k])
     # and backward from one cache twice: fresh arrays, nothing accumulated in place
     view = model.view()
-    logits, cache = model.forward(view.params, ids)
+    logits, cache = gpt.forward(view.params, view.config, ids)
     dlogits = np.random.default_rng(2).standard_normal(logits.shape)
-    a = model.backward(dlogits, cache, view.trainable)
-    b = model.backward(dlogits, cache, view.trainable)
+    a = gpt.backward(dlogits, cache, view.trainable)
+    b = gpt.backward(dlogits, cache, view.trainable)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
 
@@ -87,10 +89,10 @@ def test_kv_cache_matches_the_full_forward():
     ids = np.random.default_rng(3).integers(0, 37, size=(2, 12))
     full = model(ids)
     view = model.view()
-    logits, cache = model.forward(view.params, ids[:, :7])
+    logits, kv = forward_cached(view, ids[:, :7], None)
     pieces = [logits]
     for t in range(7, 12):
-        logits, cache = model.forward(view.params, ids[:, t : t + 1], past_key_values=cache["presents"])
+        logits, kv = forward_cached(view, ids[:, t : t + 1], kv)
         pieces.append(logits)
     assert relative_error(np.concatenate(pieces, axis=1), full) <= 1e-13
 

@@ -11,7 +11,7 @@ import pytest
 from strategies import perturbed_model
 
 import tinypeft as tp
-from tinypeft import parallel
+from tinypeft import runtime as parallel
 from tinypeft.gradcheck import relative_error
 
 CFG = tp.GPTConfig(vocab_size=41, n_positions=32, n_embd=12, n_layer=2, n_head=3, dtype="float64")

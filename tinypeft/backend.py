@@ -7,18 +7,17 @@ from their inputs with `namespace(...)`; a model chooses numpy or cupy once, whe
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from . import runtime
 from .errors import ConfigError
 
-BACKEND_ENV = "TINYPEFT_BACKEND"
-ALLOCATOR_ENV = "TINYPEFT_KEEP_MALLOC"  # set to 1 to leave the C allocator's settings alone
+Array = Any  # a numpy, cupy or autograd-traced array: the one alias every module uses
+
 DTYPES = ("float32", "float64")
-_allocator_tuned = False
 
 
 def namespace(*arrays: Any) -> ModuleType:
@@ -40,11 +39,9 @@ def namespace(*arrays: Any) -> ModuleType:
 def get_backend(device: str | None = None) -> ModuleType:
     """numpy for device None/"cpu", cupy for "cuda"; `TINYPEFT_BACKEND=cupy|numpy` sets the default."""
     if device is None:
-        device = {"cupy": "cuda", "numpy": "cpu", "": "cpu"}.get(os.environ.get(BACKEND_ENV, ""))
-        if device is None:
-            raise ConfigError(f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r}: allowed values are 'numpy' and 'cupy'")
+        device = runtime.default_device()
     if device == "cpu":
-        tune_allocator()
+        runtime.tune_allocator()
         return np
     if device == "cuda":
         try:
@@ -53,31 +50,6 @@ def get_backend(device: str | None = None) -> ModuleType:
             raise ImportError("device='cuda' needs cupy: pip install 'tinypeft[gpu]'") from e
         return cupy
     raise ConfigError(f"device={device!r}: allowed values are 'cpu' and 'cuda'")
-
-
-def tune_allocator() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse (no mmap for large blocks, no trimming).
-
-    A NumPy forward pass allocates a fresh activation-sized array for nearly every operation. By
-    default glibc serves each large one with a new mmap and returns it on free, so every operation
-    pays a page fault per 4 KiB of its output; on a training step of the default model that is a
-    third of the time. With these settings the freed blocks are reused instead. The cost: the
-    process keeps its peak heap until it exits. Linux/glibc only; done once, when the first numpy
-    model is made; `TINYPEFT_KEEP_MALLOC=1` opts out. Returns whether the settings were applied.
-    """
-    global _allocator_tuned
-    if _allocator_tuned or os.environ.get(ALLOCATOR_ENV, "") not in ("", "0"):
-        return _allocator_tuned
-    _allocator_tuned = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        ok = False
-    return ok
 
 
 def device_of(xp: ModuleType) -> str:

@@ -8,8 +8,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, InputTypeError, TinyPeftError
-
-IGNORE_INDEX = -100
+from .ops.cross_entropy import IGNORE_INDEX
 
 
 def _host(a: Any, what: str) -> np.ndarray:
@@ -19,6 +18,16 @@ def _host(a: Any, what: str) -> np.ndarray:
         return np.asarray(a)
     except Exception as e:  # ragged lists and the like
         raise InputError(f"{what} must be a rectangular array; got {type(a).__name__} ({e})") from None
+
+
+def check_inputs(input_ids: Any, attention_mask: Any, config: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """(ids, mask) as host arrays a model of this config takes, or an error saying what is wrong."""
+    ids = check_token_ids(input_ids, config.vocab_size)
+    if ids.shape[1] > config.n_positions:
+        raise InputError(
+            f"input_ids has {ids.shape[1]} tokens; this model takes at most n_positions={config.n_positions}"
+        )
+    return ids, check_attention_mask(attention_mask, ids.shape)
 
 
 def check_token_ids(input_ids: Any, vocab_size: int, what: str = "input_ids") -> np.ndarray:

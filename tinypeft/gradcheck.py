@@ -119,44 +119,39 @@ def per_tensor_directional_check(
 
 def model_loss_fn(
     view: Any, input_ids: Any, labels: Any = None, attention_mask: Any = None, output_weights: Any = None
-):
+) -> tuple[LossFn, Callable[[], tuple[float, dict[str, Array]]]]:
     """(loss_fn, hand_loss_and_grads) for a model's ComputeView (`model.view()`).
 
-    With labels: the shifted, -100-ignoring causal-LM loss (virtual-token positions padded with -100).
+    With labels: the shifted, -100-ignoring causal-LM loss (positions a site puts in front get -100).
     With output_weights R (B, T', V) instead: the linear functional sum(logits * R), which, unlike
     the shifted loss, also reaches the last position's logits.
-    loss_fn(params) differentiates the shipped forward; hand() runs the hand-written backward.
+    loss_fn(params) differentiates the reference forward (`gpt.forward`); hand() runs it and the
+    engine's backward (`engine.backward`, proven equal to the reference's in tests/engine).
     """
-    from . import checks
+    from . import checks, engine, gpt
     from .ops.cross_entropy import causal_lm_loss_backward, causal_lm_loss_forward
 
-    model = view.model
-    ids, mask = model.check_inputs(input_ids, attention_mask)
+    ids, mask = view.check_inputs(input_ids, attention_mask)
     if (labels is None) == (output_weights is None):
         raise ValueError("give exactly one of labels and output_weights")
     if labels is not None:
-        leading = 0 if view.sites.embedding is None else None  # virtual tokens: label 0 may be the only target
-        labels = checks.check_labels(labels, ids.shape, model.config.vocab_size, leading)
-
-    def padded(lab: Any, n_positions: int) -> Any:
-        added = n_positions - lab.shape[1]
-        pad = np.full((lab.shape[0], added), checks.IGNORE_INDEX, dtype=lab.dtype)
-        return np.concatenate([pad, lab], axis=1) if added else lab
+        leading = 0 if view.sites.embedding is None else view.sites.embedding.positions(view.params)
+        labels = engine.pad_labels(checks.check_labels(labels, ids.shape, view.config.vocab_size, leading), leading)
 
     def loss_fn(params: Params) -> Any:
-        logits, _ = model.forward(params, ids, mask, view.sites)
+        logits, _ = gpt.forward(params, view.config, ids, mask, view.sites)
         if labels is None:
             return (logits * output_weights).sum()
-        return causal_lm_loss_forward(logits, padded(labels, logits.shape[1]))[0]
+        return causal_lm_loss_forward(logits, labels)[0]
 
     def hand() -> tuple[float, dict[str, Array]]:
-        logits, cache = model.forward(view.params, ids, mask, view.sites)
+        logits, cache = gpt.forward(view.params, view.config, ids, mask, view.sites)
         if labels is None:
             loss, dlogits = float((logits * output_weights).sum()), np.asarray(output_weights, dtype=logits.dtype)
         else:
-            value, loss_cache = causal_lm_loss_forward(logits, padded(labels, logits.shape[1]))
+            value, loss_cache = causal_lm_loss_forward(logits, labels)
             loss, dlogits = float(value), causal_lm_loss_backward(1.0, loss_cache)
-        return loss, model.backward(dlogits, cache, view.trainable)
+        return loss, engine.backward(dlogits, cache, view)
 
     return loss_fn, hand
 

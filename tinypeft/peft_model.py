@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from .checkpoint import pickle_hint
 from .checks import check_seed
 from .errors import CheckpointError, ConfigError, MergeError
 from .io import load_json, load_safetensors, save_json, save_safetensors
 from .methods.base import Adapter, PeftConfig
-from .model import GPT, ComputeView, trainable_parameters_line
+from .model import GPT, ComputeView, LanguageModel, trainable_parameters_line
 from .sites import NO_SITES
 
 Array = Any
@@ -33,8 +34,11 @@ def get_peft_model(base: GPT, config: PeftConfig, adapter_name: str = "default",
     return PeftModel(base, config, adapter_name, seed)
 
 
-class PeftModel:
-    """A base GPT and its adapters. Call it like the base; train what `trainable_parameters()` returns."""
+class PeftModel(LanguageModel):
+    """A base GPT and its adapters. Call it like the base; train what `trainable_parameters()` returns.
+
+    Calling, loss, loss_and_grad and generate are the GPT's (`LanguageModel`), on what `view()` gives:
+    gradients are keyed by the active adapter's tensor names (PEFT's file names)."""
 
     def __init__(self, base: GPT, config: PeftConfig, adapter_name: str = "default", seed: int = 0) -> None:
         if not isinstance(base, GPT):
@@ -108,33 +112,19 @@ class PeftModel:
         under the adapter's name (`public_names`)."""
         base = self.base_model
         if self._disabled or self._merged is not None:
-            return ComputeView(base, base.params, NO_SITES, frozenset())
+            return ComputeView(base.config, base.xp, base.params, NO_SITES, frozenset())
         a = self.active
         params = {**base.params, **a.params}
         for base_name, name in a.overrides.items():
             params[base_name] = a.params[name]
         stand_ins = set(a.overrides.values())
         trainable = frozenset((set(a.params) - stand_ins) | set(a.overrides))
-        return ComputeView(base, params, a.sites(self.training), trainable, dict(a.overrides))
+        return ComputeView(base.config, base.xp, params, a.sites(self.training), trainable, dict(a.overrides))
 
-    def __call__(self, input_ids: Any, attention_mask: Any = None) -> Array:
-        v = self.view()
-        return self.base_model.run_forward(v.params, v.sites, input_ids, attention_mask)
-
-    def loss(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> float:
-        v = self.view()
-        return self.base_model.run_loss_and_grad(v.params, v.sites, (), input_ids, labels, attention_mask)[0]
-
-    def loss_and_grad(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, dict[str, Array]]:
-        """(loss, grads) with grads keyed by the active adapter's tensor names (PEFT's file names)."""
+    def _check_can_train(self) -> None:
         self._require_unmerged("compute adapter gradients")
         if self._disabled:
             raise ConfigError("the adapter is disabled (inside disable_adapter()); there is nothing to train")
-        v = self.view()
-        loss, grads = self.base_model.run_loss_and_grad(
-            v.params, v.sites, v.trainable, input_ids, labels, attention_mask
-        )
-        return loss, v.public(grads)
 
     def trainable_parameters(self) -> dict[str, Array]:
         """The active adapter's tensors by name: what an optimizer updates (in place)."""
@@ -146,21 +136,6 @@ class PeftModel:
 
     def set_random_state(self, state: Any) -> None:
         self.active.set_random_state(state)
-
-    def generate(
-        self,
-        input_ids: Any,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        seed: int = 0,
-    ) -> np.ndarray:
-        v = self.view()
-        return self.base_model.run_generate(v.params, v.sites, input_ids, max_new_tokens, temperature, top_k, seed)
-
-    def print_trainable_parameters(self) -> None:
-        """PEFT's line; "all params" counts the base once and every adapter's tensors."""
-        print(self.trainable_parameters_line())
 
     def trainable_parameters_line(self) -> str:
         """A tensor that stands in for a base parameter (a selective method's trained copy) counts
@@ -224,13 +199,13 @@ class PeftModel:
         PeftModel (and its base) as they were; the merged tensors are new arrays, the rest shared.
         """
         params = self.base_model.params if self._merged is not None else self._merged_params(safe_merge)
-        return _gpt_with(self.base_model, params)
+        return GPT.with_params(self.base_model.config, self.base_model.xp, params)
 
     def unload(self) -> GPT:
         """The base model without any adapter (unmerging first if merged)."""
         if self._merged is not None:
             self.unmerge_adapter()
-        return _gpt_with(self.base_model, self.base_model.params)
+        return GPT.with_params(self.base_model.config, self.base_model.xp, self.base_model.params)
 
     # ----------------------------------------------------------- state and files
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, np.ndarray]:
@@ -282,16 +257,5 @@ def read_adapter(folder: str | os.PathLike) -> tuple[PeftConfig, dict[str, np.nd
     config = PeftConfig.from_dict(load_json(os.path.join(folder, ADAPTER_CONFIG_NAME)))
     weights_path = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
     if not os.path.exists(weights_path):
-        pickles = sorted(f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
-        hint = f"; found {pickles}, which are pickles and are never loaded" if pickles else ""
-        raise CheckpointError(f"{weights_path} does not exist{hint}")
+        raise CheckpointError(f"{weights_path} does not exist{pickle_hint(folder)}")
     return config, load_safetensors(weights_path)
-
-
-def _gpt_with(template: GPT, params: Mapping[str, Array]) -> GPT:
-    model = GPT.__new__(GPT)
-    model.config = template.config
-    model.xp = template.xp
-    model.params = dict(params)
-    model.trainable = set(model.params)
-    return model

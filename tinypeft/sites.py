@@ -5,25 +5,52 @@ added to, its own computation, and it calls whatever a method puts there:
 
 - `linear[module]`: stands in for one linear layer y = x W + b (LoRA, DoRA, IA3, adapters);
 - `embedding`: edits the input embeddings before the position embeddings are added (prompt tuning);
-- `prefix`: supplies keys/values that every layer's attention sees before the real tokens
-  (prefix tuning).
+- `prefix`: supplies keys/values that every layer's attention sees before the real tokens, as a
+  KV cache's past does (prefix tuning; the engine's cached generation uses the same door).
 
 Every site is a forward/backward pair, like the ops. A backward returns the gradient flowing on
 to the model and a dict of gradients for the parameters it owns, keyed by their full names in
-the flat parameter dict, computed only for names in `trainable`. A linear site's parameters are
-named under its module (`...transformer.h.0.attn.c_attn.lora_A.weight`), which tells the model's
-backward which block they live in.
+the flat parameter dict, computed only for names in `trainable`.
+
+A site also says which parameters it owns: a linear site per module, the embedding and prefix
+sites for themselves. The engine places each owned parameter where the site sits (`Location`),
+and from the lowest trainable location derives how far down the backward must go; nothing is
+inferred from how a parameter is named.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-Array = Any
+from .backend import Array
+
 Params = Mapping[str, Array]
 Grads = dict[str, Array]
+
+# a block's computations in forward order; a linear site sits at one of the four linear stages
+BLOCK_STAGES = ("ln_1", "attn.c_attn", "attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj")
+
+
+class Location(NamedTuple):
+    """Where in the forward a parameter is first used: `layer` -1 is the input embeddings, 0..L-1
+    a block (at `stage`, one of BLOCK_STAGES), L the final LayerNorm and the head. Locations sort
+    in forward order, so the lowest trainable one is where the backward may stop."""
+
+    layer: int
+    stage: str = ""
+
+    def __lt__(self, other: tuple) -> bool:  # type: ignore[override]
+        return _order(self) < _order(other)
+
+
+def _order(loc: tuple) -> tuple[int, int]:
+    layer, stage = loc
+    return layer, BLOCK_STAGES.index(stage) if stage in BLOCK_STAGES else -1
+
+
+EMBEDDING_LOCATION = Location(-1, "embedding")
 
 
 class LinearSite(Protocol):
@@ -31,13 +58,25 @@ class LinearSite(Protocol):
         """y for the linear layer `module` (whose base weight is params[module + ".weight"])."""
         ...
 
-    def backward(self, dy: Array, cache: Any, trainable: Collection[str], need_dx: bool) -> tuple[Array | None, Grads]:
+    def backward(
+        self, dy: Array, cache: Any, trainable: Collection[str], need_dx: bool = True
+    ) -> tuple[Array | None, Grads]:
         """(dx or None, grads) for the layer, base weight/bias grads included when trainable."""
+        ...
+
+    def owned(self, module: str) -> Collection[str]:
+        """The parameters this site computes gradients for at `module` (its own tensors, and any
+        base weight or bias it stands in for)."""
         ...
 
 
 class EmbeddingSite(Protocol):
-    param_names: Collection[str]  # the parameters it owns, so the model knows the backward must reach it
+    param_names: Collection[str]  # the parameters it owns: they sit at EMBEDDING_LOCATION
+
+    def positions(self, params: Params) -> int:
+        """How many positions it puts in front of the tokens (they take the first positions, and
+        have no label)."""
+        ...
 
     def forward(
         self, params: Params, inputs_embeds: Array, attention_mask: Array | None
@@ -51,7 +90,11 @@ class EmbeddingSite(Protocol):
 
 
 class PrefixSite(Protocol):
-    param_names: Collection[str]
+    param_names: Collection[str]  # the parameters it owns: every block's attention reads them
+
+    def positions(self, params: Params) -> int:
+        """P, the keys/values it puts in front of the tokens in every layer."""
+        ...
 
     def forward(self, params: Params, batch_size: int) -> tuple[list[tuple[Array, Array]], Any]:
         """Per layer, (keys, values) of shape (B, NH, P, hs), visible to every real token."""
@@ -69,14 +112,20 @@ class Sites:
     linear: Mapping[str, LinearSite] = field(default_factory=dict)
     embedding: EmbeddingSite | None = None
     prefix: PrefixSite | None = None
-    # the sites draw random masks for the shapes they are given (dropout in training): the model must
+    # the sites draw random masks for the shapes they are given (dropout in training): the engine must
     # then compute the batch whole, not in row blocks, or two blocks of one shape would share a mask
     stochastic: bool = False
 
-    def continuation(self) -> Sites:
-        """The sites for a later step of cached generation: the input-level sites (virtual tokens,
-        prefixes) already sit in the key/value cache, so only the linear sites remain."""
-        return Sites(linear=self.linear, stochastic=self.stochastic)
+    def owned(self, module_location: Mapping[str, Location]) -> dict[str, Location]:
+        """Every parameter a site owns, at the location of the site that owns it."""
+        where: dict[str, Location] = {}
+        for module, site in self.linear.items():
+            where |= dict.fromkeys(site.owned(module), module_location[module])
+        if self.prefix is not None:
+            where |= dict.fromkeys(self.prefix.param_names, Location(0, "attn"))  # block 0 reads it first
+        if self.embedding is not None:
+            where |= dict.fromkeys(self.embedding.param_names, EMBEDDING_LOCATION)
+        return where
 
 
 NO_SITES = Sites()

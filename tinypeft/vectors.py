@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, checks
+from . import __version__, checks, engine
 from .errors import CheckpointError, ConfigError, TinyPeftError
 from .io import load_json, load_safetensors, save_json, save_safetensors
 from .methods import (
@@ -299,8 +299,8 @@ def compute_case(spec: Spec, dtype: str) -> Case:
         derived = _derived(adapter)
     ids, labels, mask = make_batch(spec.batch, config.vocab_size, rng)
     view = model.view()
-    logits = base.run_forward(view.params, view.sites, ids, mask)
-    loss, grads = base.run_loss_and_grad(view.params, view.sites, view.trainable, ids, labels, mask)
+    logits = engine.logits(view, ids, mask)
+    loss, grads = engine.loss_and_grad(view, ids, labels, mask)
     weight_names = [*base.params, *(n for n in view.params if n not in base.params and n not in _stand_ins(model))]
     weights = {n: np.asarray(view.params[n]).astype(dtype) for n in weight_names}
     trainable = sorted(view.trainable)
@@ -841,6 +841,6 @@ def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
     if set(view.trainable) != set(case["trainable"]):
         raise CheckpointError(f"case {case['name']}: 'trainable' is not what its method trains")
     ids, labels, mask = case["input_ids"], case["labels"], case["attention_mask"]
-    logits = base.run_forward(view.params, view.sites, ids, mask)
-    loss, grads = base.run_loss_and_grad(view.params, view.sites, view.trainable, ids, labels, mask)
+    logits = engine.logits(view, ids, mask)
+    loss, grads = engine.loss_and_grad(view, ids, labels, mask)
     return {"logits": logits, "loss": loss, "grads": grads, "derived": derived}

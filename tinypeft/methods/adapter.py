@@ -167,7 +167,7 @@ class BottleneckSite:
         return y, (module, cache)
 
     def backward(
-        self, dy: Array, cache: tuple, trainable: Collection[str], need_dx: bool
+        self, dy: Array, cache: tuple, trainable: Collection[str], need_dx: bool = True
     ) -> tuple[Array | None, dict[str, Array]]:
         module, inner = cache
         down_w, down_b, up_w, up_b = adapter_names(module)
@@ -175,6 +175,9 @@ class BottleneckSite:
         need = [role for role, name in by_role.items() if name in trainable] + (["x"] if need_dx else [])
         grads = bottleneck_backward(dy, inner, need)
         return grads.pop("x", None), {by_role[role]: g for role, g in grads.items()}
+
+    def owned(self, module: str) -> tuple[str, ...]:
+        return module + ".weight", module + ".bias", *adapter_names(module)
 
 
 def adapter_names(module: str) -> tuple[str, str, str, str]:

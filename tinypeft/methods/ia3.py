@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..config import linear_module_names
 from ..errors import ConfigError
 from ..ops import linear_backward, linear_forward
 from ..sites import Sites
@@ -103,7 +104,7 @@ class IA3Site:
         return y, (module, cache)
 
     def backward(
-        self, dy: Array, cache: tuple, trainable: Collection[str], need_dx: bool
+        self, dy: Array, cache: tuple, trainable: Collection[str], need_dx: bool = True
     ) -> tuple[Array | None, dict[str, Array]]:
         module, inner = cache
         name, _ = self.vectors[module]
@@ -111,6 +112,9 @@ class IA3Site:
         dx, dl, dW, db = ia3_backward(dy, inner, need_dx, name in trainable, w in trainable, b in trainable)
         grads = {k: g for k, g in ((name, dl), (w, dW), (b, db)) if g is not None}
         return dx, grads
+
+    def owned(self, module: str) -> tuple[str, str, str]:
+        return self.vectors[module][0], module + ".weight", module + ".bias"
 
 
 # ------------------------------------------------------------------ config and adapter
@@ -164,8 +168,6 @@ class IA3Config(PeftConfig):
 
     def targets(self, base: GPT) -> dict[str, bool]:
         """Targeted linear modules -> whether each is feedforward."""
-        from ..model import linear_module_names
-
         modules = match_modules(linear_module_names(base.config), self.target_modules)
         return {m: self.is_feedforward(m) for m in modules}
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backend import namespace, to_numpy
+from ..config import linear_module_names
 from ..errors import ConfigError
 from ..sites import Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
@@ -305,8 +306,6 @@ class LoraConfig(PeftConfig):
 
     def targets(self, base: GPT) -> list[str]:
         """The targeted linear layers' module names, in model order."""
-        from ..model import linear_module_names
-
         return match_modules(linear_module_names(base.config), self.target_modules)
 
     def validate(self, base: GPT) -> None:
@@ -526,7 +525,7 @@ class LoraSite:
         return y, (layer, cache)
 
     def backward(
-        self, dy: Array, cache: tuple, trainable: Collection[str], need_dx: bool
+        self, dy: Array, cache: tuple, trainable: Collection[str], need_dx: bool = True
     ) -> tuple[Array | None, dict[str, Array]]:
         layer, inner = cache
         if layer.weight in trainable:
@@ -541,3 +540,8 @@ class LoraSite:
             candidates = {layer.lora_A: dA, layer.lora_B: dB, layer.bias: db}
         grads = {name: g for name, g in candidates.items() if g is not None and name in trainable}
         return dx, grads
+
+    def owned(self, module: str) -> tuple[str, ...]:
+        layer = self.layers[module]
+        dora = (layer.magnitude,) if self.adapter.config.use_dora else ()
+        return layer.lora_A, layer.lora_B, *dora, layer.weight, layer.bias

@@ -138,6 +138,9 @@ class PrefixSite:
     def param_names(self) -> tuple[str, ...]:
         return PROJECTION_NAMES if self.projection else (PROMPT_EMBEDDINGS,)
 
+    def positions(self, params: Params) -> int:
+        return params[EMBEDDING if self.projection else PROMPT_EMBEDDINGS].shape[0]  # NV
+
     def forward(self, params: Params, batch_size: int) -> tuple[list[tuple[Array, Array]], tuple]:
         projection_cache = None
         if self.projection:

@@ -88,6 +88,9 @@ class PromptEmbeddingSite:
     def param_names(self) -> tuple[str, ...]:
         return (self.name,)
 
+    def positions(self, params: Mapping[str, Array]) -> int:
+        return params[self.name].shape[0]  # NV
+
     def forward(
         self, params: Mapping[str, Array], inputs_embeds: Array, attention_mask: Array | None
     ) -> tuple[Array, Array | None, int]:

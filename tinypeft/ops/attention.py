@@ -3,12 +3,20 @@ padding mask and optional past keys/values (a KV cache, or prefix tuning's prefi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
-from ..backend import namespace
+from ..backend import Array, namespace
 from .softmax import softmax_backward, softmax_forward
 
-Array = Any
+
+class AttentionCache(NamedTuple):
+    q: Array  # [B, NH, T, hs]
+    k: Array  # [B, NH, P+T, hs], the past included: with v, what a KV cache keeps
+    v: Array  # [B, NH, P+T, hs]
+    p: Array  # [B, NH, T, P+T], the attention weights
+    visible: Array
+    past_length: int
+    scale: float
 
 
 def attention_visibility(xp: Any, T: int, past_length: int = 0, attention_mask: Array | None = None) -> Array:
@@ -59,8 +67,8 @@ def attention_forward(
     hidden row that is not the derivative of its own (locally constant) forward. It matters only if
     a loss reads a fully hidden position; see docs/model.md.
 
-    Cache: q, k, v (k, v including the past), the attention weights p (B, NH, T, P+T), the
-    mask and P. The present k, v (cache[1], cache[2]) are what a KV cache keeps.
+    Cache (`AttentionCache`): q, k, v (k, v including the past), the attention weights p
+    (B, NH, T, P+T), the mask and P. Its k and v are what a KV cache keeps.
     """
     xp = namespace(qkv, past_key)
     C = qkv.shape[-1] // 3
@@ -77,10 +85,10 @@ def attention_forward(
     scores = xp.where(visible, scores, xp.finfo(scores.dtype).min)
     p, _ = softmax_forward(scores)
     y = p @ v  # [B, NH, T, S] @ [B, NH, S, hs] -> [B, NH, T, hs]
-    return merge_heads(y), (q, k, v, p, visible, P, scale)
+    return merge_heads(y), AttentionCache(q, k, v, p, visible, P, scale)
 
 
-def attention_backward(dy: Array, cache: tuple) -> tuple[Array, Array | None, Array | None]:
+def attention_backward(dy: Array, cache: AttentionCache) -> tuple[Array, Array | None, Array | None]:
     """Gradients of attention: (dqkv (B, T, 3C), dpast_key, dpast_value), the past ones None if no past.
 
     in the forward pass this was: s = q k^T * scale, s[hidden] = min, p = softmax(s), y = p v, so:

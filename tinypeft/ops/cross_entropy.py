@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..backend import namespace
-
-Array = Any
+from ..backend import Array, namespace
 
 IGNORE_INDEX = -100
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..backend import scatter_add_rows
-
-Array = Any
+from ..backend import Array, scatter_add_rows
 
 
 def embedding_forward(weight: Array, ids: Array) -> tuple[Array, tuple]:

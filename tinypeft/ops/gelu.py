@@ -6,11 +6,8 @@ The erf form differs from it by up to ~5e-4, so the name says which one this is.
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from ..backend import namespace
-
-Array = Any
+from ..backend import Array, namespace
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 CUBIC = 0.044715

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..backend import namespace
-
-Array = Any
+from ..backend import Array, namespace
 
 
 def layernorm_forward(x: Array, weight: Array, bias: Array, eps: float = 1e-5) -> tuple[Array, tuple]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-Array = Any
+from ..backend import Array
 
 
 def linear_forward(x: Array, weight: Array, bias: Array | None) -> tuple[Array, tuple]:
