@@ -95,9 +95,10 @@ def tune_allocator() -> bool:
 
     A NumPy forward pass allocates a fresh activation-sized array for nearly every operation. By
     default glibc serves each large one with a new mmap and returns it on free, so every operation
-    pays a page fault per 4 KiB of its output. Measured (LoRA r=8 on every linear, default config,
-    B 16, T 128, float32, a fresh process each): 93.7 ms a step tuned, 158.6 ms with glibc's defaults. With these settings the freed blocks are reused instead. The cost: the
-    process keeps its peak heap until it exits. Linux/glibc only; done once, when the first numpy
+    pays a page fault per 4 KiB of its output. With these settings the freed blocks are reused
+    instead. Measured (LoRA r=8 on every linear, default config, B 16, T 128, float32, a fresh process
+    each): 93.7 ms a step tuned, 158.6 ms with glibc's defaults. The cost: the process keeps its peak
+    heap until it exits. Linux/glibc only; done once, when the first numpy
     model is made; `TINYPEFT_KEEP_MALLOC=1` opts out. Returns whether the settings were applied.
     """
     global _allocator_tuned
