@@ -225,7 +225,7 @@ def _autograd_worker(args_tuple, conn) -> None:
 
     import tinypeft as tp
     from tinypeft import gpt
-    from tinypeft.ops.cross_entropy import causal_lm_loss_forward
+    from tinypeft.ops import causal_lm_loss_forward
 
     model = tp.GPT(tp.GPTConfig(vocab_size=256, n_positions=max(256, T), n_embd=n_embd, n_layer=n_layer, n_head=n_head))
     ids = np.random.default_rng(0).integers(0, 256, size=(B, T))

@@ -14,7 +14,7 @@ import pytest
 import tinypeft as tp
 from tinypeft import backend, runtime
 
-SOURCES = sorted((pathlib.Path(tp.__file__).parent).glob("ops/*.py")) + sorted(
+SOURCES = sorted((pathlib.Path(tp.__file__).parent).glob("ops.py")) + sorted(
     (pathlib.Path(tp.__file__).parent).glob("methods/*.py")
 )
 

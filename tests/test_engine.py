@@ -23,10 +23,10 @@ from strategies import cases, perturbed_model
 
 import tinypeft as tp
 from tinypeft import engine, gpt
+from tinypeft import ops as linear_module
 from tinypeft.generation import forward_cached
 from tinypeft.gradcheck import relative_error
-from tinypeft.ops import linear as linear_module
-from tinypeft.ops.cross_entropy import causal_lm_loss_backward, causal_lm_loss_forward
+from tinypeft.ops import causal_lm_loss_backward, causal_lm_loss_forward
 
 # every method, with its tensors drawn away from an identity start so that no gradient is trivially zero
 METHODS = {

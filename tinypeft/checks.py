@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, InputTypeError, TinyPeftError
-from .ops.cross_entropy import IGNORE_INDEX
+from .ops import IGNORE_INDEX
 
 
 def _host(a: Any, what: str) -> np.ndarray:

@@ -35,7 +35,7 @@ from . import checks, gpt, runtime
 from .backend import Array
 from .config import GPTConfig, module_locations, parameter_locations
 from .errors import InputError
-from .ops.cross_entropy import IGNORE_INDEX, causal_lm_loss_backward, causal_lm_loss_forward
+from .ops import IGNORE_INDEX, causal_lm_loss_backward, causal_lm_loss_forward
 from .sites import Location, Sites
 
 Grads = dict[str, Array]

@@ -71,7 +71,7 @@ class LinearCall(NamedTuple):
 class BlockCache(NamedTuple):
     ln_1: tuple
     c_attn: LinearCall
-    attn: Any  # ops.attention.AttentionCache: its k and v (past included) are what a KV cache keeps
+    attn: Any  # ops.AttentionCache: its k and v (past included) are what a KV cache keeps
     attn_proj: LinearCall
     ln_2: tuple
     mlp_fc: LinearCall

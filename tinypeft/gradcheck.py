@@ -129,7 +129,7 @@ def model_loss_fn(
     engine's backward (`engine.backward`, proven equal to the reference's in tests/engine).
     """
     from . import checks, engine, gpt
-    from .ops.cross_entropy import causal_lm_loss_backward, causal_lm_loss_forward
+    from .ops import causal_lm_loss_backward, causal_lm_loss_forward
 
     ids, mask = view.check_inputs(input_ids, attention_mask)
     if (labels is None) == (output_weights is None):
