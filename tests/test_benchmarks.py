@@ -30,3 +30,16 @@ def test_benchmark_smoke_run(tmp_path):
     assert all(t is not None and t > 0 for t in row.values()), row
     assert results["autograd"]["speedup"] > 0
     assert "| tinypeft full |" in done.stdout
+
+
+def test_reading_path_counts_the_reference_step():
+    """The figure docs/index.md gives for reading one LoRA step comes from this command."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.reading_path"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    first = done.stdout.splitlines()[0]
+    assert first.endswith("5 files"), first
+    files = [line.split()[1] for line in done.stdout.splitlines()[1:]]
+    assert {"tinypeft/ops.py", "tinypeft/gpt.py", "tinypeft/methods/lora.py"} <= set(files)
+    assert not {"tinypeft/engine.py", "tinypeft/checks.py", "tinypeft/runtime.py"} & set(files)  # no plumbing
