@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from tinypeft.cli import method_defaults
-from tinypeft.experiment import Lab, experiment_main
+from tinypeft.lab import Lab, experiment_main
 
 NAME = "forgetting"
 METHODS = {  # label: `tinypeft finetune --method` name

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from tinypeft.cli import method_defaults
-from tinypeft.experiment import Lab, experiment_main, finite
+from tinypeft.lab import Lab, experiment_main, finite
 
 NAME = "lr_sweep"
 RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from tinypeft.cli import method_defaults
-from tinypeft.experiment import Lab, experiment_main, plateau
+from tinypeft.lab import Lab, experiment_main, plateau
 
 NAME = "prompt_length"
 LENGTHS = (1, 5, 20, 50, 100)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from tinypeft.cli import method_defaults
-from tinypeft.experiment import Lab, experiment_main, plateau
+from tinypeft.lab import Lab, experiment_main, plateau
 
 NAME = "rank_sweep"
 RANKS = (1, 2, 4, 8, 16, 32, 64)

@@ -11,7 +11,8 @@ import pytest
 import tinypeft as tp
 from tinypeft.cli import method_defaults
 from tinypeft.data import load_corpus
-from tinypeft.experiment import QUICK, Lab, finetune, peak_training_memory, plateau, validation_losses
+from tinypeft.experiment import finetune, validation_losses
+from tinypeft.lab import QUICK, Lab, peak_training_memory, plateau
 from tinypeft.train import TrainConfig, TrainResult
 
 CFG = tp.GPTConfig(vocab_size=256, n_positions=64, n_embd=16, n_layer=1, n_head=2)
