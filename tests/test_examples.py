@@ -107,3 +107,24 @@ def test_lr_sweep(tmp_path):
         runs = [run for run in results["runs"] if run["method"] == method]
         assert summary["best_task_loss"] == min(run["task_after"] for run in runs)
         assert summary["best_lr"] in summary["good_rates"]
+
+
+def test_own_method_check(tmp_path):
+    """examples/own_method/check.py, the script of docs/write_a_method.md, run as a user runs it (from any
+    directory): the harness passes the toy method on every default case and prints each tensor's errors."""
+    from tinypeft.harness import DEFAULT_CASES
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "own_method" / "check.py")],
+        cwd=tmp_path,
+        env=os.environ | {"PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.startswith("method ssf: ok")
+    for case in DEFAULT_CASES:
+        assert f"case {case.name}: loss_and_grad" in done.stdout
+    assert "base_model.model.transformer.h.0.attn.c_attn.ssf_scale" in done.stdout
+    assert "FAILED" not in done.stdout and done.stdout.rstrip().endswith("merged = unmerged")
