@@ -6,10 +6,14 @@ in nats per token is a loss per byte (divide by ln 2 for bits per byte).
 Built-in corpora, no download needed:
 - "prose": the documentation topics of `pydoc_data.topics` (the text `help("if")` shows), ~0.5 MB;
 - "code": the Python standard library's own `.py` sources (tests excluded).
-A path to a text file, or to a folder of .txt/.md/.py files, is a corpus too.
+A path to a text file, or to a folder of .txt/.md/.py/.rst files, is a corpus too. Files are read as
+raw bytes, so a Latin-1 or binary corpus is trained on exactly as it is (the vocabulary is bytes);
+only regular files are read, up to MAX_CORPUS_FILE_BYTES each and MAX_CORPUS_BYTES in all.
 
 Documents are split into train/validation by a hash of their name (one in ten to validation), so
-the split is deterministic and does not move when a document is added elsewhere.
+the split is deterministic and does not move when a document is added elsewhere. When that leaves
+one side empty (a single file, or a folder whose every name hashes alike), the joined text is split
+by content instead: its last tenth is the validation split.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ VOCAB_SIZE = 256
 BUILTIN_CORPORA = ("prose", "code")
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 _SKIPPED_STDLIB_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+MAX_CORPUS_FILE_BYTES = 1 << 30
+MAX_CORPUS_BYTES = 4 << 30
+SEPARATOR = b"\n\n"  # between documents
 
 
 def encode(text: str) -> np.ndarray:
@@ -58,14 +65,14 @@ class Corpus:
         return f"{self.name}: {self.documents} documents, {len(self.train):,d} train / {len(self.val):,d} val bytes"
 
 
-def prose_documents() -> list[tuple[str, str]]:
-    """The pydoc topics, by name."""
+def prose_documents() -> list[tuple[str, bytes]]:
+    """The pydoc topics, by name, as UTF-8 bytes."""
     from pydoc_data.topics import topics
 
-    return sorted(topics.items())
+    return [(name, text.encode("utf-8")) for name, text in sorted(topics.items())]
 
 
-def code_documents(max_bytes: int | None = 6_000_000) -> list[tuple[str, str]]:
+def code_documents(max_bytes: int | None = 6_000_000) -> list[tuple[str, bytes]]:
     """Standard-library .py sources by relative path, tests and site-packages skipped, in sorted path
     order until max_bytes (about 6 MB by default: more than a CPU run can use, cheap to load)."""
     root = sysconfig.get_paths()["stdlib"]
@@ -81,27 +88,33 @@ def code_documents(max_bytes: int | None = 6_000_000) -> list[tuple[str, str]]:
                     text = fh.read()
             except (OSError, UnicodeDecodeError):
                 continue
-            docs.append((os.path.relpath(path, root), text))
+            docs.append((os.path.relpath(path, root), text.encode("utf-8")))
             total += len(text)
             if max_bytes is not None and total >= max_bytes:
                 return docs
     return docs
 
 
-def folder_documents(path: str) -> list[tuple[str, str]]:
-    """A text file, or every text file under a folder (sorted), as documents."""
-    if os.path.isfile(path):
-        files = [path]
-    elif os.path.isdir(path):
+def folder_documents(path: str) -> list[tuple[str, bytes]]:
+    """A file, or every text file under a folder (sorted), as documents of raw bytes."""
+    from .io import check_regular_file
+
+    if os.path.isdir(path):
         files = sorted(
             os.path.join(folder, f) for folder, _, names in os.walk(path) for f in names if f.endswith(TEXT_SUFFIXES)
         )
+    elif os.path.lexists(path):
+        files = [path]
     else:
         raise ConfigError(f"corpus {path!r} is neither one of {BUILTIN_CORPORA} nor an existing file or folder")
-    docs = []
+    docs, total = [], 0
     for f in files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            docs.append((os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f), fh.read()))
+        total += check_regular_file(f, MAX_CORPUS_FILE_BYTES)
+        if total > MAX_CORPUS_BYTES:
+            raise ConfigError(f"corpus {path!r} holds over {MAX_CORPUS_BYTES:,d} bytes; a corpus is read up to that")
+        with open(f, "rb") as fh:
+            data = fh.read(MAX_CORPUS_FILE_BYTES + 1)
+        docs.append((os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f), data))
     if not docs:
         raise ConfigError(f"corpus folder {path!r} holds no {TEXT_SUFFIXES} files")
     return docs
@@ -112,24 +125,25 @@ def is_validation(name: str) -> bool:
 
 
 def load_corpus(name: str) -> Corpus:
-    """ "prose", "code", or a path; documents joined by blank lines, split by `is_validation`."""
+    """ "prose", "code", or a path; documents joined by blank lines, split by `is_validation` (or by
+    content, when that leaves a side empty)."""
     if name == "prose":
         docs = prose_documents()
     elif name == "code":
         docs = code_documents()
     else:
         docs = folder_documents(name)
-    train = [text for doc, text in docs if not is_validation(doc)]
-    val = [text for doc, text in docs if is_validation(doc)]
-    if not val:  # a single-file corpus: hold out its last tenth
-        text = "\n\n".join(train)
-        cut = int(len(text) * 0.9)
-        train, val = [text[:cut]], [text[cut:]]
-
-    def as_bytes(texts: list[str]) -> np.ndarray:
-        return np.frombuffer("\n\n".join(texts).encode("utf-8"), dtype=np.uint8)
-
-    return Corpus(name, as_bytes(train), as_bytes(val), len(docs))
+    train = SEPARATOR.join(data for doc, data in docs if not is_validation(doc))
+    val = SEPARATOR.join(data for doc, data in docs if is_validation(doc))
+    if not train or not val:  # a single file, or names that all hash alike: hold out the last tenth
+        joined = SEPARATOR.join(data for _, data in docs)
+        cut = int(len(joined) * 0.9)
+        train, val = joined[:cut], joined[cut:]
+    if not train or not val:
+        raise ConfigError(
+            f"corpus {name!r} holds {len(train) + len(val)} bytes; too few to split into train and validation"
+        )
+    return Corpus(name, np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8), len(docs))
 
 
 def random_batch(data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,5 +1,21 @@
 """Files: atomic writes, safetensors and JSON with clear errors, transformers/PEFT interchange."""
 
-from .files import atomic_write_bytes, load_json, load_safetensors, save_json, save_safetensors
+from .files import (
+    atomic_write_bytes,
+    check_regular_file,
+    check_write_target,
+    load_json,
+    load_safetensors,
+    save_json,
+    save_safetensors,
+)
 
-__all__ = ["atomic_write_bytes", "load_json", "load_safetensors", "save_json", "save_safetensors"]
+__all__ = [
+    "atomic_write_bytes",
+    "check_regular_file",
+    "check_write_target",
+    "load_json",
+    "load_safetensors",
+    "save_json",
+    "save_safetensors",
+]

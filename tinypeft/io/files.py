@@ -2,9 +2,14 @@
 
 Writes never leave a half-written file: the bytes go to a temporary name in the same folder, are
 flushed and fsynced, then renamed over the target (an atomic step on POSIX and Windows), and the
-folder is fsynced so the rename itself survives a crash. Reads turn every way a file can be bad
-(missing, truncated, not safetensors, not JSON, a pickle) into a `CheckpointError` naming the file.
-No pickle is ever loaded.
+folder is fsynced so the rename itself survives a crash. A rename replaces whatever has the name, so a
+writer refuses a target that exists and is not a regular file (a device such as /dev/null, a FIFO, a
+folder) or is a symbolic link (the rename would replace the link, not write where it points).
+
+Reads accept regular files only (a FIFO would block forever, a link to /dev/zero would read until
+memory runs out), up to a size limit stated in the error, and turn every way a file can be bad
+(missing, too large, truncated, not safetensors, not JSON, a pickle) into a `CheckpointError` naming
+the file. No pickle is ever loaded.
 """
 
 from __future__ import annotations
@@ -12,24 +17,80 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 SAFETENSORS_DTYPES = ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 # mkstemp creates files readable by the owner only; a saved model should get the permissions any
 # other new file gets. The umask can only be read by setting it, so read it once, at import.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+MAX_JSON_BYTES = 64 << 20  # a config or a state file; the largest tinypeft writes is well under 1 MiB
+MAX_TENSOR_FILE_BYTES = 16 << 30  # gpt2-xl in float32 is 6.4 GB
+
+
+def check_write_target(path: str | os.PathLike) -> None:
+    """Raise ConfigError if `path` exists and is not a regular file, or is a symbolic link."""
+    path = os.fspath(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); tinypeft writes a file by atomically replacing "
+            "it, which would replace the link: give the path of the file itself"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(
+            f"{path} exists and is {_kind(st.st_mode)}, not a regular file; tinypeft writes a file by atomically "
+            "replacing it, which would replace that: give the path of a file"
+        )
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_regular_file(path: str, limit: int) -> int:
+    """The size of `path`, a regular file (links followed) of at most `limit` bytes, else a CheckpointError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(f"{path} is a folder; expected a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{path} is {_kind(st.st_mode)}, not a regular file; tinypeft reads regular files only")
+    if st.st_size > limit:
+        raise CheckpointError(f"{path} is {st.st_size:,d} bytes; files of this kind are read up to {limit:,d} bytes")
+    return st.st_size
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the complete new one."""
     path = os.fspath(path)
+    check_write_target(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -66,7 +127,7 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def load_json(path: str | os.PathLike) -> Any:
-    data = _read(path)
+    data = _read(path, MAX_JSON_BYTES)
     try:
         return json.loads(data.decode("utf-8"))
     # ValueError covers JSONDecodeError, UnicodeDecodeError and integers longer than Python's
@@ -91,7 +152,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file, or a CheckpointError saying why the file is unreadable."""
     from safetensors.numpy import load
 
-    data = _read(path)
+    data = _read(path, MAX_TENSOR_FILE_BYTES)
     if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
         raise CheckpointError(
             f"{os.fspath(path)} is a pickle or a torch .bin/.pt archive; tinypeft never loads pickles "
@@ -136,14 +197,16 @@ def _described_data_length(header: bytes) -> int | None:
         return None
 
 
-def _read(path: str | os.PathLike) -> bytes:
+def _read(path: str | os.PathLike, limit: int) -> bytes:
     path = os.fspath(path)
+    check_regular_file(path, limit)
     try:
         with open(path, "rb") as f:
-            return f.read()
+            data = f.read(limit + 1)  # bounded even if the file grew since it was checked
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a folder; expected a file") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+    if len(data) > limit:
+        raise CheckpointError(f"{path} is over {limit:,d} bytes; files of this kind are read up to {limit:,d} bytes")
+    return data
