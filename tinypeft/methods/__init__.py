@@ -1,23 +1,24 @@
-"""PEFT methods, one file each. Importing this package registers every method's config type so
-adapter_config.json files of any of them load."""
+"""PEFT methods, one file each. Importing a file registers its config types (so adapter_config.json files
+of the method load) and its `MethodSpec` (tinypeft/methods/registry.py), one line per method below.
 
-from .adapter import AdapterConfig
-from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
-from .ia3 import IA3Config
+The order of those lines is the order the program lists the methods in: the golden vectors' index
+and the CLI's method options. A new method appends its line.
+"""
+
+# isort: off
+from .selective import BitFitConfig, LastBlocksConfig, LNTuningConfig, SelectiveConfig, freeze, trainable_only, unfreeze
 from .lora import LoraConfig
-from .prefix import PrefixTuningConfig
 from .prompt import PromptTuningConfig
-from .selective import (
-    BitFitConfig,
-    LastBlocksConfig,
-    LNTuningConfig,
-    SelectiveConfig,
-    freeze,
-    trainable_only,
-    unfreeze,
-)
+from .prefix import PrefixTuningConfig
+from .ia3 import IA3Config
+from .adapter import AdapterConfig
+
+# isort: on
+from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
+from .registry import METHODS, MethodSpec, method
 
 __all__ = [
+    "METHODS",
     "PEFT_PREFIX",
     "Adapter",
     "AdapterConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "LNTuningConfig",
     "LastBlocksConfig",
     "LoraConfig",
+    "MethodSpec",
     "PeftConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
@@ -33,6 +35,7 @@ __all__ = [
     "freeze",
     "match_modules",
     "match_parameters",
+    "method",
     "trainable_only",
     "unfreeze",
 ]

@@ -24,6 +24,7 @@ change of W and b reproduces it.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from ..errors import ConfigError, MergeError
 from ..ops import gelu_tanh_backward, gelu_tanh_forward, linear_backward, linear_forward
 from ..sites import Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, register
+from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -256,3 +258,60 @@ class BottleneckAdapter(Adapter):
             "(the non-linearity sits between the two projections), so no change of the base weights computes it; "
             "keep the PeftModel to use the adapter"
         )
+
+
+# ------------------------------------------------------------------ the registry's entry
+def _build(args: argparse.Namespace) -> AdapterConfig:
+    return AdapterConfig(
+        bottleneck_size=args.bottleneck_size, non_linearity=args.non_linearity, placement=args.placement
+    )
+
+
+def _error_cases() -> list[ErrorCase]:
+    return [
+        ErrorCase("bottleneck_size 0", as_is, ConfigError, ("bottleneck_size", "got 0", ">= 1"),
+                  config=lambda: AdapterConfig(bottleneck_size=0)),
+        ErrorCase("adapter non_linearity unknown", as_is, ConfigError,
+                  ("'swish'", "'gelu_tanh', 'relu', 'silu', 'tanh'"),
+                  config=lambda: AdapterConfig(non_linearity="swish")),
+        ErrorCase("adapter placement unknown", as_is, ConfigError, ("'everywhere'", "'attn', 'both', 'mlp'"),
+                  config=lambda: AdapterConfig(placement="everywhere")),
+        ErrorCase("adapter non_linearity unhashable", as_is, ConfigError, ("non_linearity", "['relu']", "one of"),
+                  config=lambda: AdapterConfig(non_linearity=["relu"])),
+        ErrorCase("adapter placement unhashable", as_is, ConfigError, ("placement", "{'both': 1}", "one of"),
+                  config=lambda: AdapterConfig(placement={"both": 1})),
+        ErrorCase("merging bottleneck adapters", lambda model: model.merge_and_unload(), MergeError,
+                  ("bottleneck adapters cannot be merged", "not linear"), config=AdapterConfig),
+    ]  # fmt: skip
+
+
+register_method(MethodSpec(
+    name="adapter",
+    help="bottleneck adapters after attn.c_proj and mlp.c_proj",
+    default_lr=3e-3,
+    build=_build,
+    example=lambda cfg: AdapterConfig(bottleneck_size=2, init_weights=False),
+    flags=(
+        Flag(("--bottleneck_size",), {"type": int, "default": 16, "help": "bottleneck width"}),
+        Flag(("--non_linearity",), {"choices": ["relu", "gelu_tanh", "tanh", "silu"], "default": "relu",
+             "help": "activation"}),
+        Flag(("--placement",), {"choices": ["both", "attn", "mlp"], "default": "both",
+             "help": "after attention, MLP, or both"}),
+    ),
+    golden_cases=(
+        GoldenCase("bottleneck_adapter", "relu", "relu, size 3, after attn.c_proj and mlp.c_proj", ODD_EPS,
+                   lambda: AdapterConfig(bottleneck_size=3, non_linearity="relu"), Batch(2, 7), seed=30),
+        GoldenCase("bottleneck_adapter", "gelu_attn", "gelu_tanh, size 4, after attn.c_proj only; padded batch", SMALL,
+                   lambda: AdapterConfig(bottleneck_size=4, non_linearity="gelu_tanh", placement="attn"),
+                   Batch(3, 8, "mixed"), seed=26),
+        GoldenCase("bottleneck_adapter", "silu_rank1", "silu, size 1, after mlp.c_proj only", SMALL,
+                   lambda: AdapterConfig(bottleneck_size=1, non_linearity="silu", placement="mlp"), Batch(2, 6),
+                   seed=27),
+        GoldenCase("bottleneck_adapter", "tanh", "tanh, size 2, both places; padded batch", ODD_EPS,
+                   lambda: AdapterConfig(bottleneck_size=2, non_linearity="tanh"), Batch(3, 8, "mixed"), seed=28),
+    ),
+    error_cases=_error_cases,
+    peft_files="PEFT has no bottleneck adapters: base_model.model.<module>.adapter_down/adapter_up.{weight,bias} "
+    "with peft_type BOTTLENECK_ADAPTER, which only tinypeft loads; and no merge either (the non-linearity sits "
+    "between the projections), so keep a PeftModel (or `tinypeft eval`/`generate --adapter`) to use one",
+))  # fmt: skip

@@ -120,6 +120,12 @@ class Adapter:
     def merge_error(self) -> MergeError:
         return MergeError(f"{self.config.peft_type} has no merge")
 
+    def derived(self) -> dict[str, np.ndarray]:
+        """Tensors, in float64, that a port computes from the config and the base weights rather than
+        reading them from the weights file (PiSSA's residual, a prompt's TEXT init): the golden vectors
+        hold them, to check a port's. None by default."""
+        return {}
+
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, np.ndarray]:
         return {k: to_numpy(v).copy() for k, v in self.params.items()}

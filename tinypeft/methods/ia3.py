@@ -20,6 +20,7 @@ the vector (n,) for the math, saves PEFT's shapes and loads either.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -28,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import linear_module_names
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..ops import linear_backward, linear_forward
 from ..sites import Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
+from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -228,3 +230,59 @@ class IA3Adapter(Adapter):
         feedforward = next((ff for n, ff in self.vectors.values() if n == name), False)
         peft_shape = (1, value.size) if feedforward else (value.size, 1)
         return value.reshape(-1) if value.shape == peft_shape else value
+
+
+# ------------------------------------------------------------------ the registry's entry
+def _build(args: argparse.Namespace) -> IA3Config:
+    def names(value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(value)
+
+    return IA3Config(target_modules=names(args.target_modules), feedforward_modules=names(args.feedforward_modules))
+
+
+def _error_cases() -> list[ErrorCase]:
+    return [
+        ErrorCase("IA3 target_modules not names", as_is, ConfigError,
+                  ("target_modules", "got 5", "list of names or a regex"), config=lambda: IA3Config(target_modules=5)),
+        ErrorCase("IA3 feedforward_modules not among the targets", as_is, ConfigError,
+                  ("['mlp.c_proj']", "subset of target_modules", "['c_attn']"),
+                  config=lambda: IA3Config(target_modules=["c_attn"], feedforward_modules=["mlp.c_proj"])),
+        ErrorCase("IA3 target that does not exist", as_is, ConfigError,
+                  ("'c_nothing'", "matches no module", "'attn.c_attn'", "'mlp.c_proj'"),
+                  config=lambda: IA3Config(target_modules=["c_nothing"], feedforward_modules=[])),
+        ErrorCase("IA3 target that is not a linear layer", as_is, ConfigError,
+                  ("'ln_1'", "matches no module", "'attn.c_attn'"),
+                  config=lambda: IA3Config(target_modules=["ln_1"], feedforward_modules=[])),
+        ErrorCase("IA3 init_ia3_weights not a bool", as_is, ConfigError, ("init_ia3_weights", "'yes'", "True or False"),
+                  config=lambda: IA3Config(init_ia3_weights="yes")),
+        ErrorCase("IA3 feedforward_modules entry not a string (adapter_config.json)",
+                  lambda base: PeftConfig.from_dict({"peft_type": "IA3", "feedforward_modules": [None]}),
+                  CheckpointError, ("adapter_config.json", "feedforward_modules", "[None]", "non-empty module names")),
+    ]  # fmt: skip
+
+
+register_method(MethodSpec(
+    name="ia3",
+    help="IA3: learned scaling of c_attn outputs and mlp.c_proj inputs",
+    default_lr=2e-2,
+    build=_build,
+    example=lambda cfg: IA3Config(init_ia3_weights=False),
+    flags=(
+        Flag(("--target_modules",), {"nargs": "+", "default": None, "metavar": "NAME", "help": "layers to adapt "
+             "(PEFT matching: a name or a suffix such as c_attn); default: PEFT's for gpt2"}),
+        Flag(("--feedforward_modules",), {"nargs": "+", "default": None, "metavar": "NAME",
+             "help": "targets scaled on input"}),
+    ),
+    golden_cases=(
+        GoldenCase("ia3", "odd", "PEFT's gpt2 defaults: c_attn scaled on its output, mlp.c_proj on its input",
+                   ODD_EPS, IA3Config, Batch(2, 7), seed=23),
+        GoldenCase("ia3", "padded", "every linear layer; both MLP layers scaled on their input; padded batch", SMALL,
+                   lambda: IA3Config(target_modules=["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+                                     feedforward_modules=["mlp.c_fc", "mlp.c_proj"]),
+                   Batch(3, 8, "mixed"), seed=24),
+    ),
+    error_cases=_error_cases,
+    peft_files="PEFT's IA3: base_model.model.<module>.ia3_l in PEFT's shapes, (out, 1), or (1, in) for a "
+    "feedforward module, and PEFT's adapter_config.json fields, so an adapter loads in PEFT and back",
+    loads_in_peft=True,
+))  # fmt: skip

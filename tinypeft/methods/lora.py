@@ -19,6 +19,7 @@ lists where tinypeft deliberately differs from PEFT. Tensor names are PEFT's fil
 
 from __future__ import annotations
 
+import argparse
 import math
 import warnings
 from collections.abc import Collection, Mapping
@@ -32,6 +33,7 @@ from ..config import linear_module_names
 from ..errors import ConfigError
 from ..sites import Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
+from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -421,6 +423,10 @@ class LoraAdapter(Adapter):
         """The frozen weight the layer's update adds to: PiSSA's residual, or the base's own W."""
         return self.residual_weights.get(layer.module, base_params[layer.weight])
 
+    def derived(self) -> dict[str, np.ndarray]:
+        """PiSSA's frozen residual weight of each target, which a port computes by the same SVD."""
+        return {f"{m}.pissa_residual": to_numpy(w).astype(np.float64) for m, w in self.residual_weights.items()}
+
     def sites(self, training: bool = False) -> Sites:
         p = self.config.lora_dropout
         key = int(self._dropout_keys.integers(2**63)) if training and p > 0 else None
@@ -546,3 +552,110 @@ class LoraSite:
         layer = self.layers[module]
         dora = (layer.magnitude,) if self.adapter.config.use_dora else ()
         return layer.lora_A, layer.lora_B, *dora, layer.weight, layer.bias
+
+
+# ===================================================================== the registry's entry
+def _build(args: argparse.Namespace) -> LoraConfig:
+    init = {"true": True, "false": False}.get(args.init_lora_weights, args.init_lora_weights)
+    return LoraConfig(
+        r=args.rank,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.rank,
+        lora_dropout=args.lora_dropout,
+        target_modules=None if args.target_modules is None else list(args.target_modules),
+        use_rslora=args.use_rslora,
+        use_dora=args.use_dora,
+        init_lora_weights=init,
+        bias=args.bias,
+    )
+
+
+FLAGS = (
+    Flag(("--target_modules",), {"nargs": "+", "default": None, "metavar": "NAME", "help": "layers to adapt "
+         "(PEFT matching: a name or a suffix such as c_attn); default: PEFT's for gpt2"}),
+    Flag(("--rank", "-r"), {"dest": "rank", "type": int, "default": 8, "help": "rank r"}),
+    Flag(("--lora_alpha",), {"type": float, "default": None, "help": "scale numerator (default 2 * rank)"}),
+    Flag(("--lora_dropout",), {"type": float, "default": 0.0, "help": "dropout on the LoRA branch"}),
+    Flag(("--use_rslora",), {"action": "store_true", "help": "scale by alpha / sqrt(r) (rsLoRA)"}),
+    Flag(("--use_dora",), {"action": "store_true", "help": "weight-decomposed LoRA (DoRA)"}),
+    Flag(("--init_lora_weights",), {"choices": ["true", "false", "gaussian", "pissa"], "default": "true",
+         "help": "B = 0 with A uniform (true) or gaussian; false: both random; pissa: from the SVD of W"}),
+    Flag(("--bias",), {"choices": ["none", "all", "lora_only"], "default": "none", "help": "which biases train"}),
+)  # fmt: skip
+
+ALL_LINEAR = ["c_attn", "c_proj", "c_fc"]
+GOLDEN_CASES = (
+    GoldenCase("lora", "odd", "r=2 on every kind of linear layer", ODD_EPS,
+               lambda: LoraConfig(r=2, lora_alpha=3, target_modules=ALL_LINEAR), Batch(2, 7), seed=6),
+    GoldenCase("lora", "rank1", "r=1 on c_attn (PEFT's default target)", SMALL,
+               lambda: LoraConfig(r=1, lora_alpha=2), Batch(2, 6), seed=7),
+    GoldenCase("lora", "padded", "r=2, bias='all' (every bias trains too); padded batch", SMALL,
+               lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "mlp.c_proj"], bias="all"),
+               Batch(3, 8, "mixed"), seed=8),
+    GoldenCase("rslora", "odd", "rsLoRA r=3: s = alpha / sqrt(r)", ODD_EPS,
+               lambda: LoraConfig(r=3, lora_alpha=2, use_rslora=True, target_modules=["c_attn", "c_fc"]),
+               Batch(2, 7), seed=9),
+    GoldenCase("rslora", "rank1", "rsLoRA r=1 on both c_proj; padded batch", SMALL,
+               lambda: LoraConfig(r=1, lora_alpha=3, use_rslora=True, target_modules=["c_proj"]),
+               Batch(3, 8, "mixed"), seed=10),
+    GoldenCase("dora", "odd", "DoRA r=2 on every kind of linear layer", ODD_EPS,
+               lambda: LoraConfig(r=2, lora_alpha=3, use_dora=True, target_modules=ALL_LINEAR), Batch(2, 7), seed=11),
+    GoldenCase("dora", "rank1", "DoRA with rsLoRA, r=1 on c_attn", SMALL,
+               lambda: LoraConfig(r=1, lora_alpha=2, use_dora=True, use_rslora=True), Batch(2, 6), seed=12),
+    GoldenCase("dora", "padded", "DoRA r=2 on the MLP, bias='lora_only'; padded batch", SMALL,
+               lambda: LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["mlp.c_fc", "mlp.c_proj"],
+                                  bias="lora_only"),
+               Batch(3, 8, "mixed"), seed=13),
+    GoldenCase("pissa", "odd", "PiSSA r=2 on c_attn and both c_proj", ODD_EPS,
+               lambda: LoraConfig(r=2, lora_alpha=2, init_lora_weights="pissa", target_modules=["c_attn", "c_proj"]),
+               Batch(2, 7), seed=14),
+    GoldenCase("pissa", "rank1", "PiSSA with DoRA, r=1 on c_attn and c_fc; padded batch", SMALL,
+               lambda: LoraConfig(r=1, lora_alpha=1, init_lora_weights="pissa", use_dora=True,
+                                  target_modules=["c_attn", "c_fc"]),
+               Batch(3, 8, "mixed"), seed=15),
+)  # fmt: skip
+
+
+def _error_cases() -> list[ErrorCase]:
+    def refused(when: str, config: Any, says: tuple[str, ...]) -> ErrorCase:
+        return ErrorCase(when, as_is, ConfigError, says, config=config)
+
+    return [
+        refused("LoRA r = 0", lambda: LoraConfig(r=0), ("LoraConfig.r", "got 0", "positive integer")),
+        refused("LoRA r not an integer", lambda: LoraConfig(r=2.0), ("got 2.0", "positive integer")),
+        refused("LoRA r > min(in, out)", lambda: LoraConfig(r=9),
+                ("r=9", "min(8, 24)", "transformer.h.0.attn.c_attn", "r <= 8")),
+        refused("LoRA huge r (answered at once)", lambda: LoraConfig(r=10**12), ("r=1000000000000", "r <= 8")),
+        refused("LoRA lora_alpha not finite", lambda: LoraConfig(lora_alpha=float("nan")),
+                ("lora_alpha", "nan", "positive finite number")),
+        refused("LoRA lora_dropout = 1", lambda: LoraConfig(lora_dropout=1.0), ("lora_dropout", "1.0", "[0, 1)")),
+        refused("LoRA lora_dropout negative", lambda: LoraConfig(lora_dropout=-0.1),
+                ("lora_dropout", "-0.1", "[0, 1)")),
+        refused("LoRA target that does not exist", lambda: LoraConfig(target_modules=["q_proj"]),
+                ("'q_proj'", "matches no module", "'attn.c_attn'", "'attn.c_proj'", "'mlp.c_fc'", "'mlp.c_proj'")),
+        refused("LoRA target that is not a linear layer", lambda: LoraConfig(target_modules=["wte"]),
+                ("'wte'", "matches no module", "'attn.c_attn'")),
+        refused("LoRA bias unknown", lambda: LoraConfig(bias="some"), ("'some'", "'none', 'all', 'lora_only'")),
+        refused("LoRA init_lora_weights unknown", lambda: LoraConfig(init_lora_weights="xavier"),
+                ("'xavier'", "True, False, 'gaussian', 'pissa'")),
+        refused("LoRA use_dora not a bool", lambda: LoraConfig(use_dora="yes"), ("use_dora", "'yes'", "True or False")),
+        refused("LoRA option of PEFT's that tinypeft lacks", lambda: LoraConfig(rank_pattern={"c_attn": 4}),
+                ("rank_pattern", "does not implement", "defaults")),
+    ]  # fmt: skip
+
+
+register_method(MethodSpec(
+    name="lora",
+    help="LoRA on --target_modules (rsLoRA, DoRA, PiSSA by flag); its rate was picked by a sweep, see the README",
+    default_lr=1e-2,
+    build=_build,
+    example=lambda cfg: LoraConfig(r=1, target_modules=ALL_LINEAR, init_lora_weights=False),
+    flags=FLAGS,
+    golden_cases=GOLDEN_CASES,
+    error_cases=_error_cases,
+    peft_files="PEFT's LORA: base_model.model.<module>.lora_A.weight (r, in) and .lora_B.weight (out, r), "
+    ".lora_magnitude_vector (DoRA), .base_layer.bias (bias='all' or 'lora_only'), and PEFT's adapter_config.json "
+    "fields, so an adapter loads in PEFT and back (PiSSA's residual is not saved: loading recomputes it from the "
+    "base by the same SVD, as PEFT does)",
+    loads_in_peft=True,
+    default=True,
+))  # fmt: skip

@@ -27,6 +27,7 @@ attention weight (their values are 0, so the output shrinks). No finite prefix i
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,10 +35,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backend import namespace, to_numpy
-from ..errors import CheckpointError, ConfigError, MergeError
+from ..errors import CheckpointError, ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
-from .virtual_tokens import VirtualTokenConfig
+from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
+from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -267,3 +269,64 @@ class PrefixTuningAdapter(Adapter):
             "attends to, not a change to any weight, so there is nothing to fold into the base model; keep the "
             "PeftModel (or save the adapter) to use them"
         )
+
+
+# ------------------------------------------------------------------ the registry's entry
+def _build(args: argparse.Namespace) -> PrefixTuningConfig:
+    return PrefixTuningConfig(
+        num_virtual_tokens=args.num_virtual_tokens,
+        prefix_projection=args.prefix_projection,
+        encoder_hidden_size=args.encoder_hidden_size,
+    )
+
+
+def _prefix(**kw: Any) -> Any:
+    """A factory of a PrefixTuningConfig with 4 virtual tokens, or what `kw` says."""
+    return lambda: PrefixTuningConfig(**{"num_virtual_tokens": 4, **kw})
+
+
+def _error_cases() -> list[ErrorCase]:
+    return [
+        ErrorCase("prefix tuning: NV + T > n_positions", lambda model: model(np.zeros((1, 10), int)), InputError,
+                  ("20 positions", "n_positions=16", "at most 6 tokens"), config=_prefix(num_virtual_tokens=10)),
+        ErrorCase("virtual-token adapter for another model shape", as_is, ConfigError,
+                  ("token_dim=16", "base model has 8"), config=_prefix(token_dim=16)),
+        ErrorCase("prefix_projection not a bool", as_is, ConfigError, ("prefix_projection", "'yes'", "True or False"),
+                  config=_prefix(prefix_projection="yes")),
+        ErrorCase("prefix encoder_hidden_size 0", as_is, ConfigError,
+                  ("encoder_hidden_size", "got 0", "positive integer"), config=_prefix(encoder_hidden_size=0)),
+        ErrorCase("prefix init_weights unknown", as_is, ConfigError, ("'ones'", "(None, 'zero')"),
+                  config=_prefix(init_weights="ones")),
+        ErrorCase("merging prefix tuning", lambda model: model.merge_adapter(), MergeError,
+                  ("prefix tuning cannot be merged",), config=_prefix()),
+    ]  # fmt: skip
+
+
+register_method(MethodSpec(
+    name="prefix",
+    help="prefix tuning: trainable keys/values in every layer",
+    default_lr=1e-2,
+    build=_build,
+    example=lambda cfg: PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=5),
+    flags=(
+        NUM_VIRTUAL_TOKENS,
+        Flag(("--prefix_projection",), {"action": "store_true", "help": "reparameterise through a tanh MLP"}),
+        Flag(("--encoder_hidden_size",), {"type": int, "default": None, "help": "MLP width (default n_embd)"}),
+    ),
+    golden_cases=(
+        GoldenCase("prefix_tuning", "table", "the (NV, 2LC) table, 3 virtual tokens", ODD_EPS,
+                   lambda: PrefixTuningConfig(num_virtual_tokens=3), Batch(2, 7), seed=19),
+        GoldenCase("prefix_tuning", "table_limit", "the table; NV + T = n_positions; padded batch", SMALL,
+                   lambda: PrefixTuningConfig(num_virtual_tokens=4), Batch(2, 8, "ends"), seed=20),
+        GoldenCase("prefix_tuning", "projection", "prefix_projection=True, hidden size 5", ODD_EPS,
+                   lambda: PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=5),
+                   Batch(2, 7), seed=21),
+        GoldenCase("prefix_tuning", "projection_padded", "prefix_projection=True, hidden size n_embd; padded batch",
+                   SMALL, lambda: PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True),
+                   Batch(3, 8, "mixed"), seed=22),
+    ),
+    error_cases=_error_cases,
+    peft_files="PEFT's PREFIX_TUNING: the (NV, 2LC) table as prompt_embeddings (with prefix_projection, the table "
+    "the MLP computes, as PEFT saves it) and PEFT's adapter_config.json fields, so an adapter loads in PEFT and back",
+    loads_in_peft=True,
+))  # fmt: skip

@@ -22,6 +22,7 @@ of the rows in float64). In float32 the two are identical. See docs/prompt_tunin
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -30,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backend import namespace, to_numpy
-from ..errors import ConfigError, MergeError
+from ..errors import ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
-from .virtual_tokens import VirtualTokenConfig
+from .registry import BYTES, ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
+from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -170,6 +172,12 @@ class PromptTuningAdapter(Adapter):
     def sites(self, training: bool = False) -> Sites:
         return Sites(embedding=PromptEmbeddingSite())
 
+    def derived(self) -> dict[str, np.ndarray]:
+        """A TEXT-initialised table: the wte rows of the text's bytes, which a port computes from the base."""
+        if self.config.prompt_tuning_init != "TEXT":
+            return {}
+        return {PROMPT_EMBEDDINGS: to_numpy(self.params[PROMPT_EMBEDDINGS]).astype(np.float64)}
+
     def can_merge(self) -> bool:
         return False
 
@@ -179,3 +187,77 @@ class PromptTuningAdapter(Adapter):
             "not a change to any weight, so there is nothing to fold into the base model; keep the PeftModel "
             "(or save the adapter) to use them"
         )
+
+
+# ------------------------------------------------------------------ the registry's entry
+def _build(args: argparse.Namespace) -> PromptTuningConfig:
+    return PromptTuningConfig(
+        num_virtual_tokens=args.num_virtual_tokens,
+        prompt_tuning_init=args.prompt_tuning_init,
+        prompt_tuning_init_text=args.prompt_tuning_init_text,
+    )
+
+
+def _prompt(**kw: Any) -> Any:
+    """A factory of a PromptTuningConfig with 4 virtual tokens, or what `kw` says."""
+    return lambda: PromptTuningConfig(**{"num_virtual_tokens": 4, **kw})
+
+
+def _error_cases() -> list[ErrorCase]:
+    return [
+        ErrorCase("num_virtual_tokens 0", as_is, ConfigError, ("num_virtual_tokens", "got 0", ">= 1"),
+                  config=_prompt(num_virtual_tokens=0)),
+        ErrorCase("num_virtual_tokens True", as_is, ConfigError, ("got True", ">= 1"),
+                  config=_prompt(num_virtual_tokens=True)),
+        ErrorCase("num_virtual_tokens filling n_positions", as_is, ConfigError,
+                  ("num_virtual_tokens=16", "n_positions=16", "at most 15"), config=_prompt(num_virtual_tokens=16)),
+        ErrorCase("prompt tuning: NV + T > n_positions", lambda model: model(np.zeros((1, 10), int)), InputError,
+                  ("20 positions", "10 past/prefix/virtual + 10 tokens", "n_positions=16", "at most 6 tokens"),
+                  config=_prompt(num_virtual_tokens=10)),
+        ErrorCase("prompt tuning: generating past n_positions", lambda model: model.generate(np.zeros((1, 4), int), 5),
+                  InputError, ("5 tokens after 14 positions", "n_positions=16"), config=_prompt(num_virtual_tokens=10)),
+        ErrorCase("num_transformer_submodules 2", as_is, ConfigError,
+                  ("num_transformer_submodules=2", "one transformer stack"),
+                  config=_prompt(num_transformer_submodules=2)),
+        ErrorCase("prompt_tuning_init unknown", as_is, ConfigError, ("'WORDS'", "'RANDOM', 'SAMPLE_VOCAB', 'TEXT'"),
+                  config=_prompt(prompt_tuning_init="WORDS")),
+        ErrorCase("prompt_tuning_init TEXT without text", as_is, ConfigError,
+                  ("prompt_tuning_init_text", "non-empty", "None"), config=_prompt(prompt_tuning_init="TEXT")),
+        ErrorCase("prompt_tuning_init_text outside the vocabulary", as_is, ConfigError, ("byte 104", "vocab_size=32"),
+                  config=_prompt(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello")),
+        ErrorCase("merging prompt tuning", lambda model: model.merge_and_unload(), MergeError,
+                  ("prompt tuning cannot be merged", "nothing to fold"), config=_prompt()),
+    ]  # fmt: skip
+
+
+register_method(MethodSpec(
+    name="prompt",
+    help="prompt tuning: --num_virtual_tokens trainable input embeddings",
+    default_lr=3e-2,
+    build=_build,
+    example=lambda cfg: PromptTuningConfig(num_virtual_tokens=2),
+    flags=(
+        NUM_VIRTUAL_TOKENS,
+        Flag(("--prompt_tuning_init",), {"choices": list(PROMPT_TUNING_INITS), "default": "SAMPLE_VOCAB",
+             "help": "initialise from N(0,1), random vocabulary rows, or the bytes of --prompt_tuning_init_text "
+             "(PEFT's default is RANDOM; vocabulary rows start the prompt at the scale of real inputs: see "
+             "docs/experiments.md)"}),
+        Flag(("--prompt_tuning_init_text",), {"default": None, "help": "text for TEXT initialisation"}),
+    ),
+    golden_cases=(
+        GoldenCase("prompt_tuning", "random", "RANDOM init, 3 virtual tokens", ODD_EPS,
+                   lambda: PromptTuningConfig(num_virtual_tokens=3), Batch(2, 7), perturb_adapter=False, seed=16),
+        GoldenCase("prompt_tuning", "sample_vocab", "SAMPLE_VOCAB init; NV + T = n_positions; padded batch", SMALL,
+                   lambda: PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB"),
+                   Batch(3, 8, "mixed"), perturb_adapter=False, seed=17),
+        GoldenCase("prompt_tuning", "text", "TEXT init from 'Hi!' (tiled to 5 rows); NV + T = n_positions", BYTES,
+                   lambda: PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="TEXT",
+                                              prompt_tuning_init_text="Hi!"),
+                   Batch(2, 7, "ends"), perturb_adapter=False, seed=18),
+    ),
+    error_cases=_error_cases,
+    peft_files="PEFT's PROMPT_TUNING: the (NV, C) table as prompt_embeddings and PEFT's adapter_config.json fields "
+    "(TEXT init writes tokenizer_name_or_path 'tinypeft-utf8-bytes', which PEFT requires and never reads on "
+    "loading), so an adapter loads in PEFT and back",
+    loads_in_peft=True,
+))  # fmt: skip

@@ -4,8 +4,11 @@ cases from it, the error catalogue its cases, and the shared gradient harness it
 none of them names a method.
 
 A method's file ends with `register_method(MethodSpec(...))`; `tinypeft/methods/__init__.py` imports
-each file once. A method defined outside the package (see docs/write_a_method.md) registers itself
-the same way, in one line.
+each file once, and the order it imports them in is the order the program lists the methods in (the
+golden vectors' index, the CLI's method options). A method defined outside the package (see
+docs/write_a_method.md) registers itself the same way, in one line.
+
+The model shapes the built-in golden cases use are here too, and the one every error case is given.
 """
 
 from __future__ import annotations
@@ -20,15 +23,23 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from ..config import GPTConfig
     from ..errors import TinyPeftError
-    from ..model import GPT
     from .base import PeftConfig
+
+# model shapes (GPTConfig keyword arguments) of the built-in golden cases
+ODD = {"vocab_size": 19, "n_positions": 11, "n_embd": 9, "n_layer": 2, "n_head": 3, "n_inner": 13}
+ODD_EPS = {**ODD, "layer_norm_epsilon": 1e-6}  # a config that is not GPT-2's default anywhere it can be
+SMALL = {"vocab_size": 23, "n_positions": 12, "n_embd": 8, "n_layer": 2, "n_head": 2}
+BYTES = {"vocab_size": 128, "n_positions": 12, "n_embd": 8, "n_layer": 2, "n_head": 2}  # room for ASCII text
+# the base model every ErrorCase is given (seed 0, float32): the messages it expects name these sizes
+ERROR_MODEL = {"vocab_size": 32, "n_positions": 16, "n_embd": 8, "n_layer": 2, "n_head": 2}
 
 
 @dataclass(frozen=True)
 class Flag:
     """One `tinypeft finetune` option a method reads: argparse's option strings and keyword arguments.
-    Two methods may declare the same option (lora and ia3 both read --target_modules) if they agree on
-    everything but the help, which the CLI then joins."""
+    The help says what the option does; --help shows it after the method's name ("lora: rank r"). Two
+    methods may declare the same option (lora and ia3 both read --target_modules) if they agree on
+    everything but the help: it is listed once, after both names ("lora/ia3: ...")."""
 
     names: tuple[str, ...]  # ("--rank", "-r")
     kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -71,13 +82,22 @@ class GoldenCase:
 
 @dataclass(frozen=True)
 class ErrorCase:
-    """One config a method refuses: `call(base)` must raise `error` with every string of `says` in its
-    one-line message. The error catalogue (tests/errors, docs/errors.md) lists every method's."""
+    """One misuse a method refuses: `call(model)` must raise `error` with every string of `says` in its
+    one-line message. `model` is a GPT of the shape ERROR_MODEL or, when `config` is given, that GPT
+    wrapped by `get_peft_model(model, config())`, which the catalogue makes inside the check (a config
+    may fail as it is made or wrapped; and a method file does not import the PEFT model, DESIGN.md
+    principle 8). The error catalogue (tests/errors, docs/errors.md) lists every method's."""
 
     when: str
-    call: Callable[[GPT], object]
+    call: Callable[[Any], object]
     error: type[TinyPeftError]
     says: tuple[str, ...]
+    config: Callable[[], PeftConfig] | None = None
+
+
+def as_is(model: Any) -> Any:
+    """The call of an ErrorCase whose `config` is the whole misuse: making and wrapping it must fail."""
+    return model
 
 
 @dataclass(frozen=True)
@@ -90,7 +110,10 @@ class MethodSpec:
     flags: the options it reads; example: a config for a small model with every tensor off its
     identity init, which the shared gradient harness checks three ways (and its merge);
     golden_cases, error_cases: see above; peft_files: how its files map to PEFT's (or that PEFT
-    has no such method, and what to use instead); loads_in_peft: whether PEFT reads its adapter.
+    has no such method, and what to use instead); loads_in_peft: whether PEFT reads its adapter;
+    default: the method a bare `tinypeft finetune` uses (exactly one says so); golden_cases_of: for a
+    method with no golden cases of its own, the method whose cases compute its numbers too (training
+    a subset of the base's parameters is full fine-tuning with fewer gradients).
     """
 
     name: str
@@ -103,6 +126,8 @@ class MethodSpec:
     error_cases: Callable[[], Sequence[ErrorCase]] = tuple
     peft_files: str = ""
     loads_in_peft: bool = False
+    default: bool = False
+    golden_cases_of: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -123,3 +148,16 @@ def method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
     return METHODS[name]
+
+
+def default_method() -> str:
+    """The --method a bare `tinypeft finetune` uses: the one registered method with default=True."""
+    defaults = [name for name, spec in METHODS.items() if spec.default]
+    if len(defaults) != 1:
+        raise ConfigError(f"exactly one registered method must be the default; {defaults or 'none'} say so")
+    return defaults[0]
+
+
+def golden_cases() -> list[GoldenCase]:
+    """Every registered method's golden cases, in registration order."""
+    return [case for spec in METHODS.values() for case in spec.golden_cases]

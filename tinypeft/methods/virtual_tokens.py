@@ -16,9 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .base import PeftConfig
+from .registry import Flag
 
 if TYPE_CHECKING:
     from ..model import GPT
+
+# the --num_virtual_tokens option of prompt and prefix tuning (one declaration, so the two agree)
+NUM_VIRTUAL_TOKENS = Flag(("--num_virtual_tokens",), {"type": int, "default": 20, "help": "virtual tokens"})
 
 
 @dataclass
