@@ -130,3 +130,53 @@ def test_a_single_file_never_leaves_a_split_empty(tmp_path):
     (folder / name).write_bytes(b"0123456789" * 100)
     corpus = data.load_corpus(str(folder))
     assert len(corpus.train) == 900 and len(corpus.val) == 100
+
+
+# ------------------------------------------------------------------ NaN does not hide (issue 15, item 8)
+def test_greedy_generation_from_nan_weights_is_an_error_not_nul_bytes():
+    import tinypeft as tp
+
+    model = tp.GPT(tp.GPTConfig(vocab_size=11, n_positions=8, n_embd=4, n_layer=1, n_head=1))
+    model.params["transformer.ln_f.weight"] = model.params["transformer.ln_f.weight"] * np.nan
+    with pytest.raises(tp.TrainingError, match="not finite"):
+        model.generate([[1, 2]], max_new_tokens=3)
+
+
+def test_a_checkpoint_with_nan_weights_is_not_loaded(tmp_path):
+    import tinypeft as tp
+
+    model = tp.GPT(tp.GPTConfig(vocab_size=11, n_positions=8, n_embd=4, n_layer=1, n_head=1))
+    model.params["transformer.h.0.mlp.c_fc.bias"] = model.params["transformer.h.0.mlp.c_fc.bias"] + np.inf
+    model.save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"mlp.c_fc.bias.*non-finite"):
+        tp.GPT.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------ one device vocabulary (issue 15, item 10)
+def test_the_device_vocabulary_is_cpu_and_cuda_everywhere(monkeypatch):
+    import importlib.util
+
+    from tinypeft import backend, runtime
+
+    for value, device in (("cpu", "cpu"), ("CUDA", "cuda"), ("numpy", "cpu"), ("cupy", "cuda"), ("", "cpu")):
+        monkeypatch.setenv(runtime.BACKEND_ENV, value)
+        assert runtime.default_device() == device
+    monkeypatch.setenv(runtime.BACKEND_ENV, "gpu")
+    with pytest.raises(ConfigError, match="'cpu' and 'cuda'"):
+        runtime.default_device()
+    if importlib.util.find_spec("cupy") is None:
+        with pytest.raises(ConfigError, match="needs CuPy"):
+            backend.get_backend("cuda")
+
+
+def test_evaluate_refuses_a_batch_size_that_would_report_a_loss_of_zero():
+    import tinypeft as tp
+    from tinypeft.train import evaluate
+
+    model = tp.GPT(tp.GPTConfig(vocab_size=256, n_positions=16, n_embd=4, n_layer=1, n_head=1))
+    corpus = np.arange(200, dtype=np.uint8)
+    for kwargs, field in (({"batch_size": -1}, "batch_size"), ({"max_windows": 0}, "max_windows")):
+        with pytest.raises(ConfigError, match=field):
+            evaluate(model, corpus, 8, **kwargs)
+    with pytest.raises(ConfigError, match="seq_len"):
+        evaluate(model, corpus, 0)

@@ -37,7 +37,8 @@ def namespace(*arrays: Any) -> ModuleType:
 
 
 def get_backend(device: str | None = None) -> ModuleType:
-    """numpy for device None/"cpu", cupy for "cuda"; `TINYPEFT_BACKEND=cupy|numpy` sets the default."""
+    """numpy for device None/"cpu", cupy for "cuda"; `TINYPEFT_BACKEND` (cpu or cuda; numpy and cupy are
+    accepted as their synonyms) sets the default."""
     if device is None:
         device = runtime.default_device()
     if device == "cpu":
@@ -46,8 +47,11 @@ def get_backend(device: str | None = None) -> ModuleType:
     if device == "cuda":
         try:
             import cupy
-        except ImportError as e:  # pragma: no cover - depends on the machine
-            raise ImportError("device='cuda' needs cupy: pip install 'tinypeft[gpu]'") from e
+        except ImportError:
+            raise ConfigError(
+                "device 'cuda' needs CuPy, which is not installed: pip install 'tinypeft[gpu]' (on a machine "
+                "with an NVIDIA GPU), or use device 'cpu'"
+            ) from None
         return cupy
     raise ConfigError(f"device={device!r}: allowed values are 'cpu' and 'cuda'")
 

@@ -58,6 +58,11 @@ def load_state(config: GPTConfig, state: Mapping[str, Any]) -> dict[str, np.ndar
             raise CheckpointError(f"tensor {key!r} has dtype {arr.dtype}; weights must be floating point")
         if tuple(arr.shape) != expected[name]:
             raise CheckpointError(f"tensor {key!r} has shape {tuple(arr.shape)}; this GPTConfig needs {expected[name]}")
+        if not np.isfinite(arr).all():
+            raise CheckpointError(
+                f"tensor {key!r} holds {int((~np.isfinite(arr)).sum())} non-finite value(s) (NaN or inf); a model "
+                "computed from it would give NaN logits, so it is not loaded"
+            )
         loaded[name] = arr.astype(config.dtype)
         if name == "transformer.wte.weight":
             saved_wte = arr  # as saved, before the cast, to compare with a saved lm_head

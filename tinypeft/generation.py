@@ -108,14 +108,14 @@ def _check_generate_args(max_new_tokens: Any, temperature: Any, top_k: Any, seed
 
 def pick_next(logits: np.ndarray, temperature: float, top_k: int | None, rng: np.random.Generator) -> np.ndarray:
     """Next token per row from last-position logits (B, V): argmax, or a sample at the given temperature."""
-    if temperature == 0:
-        return logits.argmax(axis=-1)
     z = logits.astype(np.float64)
-    if not np.isfinite(z).all():
+    if not np.isfinite(z).all():  # greedy too: argmax of NaN is token 0, which would print a NUL byte
         raise TrainingError(
-            "the model's logits are not finite (NaN or inf), so there is no distribution to sample from; "
+            "the model's logits are not finite (NaN or inf), so there is no next token to choose; "
             "its weights probably hold non-finite values"
         )
+    if temperature == 0:
+        return z.argmax(axis=-1)
     # shift before dividing: z - max <= 0, so a tiny temperature gives -inf (probability 0), never inf - inf
     with np.errstate(over="ignore"):  # overflowing to -inf is the intended result
         z = (z - z.max(axis=-1, keepdims=True)) / temperature

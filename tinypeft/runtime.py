@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-BACKEND_ENV = "TINYPEFT_BACKEND"  # numpy | cupy: the device a model is made on when none is given
+BACKEND_ENV = "TINYPEFT_BACKEND"  # cpu | cuda (or numpy | cupy): the device a model is made on when none is given
 THREADS_ENV = "TINYPEFT_THREADS"
 ALLOCATOR_ENV = "TINYPEFT_KEEP_MALLOC"  # set to 1 to leave the C allocator's settings alone
 MIN_BLOCK_WORK = 1 << 17  # activations per layer in one block: 131,072 (e.g. 8 rows of 128 tokens x 128)
@@ -35,13 +35,14 @@ _pool_size = 0
 
 
 def default_device() -> str:
-    """$TINYPEFT_BACKEND as a device: numpy (or unset) -> "cpu", cupy -> "cuda"."""
+    """$TINYPEFT_BACKEND as a device: cpu (or unset) -> "cpu", cuda -> "cuda"; the array libraries'
+    names, numpy and cupy, are accepted as synonyms."""
     value = os.environ.get(BACKEND_ENV, "")
-    device = {"cupy": "cuda", "numpy": "cpu", "": "cpu"}.get(value)
+    device = {"cpu": "cpu", "cuda": "cuda", "cupy": "cuda", "numpy": "cpu", "": "cpu"}.get(value.strip().lower())
     if device is None:
         from .errors import ConfigError
 
-        raise ConfigError(f"{BACKEND_ENV}={value!r}: allowed values are 'numpy' and 'cupy'")
+        raise ConfigError(f"{BACKEND_ENV}={value!r}: allowed values are 'cpu' and 'cuda' (or 'numpy' and 'cupy')")
     return device
 
 

@@ -115,6 +115,9 @@ class TrainResult:
 
 def evaluate(model: Trainable, data: np.ndarray, seq_len: int, max_windows: int = 32, batch_size: int = 16) -> float:
     """Mean loss (nats per predicted byte) over a fixed set of windows of `data`."""
+    for name, value, least in (("seq_len", seq_len, 2), ("max_windows", max_windows, 1), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ConfigError(f"evaluate: {name} must be an integer >= {least}; got {value!r}")
     windows = eval_windows(data, seq_len, max_windows)
     total = 0.0
     for start in range(0, len(windows), batch_size):
