@@ -140,3 +140,27 @@ def test_ln_tuning_adapters_interchange_with_peft(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     back = tp.PeftModel.from_pretrained(base, tmp_path / "theirs")
     assert relative_error(back(IDS), logits) <= 1e-12
+
+
+MERGEABLE = ["bitfit", "lntuning", "last_blocks", "selective", "lora", "ia3"]
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_training_after_a_merge_leaves_the_merged_model_alone(method):
+    """merge_and_unload returns new arrays for what it changes: an optimizer that goes on updating the
+    adapter in place must not move the merged model (issue 15, item 11b)."""
+    from tinypeft.methods.registry import METHODS
+    from tinypeft.optim import AdamW
+
+    cfg = tp.GPTConfig(vocab_size=17, n_positions=12, n_embd=8, n_layer=2, n_head=2, dtype="float64")
+    model = tp.get_peft_model(perturbed_model(cfg, 0), METHODS[method].example(cfg), seed=1)
+    assert model.active.can_merge()
+    ids = np.random.default_rng(0).integers(0, 17, size=(2, 9))
+    merged = model.merge_and_unload()
+    before = merged(ids).copy()
+    optimizer = AdamW(lr=0.1)
+    for _ in range(2):
+        _, grads = model.loss_and_grad(ids, ids)
+        optimizer.step(model.trainable_parameters(), grads)
+    np.testing.assert_array_equal(merged(ids), before)
+    assert not np.array_equal(model(ids), before)  # the adapter did move

@@ -193,3 +193,21 @@ def test_random_states_a_model_cannot_hold_are_refused_on_resume(tmp_path, model
         train(model, DATA, config, run_dir=str(tmp_path), resume=True, progress=False)
     for k, v in before.items():
         np.testing.assert_array_equal(model.params[k], v)
+
+
+def test_resume_keeps_the_time_already_spent(tmp_path, monkeypatch):
+    """A resumed run's `seconds` is the whole run's: the interrupted part's time plus its own (issue 15,
+    item 11c). A fake clock that ticks one second a reading makes the figures exact."""
+    import itertools
+
+    import tinypeft.train as train_module
+
+    ticks = itertools.count()
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(ticks)))
+    config = quick(steps=10, eval_every=0, checkpoint_every=0)
+    first = train(tp.GPT(CFG, seed=0), DATA, config, run_dir=str(tmp_path), progress=False, stop_after=4)
+    rest = train(tp.GPT(CFG, seed=0), DATA, config, run_dir=str(tmp_path), resume=True, progress=False)
+    assert first.seconds > 0
+    own = train(tp.GPT(CFG, seed=0), DATA, config, run_dir=str(tmp_path / "b"), progress=False, stop_after=6)
+    assert rest.seconds > first.seconds
+    assert rest.seconds == first.seconds + own.seconds  # the resumed part ran 6 steps, as `own` did
