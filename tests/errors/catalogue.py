@@ -3,21 +3,20 @@ with a message that names the bad value and says what is allowed.
 
 A case is a `Bad`: the situation (`when`, also its row in docs/errors.md), a call that must fail,
 the exact error type, and fragments the message must contain (the bad value, and what is allowed).
-Cases are grouped in lists by section; a method file adds the configs it refuses to METHOD_CASES
-in the same form. After adding cases, regenerate the documented list with
+Cases are grouped in lists by section. The configurations a method refuses are not listed here: each
+method's file declares them (`MethodSpec.error_cases`, tinypeft/methods/registry.py), and the
+"Method configurations" section reads them from the registry. The tests, by area, are the
+test_*_errors.py files beside this one; test_catalogue.py checks the catalogue as a whole. After
+adding cases, regenerate the documented list with
 
-    PYTHONPATH=. python tests/test_errors.py > docs/errors.md
+    PYTHONPATH=.:tests python tests/errors/catalogue.py > docs/errors.md
 
 (a test checks that docs/errors.md lists every case).
-
-Besides the catalogue: a failed load changes nothing, and no pickle is ever unpickled.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import io
 import json
 import pickle
 import re
@@ -31,13 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from limits import time_bound
 from safetensors.numpy import load_file, save_file
 
 import tinypeft as tp
 from tinypeft import data
-from tinypeft.cli import _selective
 from tinypeft.errors import (
     CheckpointError,
     ConfigError,
@@ -47,15 +44,17 @@ from tinypeft.errors import (
     TinyPeftError,
     TrainingError,
 )
+from tinypeft.methods import METHODS
+from tinypeft.methods.registry import ERROR_MODEL, ErrorCase
 from tinypeft.optim import SGD, AdamW
 from tinypeft.train import TrainConfig, train
 
-CFG = tp.GPTConfig(vocab_size=32, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+CFG = tp.GPTConfig(**ERROR_MODEL)  # the base every method's ErrorCase expects
 IDS = np.arange(8).reshape(2, 4)
 DATA = np.random.default_rng(0).integers(0, 32, size=400).astype(np.uint8)
 RUN = TrainConfig(steps=4, batch_size=2, seq_len=8, warmup_steps=0, eval_every=0, eval_windows=1, checkpoint_every=2)
 CHECKPOINT = "checkpoints/step-000002"
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+DOCS = Path(__file__).resolve().parent.parent.parent / "docs" / "errors.md"
 
 
 # ------------------------------------------------------------------ the world the cases break
@@ -161,16 +160,6 @@ def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
-class Payload:
-    """Unpickling this creates the marker file: proof that a pickle was loaded."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def fails_at(model, call: int):
     """A model whose loss becomes NaN at the given call of loss_and_grad."""
 
@@ -239,7 +228,7 @@ class Bad:
     says: tuple[str, ...]
 
 
-# ------------------------------------------------------------------ configs
+# ------------------------------------------------------------------ configurations
 CONFIG_CASES = [
     Bad(
         "n_embd not divisible by n_head",
@@ -397,314 +386,21 @@ CONFIG_CASES = [
         ConfigError,
         ("disabled", "nothing to train"),
     ),
-    Bad(
-        "finetune --method selective without --trainable",
-        lambda w: _selective(argparse.Namespace(trainable=None)),
-        ConfigError,
-        ("--trainable",),
-    ),
 ]
 
 
-def peft(make_config: Callable[[], tp.PeftConfig]) -> Callable[[World], tp.PeftModel]:
-    """A case's call: wrap the world's base with the config (made inside the call, where it may fail)."""
-    return lambda w: tp.get_peft_model(w.base, make_config())
+# ------------------------------------------------------------------ method configurations: from the registry
+def from_registry(case: ErrorCase) -> Bad:
+    """A method's ErrorCase as a Bad: its call gets the world's base, or that base wrapped with its config
+    (made inside the call, where it may fail)."""
+
+    def call(w: World) -> object:
+        return case.call(w.base if case.config is None else tp.get_peft_model(w.base, case.config()))
+
+    return Bad(case.when, call, case.error, case.says)
 
 
-def prompt(**kw) -> Callable[[], tp.PeftConfig]:
-    return lambda: tp.PromptTuningConfig(**{"num_virtual_tokens": 4, **kw})
-
-
-def prefix(**kw) -> Callable[[], tp.PeftConfig]:
-    return lambda: tp.PrefixTuningConfig(**{"num_virtual_tokens": 4, **kw})
-
-
-# one entry per config a method refuses; a new method file adds its own here
-METHOD_CASES = [
-    Bad(
-        "selective pattern matching nothing",
-        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig(["*.nothing"])),
-        ConfigError,
-        ("'*.nothing'", "names look like", "transformer.wte.weight"),
-    ),
-    Bad(
-        "selective patterns not a list",
-        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig("*.bias")),
-        ConfigError,
-        ("'*.bias'", "list of glob strings"),
-    ),
-    Bad(
-        "selective pattern not a string",
-        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig([5])),
-        ConfigError,
-        ("5", "non-empty glob strings"),
-    ),
-    Bad(
-        "selective regex invalid",
-        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig(regex="(")),
-        ConfigError,
-        ("'('", "not a valid regular expression"),
-    ),
-    Bad(
-        "selective regex not a string",
-        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig(regex=5)),
-        ConfigError,
-        ("5", "regex must be a string"),
-    ),
-    Bad(
-        "selective regex matching nothing",
-        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig(regex="x")),
-        ConfigError,
-        ("'x'", "matches no parameter", "names look like"),
-    ),
-    Bad(
-        "selective with nothing selected",
-        lambda w: tp.get_peft_model(w.base, tp.SelectiveConfig()),
-        ConfigError,
-        ("patterns or a regex",),
-    ),
-    Bad(
-        "unfreeze with an invalid regex",
-        lambda w: tp.unfreeze(tp.GPT(CFG), regex="[a"),
-        ConfigError,
-        ("'[a'", "not a valid regular expression"),
-    ),
-    Bad(
-        "LN tuning target that does not exist",
-        lambda w: tp.get_peft_model(w.base, tp.LNTuningConfig(target_modules=["ln_3"])),
-        ConfigError,
-        ("'ln_3'", "matches no module", "'ln_1'", "'ln_2'", "'transformer.ln_f'"),
-    ),
-    Bad(
-        "LN tuning targets empty",
-        lambda w: tp.get_peft_model(w.base, tp.LNTuningConfig(target_modules=[])),
-        ConfigError,
-        ("[]", "non-empty list"),
-    ),
-    Bad(
-        "LN tuning target regex matching nothing",
-        lambda w: tp.get_peft_model(w.base, tp.LNTuningConfig(target_modules="attn.*")),
-        ConfigError,
-        ("'attn.*'", "matches no module", "'ln_1'"),
-    ),
-    Bad(
-        "last_blocks num_blocks 0",
-        lambda w: tp.get_peft_model(w.base, tp.LastBlocksConfig(num_blocks=0)),
-        ConfigError,
-        ("num_blocks", "0", "1..n_layer=2"),
-    ),
-    Bad(
-        "last_blocks num_blocks > n_layer",
-        lambda w: tp.get_peft_model(w.base, tp.LastBlocksConfig(num_blocks=3)),
-        ConfigError,
-        ("num_blocks", "3", "1..n_layer=2"),
-    ),
-    Bad(
-        "num_virtual_tokens 0", peft(prompt(num_virtual_tokens=0)), ConfigError, ("num_virtual_tokens", "got 0", ">= 1")
-    ),
-    Bad("num_virtual_tokens True", peft(prompt(num_virtual_tokens=True)), ConfigError, ("got True", ">= 1")),
-    Bad(
-        "num_virtual_tokens filling n_positions",
-        peft(prompt(num_virtual_tokens=16)),
-        ConfigError,
-        ("num_virtual_tokens=16", "n_positions=16", "at most 15"),
-    ),
-    Bad(
-        "prompt tuning: NV + T > n_positions",
-        lambda w: peft(prompt(num_virtual_tokens=10))(w)(np.zeros((1, 10), int)),
-        InputError,
-        ("20 positions", "10 past/prefix/virtual + 10 tokens", "n_positions=16", "at most 6 tokens"),
-    ),
-    Bad(
-        "prefix tuning: NV + T > n_positions",
-        lambda w: peft(prefix(num_virtual_tokens=10))(w)(np.zeros((1, 10), int)),
-        InputError,
-        ("20 positions", "n_positions=16", "at most 6 tokens"),
-    ),
-    Bad(
-        "prompt tuning: generating past n_positions",
-        lambda w: peft(prompt(num_virtual_tokens=10))(w).generate(np.zeros((1, 4), int), 5),
-        InputError,
-        ("5 tokens after 14 positions", "n_positions=16"),
-    ),
-    Bad(
-        "num_transformer_submodules 2",
-        peft(prompt(num_transformer_submodules=2)),
-        ConfigError,
-        ("num_transformer_submodules=2", "one transformer stack"),
-    ),
-    Bad(
-        "virtual-token adapter for another model shape",
-        peft(prefix(token_dim=16)),
-        ConfigError,
-        ("token_dim=16", "base model has 8"),
-    ),
-    Bad(
-        "prompt_tuning_init unknown",
-        peft(prompt(prompt_tuning_init="WORDS")),
-        ConfigError,
-        ("'WORDS'", "'RANDOM', 'SAMPLE_VOCAB', 'TEXT'"),
-    ),
-    Bad(
-        "prompt_tuning_init TEXT without text",
-        peft(prompt(prompt_tuning_init="TEXT")),
-        ConfigError,
-        ("prompt_tuning_init_text", "non-empty", "None"),
-    ),
-    Bad(
-        "prompt_tuning_init_text outside the vocabulary",
-        peft(prompt(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello")),
-        ConfigError,
-        ("byte 104", "vocab_size=32"),
-    ),
-    Bad(
-        "prefix_projection not a bool",
-        peft(prefix(prefix_projection="yes")),
-        ConfigError,
-        ("prefix_projection", "'yes'", "True or False"),
-    ),
-    Bad(
-        "prefix encoder_hidden_size 0",
-        peft(prefix(encoder_hidden_size=0)),
-        ConfigError,
-        ("encoder_hidden_size", "got 0", "positive integer"),
-    ),
-    Bad("prefix init_weights unknown", peft(prefix(init_weights="ones")), ConfigError, ("'ones'", "(None, 'zero')")),
-    Bad(
-        "IA3 target_modules not names",
-        peft(lambda: tp.IA3Config(target_modules=5)),
-        ConfigError,
-        ("target_modules", "got 5", "list of names or a regex"),
-    ),
-    Bad(
-        "IA3 feedforward_modules not among the targets",
-        peft(lambda: tp.IA3Config(target_modules=["c_attn"], feedforward_modules=["mlp.c_proj"])),
-        ConfigError,
-        ("['mlp.c_proj']", "subset of target_modules", "['c_attn']"),
-    ),
-    Bad(
-        "IA3 target that does not exist",
-        peft(lambda: tp.IA3Config(target_modules=["c_nothing"], feedforward_modules=[])),
-        ConfigError,
-        ("'c_nothing'", "matches no module", "'attn.c_attn'", "'mlp.c_proj'"),
-    ),
-    Bad(
-        "IA3 target that is not a linear layer",
-        peft(lambda: tp.IA3Config(target_modules=["ln_1"], feedforward_modules=[])),
-        ConfigError,
-        ("'ln_1'", "matches no module", "'attn.c_attn'"),
-    ),
-    Bad(
-        "IA3 init_ia3_weights not a bool",
-        peft(lambda: tp.IA3Config(init_ia3_weights="yes")),
-        ConfigError,
-        ("init_ia3_weights", "'yes'", "True or False"),
-    ),
-    Bad(
-        "bottleneck_size 0",
-        peft(lambda: tp.AdapterConfig(bottleneck_size=0)),
-        ConfigError,
-        ("bottleneck_size", "got 0", ">= 1"),
-    ),
-    Bad(
-        "adapter non_linearity unknown",
-        peft(lambda: tp.AdapterConfig(non_linearity="swish")),
-        ConfigError,
-        ("'swish'", "'gelu_tanh', 'relu', 'silu', 'tanh'"),
-    ),
-    Bad(
-        "adapter placement unknown",
-        peft(lambda: tp.AdapterConfig(placement="everywhere")),
-        ConfigError,
-        ("'everywhere'", "'attn', 'both', 'mlp'"),
-    ),
-    Bad(
-        "merging prompt tuning",
-        lambda w: peft(prompt())(w).merge_and_unload(),
-        MergeError,
-        ("prompt tuning cannot be merged", "nothing to fold"),
-    ),
-    Bad(
-        "merging prefix tuning",
-        lambda w: peft(prefix())(w).merge_adapter(),
-        MergeError,
-        ("prefix tuning cannot be merged",),
-    ),
-    Bad(
-        "merging bottleneck adapters",
-        lambda w: peft(lambda: tp.AdapterConfig())(w).merge_and_unload(),
-        MergeError,
-        ("bottleneck adapters cannot be merged", "not linear"),
-    ),
-    Bad("LoRA r = 0", peft(lambda: tp.LoraConfig(r=0)), ConfigError, ("LoraConfig.r", "got 0", "positive integer")),
-    Bad("LoRA r not an integer", peft(lambda: tp.LoraConfig(r=2.0)), ConfigError, ("got 2.0", "positive integer")),
-    Bad(
-        "LoRA r > min(in, out)",
-        peft(lambda: tp.LoraConfig(r=9)),
-        ConfigError,
-        ("r=9", "min(8, 24)", "transformer.h.0.attn.c_attn", "r <= 8"),
-    ),
-    Bad(
-        "LoRA huge r (answered at once)",
-        peft(lambda: tp.LoraConfig(r=10**12)),
-        ConfigError,
-        ("r=1000000000000", "r <= 8"),
-    ),
-    Bad(
-        "LoRA lora_alpha not finite",
-        peft(lambda: tp.LoraConfig(lora_alpha=float("nan"))),
-        ConfigError,
-        ("lora_alpha", "nan", "positive finite number"),
-    ),
-    Bad(
-        "LoRA lora_dropout = 1",
-        peft(lambda: tp.LoraConfig(lora_dropout=1.0)),
-        ConfigError,
-        ("lora_dropout", "1.0", "[0, 1)"),
-    ),
-    Bad(
-        "LoRA lora_dropout negative",
-        peft(lambda: tp.LoraConfig(lora_dropout=-0.1)),
-        ConfigError,
-        ("lora_dropout", "-0.1", "[0, 1)"),
-    ),
-    Bad(
-        "LoRA target that does not exist",
-        peft(lambda: tp.LoraConfig(target_modules=["q_proj"])),
-        ConfigError,
-        ("'q_proj'", "matches no module", "'attn.c_attn'", "'attn.c_proj'", "'mlp.c_fc'", "'mlp.c_proj'"),
-    ),
-    Bad(
-        "LoRA target that is not a linear layer",
-        peft(lambda: tp.LoraConfig(target_modules=["wte"])),
-        ConfigError,
-        ("'wte'", "matches no module", "'attn.c_attn'"),
-    ),
-    Bad(
-        "LoRA bias unknown",
-        peft(lambda: tp.LoraConfig(bias="some")),
-        ConfigError,
-        ("'some'", "'none', 'all', 'lora_only'"),
-    ),
-    Bad(
-        "LoRA init_lora_weights unknown",
-        peft(lambda: tp.LoraConfig(init_lora_weights="xavier")),
-        ConfigError,
-        ("'xavier'", "True, False, 'gaussian', 'pissa'"),
-    ),
-    Bad(
-        "LoRA use_dora not a bool",
-        peft(lambda: tp.LoraConfig(use_dora="yes")),
-        ConfigError,
-        ("use_dora", "'yes'", "True or False"),
-    ),
-    Bad(
-        "LoRA option of PEFT's that tinypeft lacks",
-        peft(lambda: tp.LoraConfig(rank_pattern={"c_attn": 4})),
-        ConfigError,
-        ("rank_pattern", "does not implement", "defaults"),
-    ),
-]
+METHOD_CASES = [from_registry(case) for spec in METHODS.values() for case in spec.error_cases()]
 
 # ------------------------------------------------------------------ call-time inputs
 INPUT_CASES = [
@@ -1398,21 +1094,28 @@ SECTIONS = {
     "Non-finite numbers": NUMERIC_CASES,
 }
 CASES = [case for cases in SECTIONS.values() for case in cases]
+# which test module checks which sections (test_catalogue.py: every section exactly once)
+AREAS = {
+    "config": ["Configurations", "Method configurations"],
+    "input": ["Call-time inputs", "Non-finite numbers"],
+    "file": ["Model and adapter files"],
+    "checkpoint": ["Training checkpoints (resume)"],
+}
 
 
-# ------------------------------------------------------------------ tests
+def cases_of(area: str) -> list[Bad]:
+    return [case for section in AREAS[area] for case in SECTIONS[section]]
+
+
+# ------------------------------------------------------------------ checking a case
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
+    """The world the cases break, once per test module (import it there: `from catalogue import world`)."""
     return World.create(tmp_path_factory.mktemp("world"))
 
 
-def test_cases_are_distinct():
-    whens = [c.when for c in CASES]
-    assert len(whens) == len(set(whens)), [w for w in whens if whens.count(w) > 1]
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.when for c in CASES])
-def test_catalogue(world, case):
+def assert_refused(world: World, case: Bad) -> None:
+    """The case's call raises exactly its error type, a builtin's subclass, with every fragment in one line."""
     with pytest.raises(TinyPeftError) as info, time_bound(30):  # some cases guard against hangs
         case.call(world)
     error = info.value
@@ -1424,149 +1127,8 @@ def test_catalogue(world, case):
     assert "\n" not in message, "one line, so the CLI prints one line"
 
 
-# Escapes the fuzz found in method files this branch does not own (ia3.py, adapter.py): a raw
-# TypeError instead of a ConfigError. Strict: once a file is fixed this fails, and the case moves
-# to METHOD_CASES with its message.
-# two cases the fuzz found escaping as a raw TypeError, fixed in the method files
-ONCE_ESCAPED = {
-    "IA3 feedforward_modules entry not a string (adapter_config.json)": lambda w: tp.get_peft_model(
-        w.base, tp.PeftConfig.from_dict({"peft_type": "IA3", "feedforward_modules": [None]})
-    ),
-    "adapter non_linearity unhashable": lambda w: tp.AdapterConfig(non_linearity=["relu"]),
-    "adapter placement unhashable": lambda w: tp.AdapterConfig(placement={"both": 1}),
-}
-
-
-@pytest.mark.parametrize("call", ONCE_ESCAPED.values(), ids=ONCE_ESCAPED.keys())
-def test_once_escaped_cases_are_config_errors(world, call):
-    with pytest.raises((ConfigError, CheckpointError), match="must be"):  # CheckpointError from a file
-        call(world)
-
-
-def test_docs_list_every_case():
-    text = DOCS.read_text()
-    absent = [c.when for c in CASES if f"| {c.when} |" not in text]
-    assert not absent, f"docs/errors.md lacks {absent}; regenerate it: PYTHONPATH=. python tests/test_errors.py"
-
-
-# ------------------------------------------------------------------ a failed load changes nothing
-def test_failed_model_load_changes_nothing(world):
-    model = tp.GPT(CFG, seed=1)
-    before = {k: v.copy() for k, v in model.params.items()}
-    state = world.base.state_dict()
-    state["transformer.ln_f.bias"] = np.zeros(3, np.float32)  # the last tensor: everything before it was fine
-    with pytest.raises(CheckpointError):
-        model.load_state_dict(state)
-    assert model.params.keys() == before.keys()
-    for k, v in model.params.items():
-        np.testing.assert_array_equal(v, before[k], err_msg=k)
-
-
-def test_failed_adapter_load_changes_nothing(world):
-    model = world.peft()
-    before = {k: v.copy() for k, v in model.trainable_parameters().items()}
-    state = model.adapter_state_dict()
-    state[sorted(state)[-1]] = np.zeros(1)
-    with pytest.raises(CheckpointError):
-        model.load_adapter_state_dict(state)
-    for k, v in model.trainable_parameters().items():
-        np.testing.assert_array_equal(v, before[k])
-    broken = world.variant(world.adapter_dir, {"adapter_model.safetensors": first_tensor(lambda a: a[:1])})
-    with pytest.raises(CheckpointError):
-        model.load_adapter(broken, "second")
-    assert list(model.adapters) == ["default"]
-
-
-def test_failed_resume_changes_nothing(world):
-    """Weights and optimizer state both valid on their own, the optimizer's for another optimizer:
-    the weights must not have been restored when the optimizer state is refused."""
-    run = world.variant(
-        world.run_dir,
-        {f"{CHECKPOINT}/optimizer.safetensors": lambda t: t | {"momentum/transformer.ln_f.bias": np.zeros(8)}},
-    )
-    model = tp.GPT(CFG, seed=5)
-    before = {k: v.copy() for k, v in model.params.items()}
-    with pytest.raises(CheckpointError, match="slot 'momentum'"):
-        train(model, DATA, RUN, run_dir=str(run), resume=True, progress=False)
-    for k, v in model.params.items():
-        np.testing.assert_array_equal(v, before[k], err_msg=k)
-
-
-def test_numpy_scalars_in_configs_are_saved_as_numbers(tmp_path):
-    """Sizes and seeds given as NumPy integers are accepted, so they must also reach the JSON files."""
-    cfg = tp.GPTConfig(
-        vocab_size=np.int64(32), n_positions=np.int32(16), n_embd=8, n_layer=1, n_head=2, n_inner=np.int64(12)
-    )
-    tp.GPT(cfg).save_pretrained(tmp_path / "model")
-    assert tp.GPT.from_pretrained(tmp_path / "model").config == cfg
-    run = dataclasses.replace(RUN, steps=2, seed=np.int64(3))
-    train(tp.GPT(CFG), DATA, run, run_dir=str(tmp_path / "run"), progress=False)
-    assert json.loads((tmp_path / "run/checkpoints/step-000002/state.json").read_text())["train_config"]["seed"] == 3
-
-
-# ------------------------------------------------------------------ pickles are never loaded
-def payloads(marker: Path) -> dict[str, bytes]:
-    """Pickles that create `marker` when unpickled: plain pickles of old and new protocols, and a
-    torch.save archive (a zip holding a pickle)."""
-    buffer = io.BytesIO()
-    torch.save({"weight": Payload(str(marker))}, buffer)
-    return {
-        "pickle protocol 0": pickle.dumps(Payload(str(marker)), protocol=0),
-        "pickle protocol 2": pickle.dumps(Payload(str(marker)), protocol=2),
-        "pickle protocol 5": pickle.dumps(Payload(str(marker)), protocol=5),
-        "torch.save": buffer.getvalue(),
-    }
-
-
-def test_pickles_are_refused_and_never_loaded(world, tmp_path):
-    marker = tmp_path / "unpickled"
-    for kind, payload in payloads(marker).items():
-        unpickled = (
-            torch.load(io.BytesIO(payload), weights_only=False) if kind == "torch.save" else pickle.loads(payload)
-        )
-        assert marker.exists(), f"{kind}: the payload does not work, so this test would prove nothing"
-        (unpickled["weight"] if kind == "torch.save" else unpickled).close()
-        marker.unlink()
-        loads = {
-            "model.safetensors": load_model({"model.safetensors": payload}),
-            "pytorch_model.bin": load_model({"model.safetensors": None, "pytorch_model.bin": payload}),
-            "adapter_model.safetensors": load_adapter({"adapter_model.safetensors": payload}),
-            "adapter_model.bin": load_adapter({"adapter_model.safetensors": None, "adapter_model.bin": payload}),
-            "trainable.safetensors": resume({f"{CHECKPOINT}/trainable.safetensors": payload}),
-            "optimizer.safetensors": resume({f"{CHECKPOINT}/optimizer.safetensors": payload}),
-        }
-        for where, load in loads.items():
-            with pytest.raises(CheckpointError):
-                load(world)
-            assert not marker.exists(), f"{kind} as {where} was unpickled"
-
-
-# ------------------------------------------------------------------ the command line
-@pytest.mark.parametrize("command", ["eval", "generate", "merge"])
-def test_cli_reports_a_corrupt_file_in_one_line(world, command, capsys):
-    from tinypeft.cli import main
-
-    model = world.variant(world.model_dir, {"config.json": Raw(lambda b: b[:10])})
-    extra = {
-        "eval": ["--corpus", "prose"],
-        "generate": [],
-        "merge": ["--adapter", str(world.adapter_dir), "--out", str(world.root / "merged")],
-    }[command]
-    assert main([command, "--model", str(model), *extra]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"tinypeft {command}: error: ") and "config.json is not valid JSON" in err
-    assert err.count("\n") == 1 and "Traceback" not in err
-
-
-def test_cli_reports_an_unwritable_out_folder_before_training(tmp_path, capsys):
-    from tinypeft.cli import main
-
-    blocked = tmp_path / "a-file"
-    blocked.write_text("not a folder")
-    with time_bound(20):  # refused at once, not after the first steps of a long run
-        assert main(["pretrain", "--out", str(blocked / "run"), "--steps", "100000", "--no_progress"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("tinypeft pretrain: error: [Errno 20] Not a directory") and err.count("\n") == 1
+def ids(cases: list[Bad]) -> list[str]:
+    return [c.when for c in cases]
 
 
 # ------------------------------------------------------------------ docs/errors.md
@@ -1598,8 +1160,9 @@ def markdown(world: World) -> str:
         "Every loader is fuzzed with damaged files (`tests/test_fuzz.py`; `TINYPEFT_FUZZ_EXAMPLES=N` for a longer",
         "run): only these error types may come out, never another exception, a crash or a hang.",
         "",
-        "The catalogue below is generated from `tests/test_errors.py`, where each row is a test",
-        "(`PYTHONPATH=. python tests/test_errors.py > docs/errors.md`); paths are shortened to `<dir>`.",
+        "The catalogue below is generated from `tests/errors/catalogue.py`, where each row is a test",
+        "(`PYTHONPATH=.:tests python tests/errors/catalogue.py > docs/errors.md`); paths are shortened to `<dir>`.",
+        "The method configurations come from each method's file (`MethodSpec.error_cases`).",
         f"It has {len(CASES)} cases.",
     ]
     root = str(world.root)
