@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import tinypeft as tp
-from tinypeft.cli import main
+from tinypeft.cli import main, method_defaults
+from tinypeft.errors import ConfigError
+from tinypeft.methods import METHODS
 
 TINY = [
     "--steps",
@@ -167,6 +169,21 @@ def test_help_is_complete(command):
         [sys.executable, "-m", "tinypeft.cli", command, "--help"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("usage: tinypeft " + command)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_builds_from_its_command_line_defaults(name):
+    """`finetune --method NAME` with no other option trains the method's config at its rate, or the method says
+    which of its own options it needs."""
+    spec = METHODS[name]
+    try:
+        config, lr = method_defaults(name)
+    except ConfigError as e:
+        assert any(option in str(e) for flag in spec.flags for option in flag.names), str(e)
+        return
+    assert lr == spec.default_lr
+    assert config is None or isinstance(config, tp.PeftConfig)
+    assert method_defaults(name, "--lr", "0.5")[1] == 0.5
 
 
 def _pretrain_positions(out, capsys, *seq_len: str) -> tuple[np.ndarray, np.ndarray, str]:
