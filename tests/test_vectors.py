@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from tinypeft.cli import main
 from tinypeft.errors import CheckpointError, ConfigError
+from tinypeft.methods import METHODS
 from tinypeft.vectors import (
     CASE_NAME,
     EXPECTED_NAME,
@@ -32,8 +33,8 @@ from tinypeft.vectors import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {"full", "bitfit", "ln_tuning", "lora", "rslora", "dora", "pissa", "prompt_tuning", "prefix_tuning", "ia3",
-           "bottleneck_adapter"}  # fmt: skip
+# every label a registered method's golden cases carry (a method's variants, rsLoRA say, have labels of their own)
+LABELS = {case.label for spec in METHODS.values() for case in spec.golden_cases}
 
 
 def export_in_a_fresh_process(folder: Path) -> None:
@@ -55,26 +56,29 @@ def test_the_same_command_writes_the_same_bytes(vectors, tmp_path):
 
 
 def test_every_method_in_every_dtype_with_the_variants_a_port_gets_wrong(cases):
-    assert {c.method for c in cases} == METHODS
-    assert {(c.method, c.dtype) for c in cases} == {(m, d) for m in METHODS for d in ("float64", "float32")}
-    for method in METHODS:
-        mine = [c for c in cases if c.method == method]
-        assert any(c.attention_mask is not None and not c.attention_mask.all() for c in mine), f"{method}: no padding"
-        assert any(c.model_config["n_embd"] % 2 and c.model_config["vocab_size"] % 2 for c in mine), f"{method}: odd"
-    for method in ("lora", "rslora", "dora", "pissa"):
-        assert any(c.method_config["r"] == 1 for c in cases if c.method == method), f"{method}: no rank 1"
-    for method in ("prompt_tuning", "prefix_tuning"):
-        filled = [
-            c.method_config["num_virtual_tokens"] + c.input_ids.shape[1] == c.model_config["n_positions"]
-            for c in cases
-            if c.method == method
-        ]
-        assert any(filled), f"{method}: no case fills the position table"
-    prompt_inits = {c.method_config["prompt_tuning_init"] for c in cases if c.method == "prompt_tuning"}
+    assert {c.method for c in cases} == LABELS
+    assert {(c.method, c.dtype) for c in cases} == {(m, d) for m in LABELS for d in ("float64", "float32")}
+    for label in LABELS:
+        mine = [c for c in cases if c.method == label]
+        assert any(c.attention_mask is not None and not c.attention_mask.all() for c in mine), f"{label}: no padding"
+        assert any(c.model_config["n_embd"] % 2 and c.model_config["vocab_size"] % 2 for c in mine), f"{label}: odd"
+        configs = [c.method_config or {} for c in mine]
+        if any("r" in cfg for cfg in configs):  # a rank: LoRA and its variants
+            assert any(cfg["r"] == 1 for cfg in configs), f"{label}: no rank 1"
+        if any("num_virtual_tokens" in cfg for cfg in configs):  # virtual tokens: prompt and prefix tuning
+            filled = [
+                c.method_config["num_virtual_tokens"] + c.input_ids.shape[1] == c.model_config["n_positions"]
+                for c in mine
+            ]
+            assert any(filled), f"{label}: no case fills the position table"
+    configs = [c.method_config for c in cases if c.method_config]
+    prompt_inits = {cfg["prompt_tuning_init"] for cfg in configs if "prompt_tuning_init" in cfg}
     assert prompt_inits == {"RANDOM", "SAMPLE_VOCAB", "TEXT"}
-    assert {c.method_config["prefix_projection"] for c in cases if c.method == "prefix_tuning"} == {False, True}
+    assert {cfg["prefix_projection"] for cfg in configs if "prefix_projection" in cfg} == {False, True}
     # a left-padded row whose last pad predicts its first token: the query there sees no key at all
-    assert any(c.attention_mask is not None and c.attention_mask[:, 0].min() == 0 for c in cases if c.method == "full")
+    assert any(
+        c.attention_mask is not None and c.attention_mask[:, 0].min() == 0 for c in cases if c.method_config is None
+    )
 
 
 def test_the_numbers_are_informative(cases):

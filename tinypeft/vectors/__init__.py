@@ -1,0 +1,74 @@
+"""Golden vectors: small cases of every method, with tinypeft's logits, loss and gradients, for ports.
+
+`export_vectors(folder)` (the command `tinypeft export-vectors DIR`) writes, for the base model and
+every method, a few small cases (an odd-sized config, rank 1, a padded batch, virtual tokens that fill
+the position table), each in float64 and in float32: the configs, the weights, the inputs, and the
+expected logits, loss and gradient of every trainable tensor, with the tolerance a correct port must
+meet. `check_vectors(folder, run_case)` (the command `tinypeft check-vectors DIR --impl MODULE`) runs an
+implementation on every case and reports each tensor's error against its tolerance. VECTORS.md at the
+repository root describes the files precisely enough to write a checker in any language.
+
+The package, by concern:
+- specs.py: the cases, read from the method registry (each method's `golden_cases`), and their batches;
+- compute.py: computing a case in float64, and `export_vectors`;
+- tolerances.py: how close a port must come, per tensor;
+- format.py: the files (names, `Case`, `write_case`); load.py: reading them back, validated;
+- checker.py: `compare`, `check_vectors`, `load_impl`, and `run_case` (tinypeft itself as a port).
+The same command writes the same bytes.
+"""
+
+from .checker import CaseReport, RunCase, TensorCheck, check_vectors, compare, error_vs_expected, load_impl, run_case
+from .compute import PERTURBATION, compute_case, export_vectors
+from .format import (
+    CASE_NAME,
+    DERIVED_PREFIX,
+    DTYPES,
+    EXPECTED_NAME,
+    FORMAT,
+    GRAD_PREFIX,
+    INDEX_NAME,
+    MODEL_CONFIG_FIELDS,
+    VERSION,
+    WEIGHTS_NAME,
+    Case,
+    write_case,
+)
+from .load import load_case, load_vectors
+from .specs import SPECS, Batch, make_batch
+from .tolerances import FLOAT32_TOLERANCES, FLOAT64_TOLERANCE, TOLERANCE_NOTES, tolerance_for, tolerances
+
+__all__ = [
+    "CASE_NAME",
+    "DERIVED_PREFIX",
+    "DTYPES",
+    "EXPECTED_NAME",
+    "FLOAT32_TOLERANCES",
+    "FLOAT64_TOLERANCE",
+    "FORMAT",
+    "GRAD_PREFIX",
+    "INDEX_NAME",
+    "MODEL_CONFIG_FIELDS",
+    "PERTURBATION",
+    "SPECS",
+    "TOLERANCE_NOTES",
+    "VERSION",
+    "WEIGHTS_NAME",
+    "Batch",
+    "Case",
+    "CaseReport",
+    "RunCase",
+    "TensorCheck",
+    "check_vectors",
+    "compare",
+    "compute_case",
+    "error_vs_expected",
+    "export_vectors",
+    "load_case",
+    "load_impl",
+    "load_vectors",
+    "make_batch",
+    "run_case",
+    "tolerance_for",
+    "tolerances",
+    "write_case",
+]

@@ -1,0 +1,203 @@
+"""Checking an implementation against golden vectors: `run_case` is tinypeft itself behind the interface
+every port implements (VECTORS.md), `load_impl` finds a port's, `compare` measures what one returned for a
+case tensor by tensor against the case's tolerances, and `check_vectors` runs it on a folder of cases.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import engine
+from ..errors import CheckpointError, ConfigError, TinyPeftError
+from ..methods import PeftConfig
+from ..model import GPT, GPTConfig, parameter_shapes
+from ..peft_model import get_peft_model
+from .format import Array, Case, _short
+from .load import load_vectors
+
+RunCase = Callable[[dict[str, Any]], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """One compared tensor: its error, its tolerance, and whether it passed (None: not checked)."""
+
+    tensor: str
+    error: float
+    tolerance: float
+    passed: bool | None
+    note: str = ""
+
+
+@dataclass
+class CaseReport:
+    name: str
+    method: str
+    dtype: str
+    checks: list[TensorCheck] = field(default_factory=list)
+    failure: str = ""  # the implementation raised, or returned something unusable
+
+    @property
+    def passed(self) -> bool:
+        return not self.failure and all(c.passed is not False for c in self.checks)
+
+    def worst(self) -> TensorCheck | None:
+        """The compared tensor furthest over, or closest to, its tolerance (a failure before any pass)."""
+        compared = [c for c in self.checks if c.passed is not None]
+        return max(
+            compared, key=lambda c: (not c.passed, c.error / c.tolerance if c.tolerance else math.inf), default=None
+        )
+
+
+# Not gradcheck.relative_error, on purpose: that one compares two computations of equal standing, so it is
+# symmetric (it divides by the larger norm, with a floor for gradients that are ~0). Here one side is the
+# reference: the metric VECTORS.md states divides by the expected tensor's norm alone (never zero: the
+# loader refuses an all-zero expected tensor), and a port's non-finite result must read as inf, not nan.
+def error_vs_expected(got: Any, want: Array) -> float:
+    """||got - want|| / ||want|| over all elements, inf if got is not finite (want is never zero)."""
+    got = np.asarray(got, dtype=np.float64)
+    if not np.isfinite(got).all():
+        return math.inf
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def compare(case: Case, result: Any) -> CaseReport:
+    """Check what an implementation returned for `case` against the expected values and tolerances."""
+    report = CaseReport(case.name, case.method, case.dtype)
+    if not isinstance(result, Mapping) or not {"logits", "loss", "grads"} <= set(result):
+        report.failure = f"run_case must return a dict with logits, loss and grads; got {_short(result)}"
+        return report
+
+    def check(tensor: str, got: Any, want: Array, tolerance: float) -> None:
+        try:
+            got = np.asarray(got, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, f"not an array: {e}"))
+            return
+        if got.shape != want.shape:
+            note = f"shape {got.shape}, expected {want.shape}"
+            report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, note))
+            return
+        error = error_vs_expected(got, want)
+        report.checks.append(TensorCheck(tensor, error, tolerance, error <= tolerance))
+
+    check("loss", result["loss"], np.asarray(case.loss), case.tolerances["loss"])
+    check("logits", result["logits"], case.logits, case.tolerances["logits"])
+    grads = result["grads"]
+    if not isinstance(grads, Mapping):
+        report.failure = f"grads must be a dict of tensor name -> array; got {type(grads).__name__}"
+        return report
+    for name, want in case.grads.items():
+        if name in grads:
+            check(name, grads[name], want, case.tolerances["grads"][name])
+        else:
+            report.checks.append(TensorCheck(name, math.inf, case.tolerances["grads"][name], False, "gradient missing"))
+    for name in sorted(set(grads) - set(case.grads), key=repr):
+        report.checks.append(TensorCheck(str(name), math.inf, 0.0, False, "a gradient of a tensor that does not train"))
+    derived = result.get("derived") or {}
+    if not isinstance(derived, Mapping):
+        report.failure = f"derived must be a dict of tensor name -> array; got {type(derived).__name__}"
+        return report
+    for name, want in case.derived.items():
+        tolerance = case.tolerances["derived"][name]
+        if name in derived:
+            check(f"derived {name}", derived[name], want, tolerance)
+        else:
+            report.checks.append(TensorCheck(f"derived {name}", math.nan, tolerance, None, "not returned (optional)"))
+    for name in sorted(set(derived) - set(case.derived), key=repr):
+        report.checks.append(TensorCheck(f"derived {name}", math.inf, 0.0, False, "not a derived tensor of this case"))
+    return report
+
+
+def check_vectors(folder: str | os.PathLike, run_case: RunCase, patterns: Sequence[str] = ("*",)) -> list[CaseReport]:
+    """Run an implementation on every case (matching a glob in `patterns`) and compare. An exception the
+    implementation raises fails its case; it does not stop the others."""
+    reports = []
+    for case in load_vectors(folder, patterns):
+        try:
+            with np.errstate(all="ignore"):
+                result = run_case(case.port_input())
+        except Exception as e:
+            report = CaseReport(case.name, case.method, case.dtype, failure=f"run_case raised {type(e).__name__}: {e}")
+        else:
+            with np.errstate(all="ignore"):
+                report = compare(case, result)
+        reports.append(report)
+    return reports
+
+
+def load_impl(spec: str) -> RunCase:
+    """`run_case` from an implementation: a dotted module name importable from the current folder, or the
+    path of a .py file or of a package folder."""
+    path = os.path.abspath(spec)
+    try:
+        if spec.endswith(".py") or os.path.isdir(path):
+            location = os.path.join(path, "__init__.py") if os.path.isdir(path) else path
+            if not os.path.isfile(location):
+                raise ConfigError(f"--impl {spec}: {location} does not exist")
+            name = "golden_vector_impl_" + os.path.splitext(os.path.basename(path))[0]
+            search = [path] if os.path.isdir(path) else None
+            module_spec = importlib.util.spec_from_file_location(name, location, submodule_search_locations=search)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(spec)
+    except TinyPeftError:
+        raise
+    except Exception as e:  # the implementation's own import failing: say so in one line
+        raise ConfigError(f"--impl {spec}: importing it raised {type(e).__name__}: {e}") from None
+    run = getattr(module, "run_case", None)
+    if not callable(run):
+        raise ConfigError(f"--impl {spec}: the module has no function run_case(case) -> dict (see VECTORS.md)")
+    return run
+
+
+# ------------------------------------------------------------------ tinypeft as an implementation
+def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
+    """tinypeft itself behind the interface every port implements: builds the model and adapter from the
+    case's configs, loads its weights, and computes in the case's dtype."""
+    dtype = case["dtype"]
+    config = GPTConfig(**case["model_config"], dtype=dtype)
+    weights = dict(case["weights"])
+    base = GPT(config)
+    base.load_state_dict({n: weights.pop(n) for n in parameter_shapes(config)})
+    method_config = case["method_config"]
+    model: Any = base
+    derived: dict[str, Array] = {}
+    if method_config is None:
+        base.trainable = set(case["trainable"])
+    else:
+        model = get_peft_model(base, PeftConfig.from_dict(method_config))
+        adapter = model.active
+        derived = adapter.derived()  # from the fresh adapter: what the init computes from the base weights
+        stands_in_for = {v: k for k, v in adapter.overrides.items()}
+        state = {}
+        for name in adapter.params:
+            if name in stands_in_for:  # a trained copy of a base tensor: the case holds it under the base name
+                state[name] = base.params[stands_in_for[name]]
+            elif name in weights:
+                state[name] = weights.pop(name)
+            else:
+                raise CheckpointError(f"case {case['name']}: the weights lack the adapter tensor {name!r}")
+        adapter.load_state_dict(state)
+    if weights:
+        raise CheckpointError(f"case {case['name']}: weights this method does not use: {sorted(weights)[:3]}")
+    view = model.view()
+    if set(view.trainable) != set(case["trainable"]):
+        raise CheckpointError(f"case {case['name']}: 'trainable' is not what its method trains")
+    ids, labels, mask = case["input_ids"], case["labels"], case["attention_mask"]
+    logits = engine.logits(view, ids, mask)
+    loss, grads = engine.loss_and_grad(view, ids, labels, mask)
+    return {"logits": logits, "loss": loss, "grads": grads, "derived": derived}
