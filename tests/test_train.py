@@ -211,3 +211,81 @@ def test_resume_keeps_the_time_already_spent(tmp_path, monkeypatch):
     own = train(tp.GPT(CFG, seed=0), DATA, config, run_dir=str(tmp_path / "b"), progress=False, stop_after=6)
     assert rest.seconds > first.seconds
     assert rest.seconds == first.seconds + own.seconds  # the resumed part ran 6 steps, as `own` did
+
+
+# ------------------------------------------------------------- a run's identity and folder (issue 15, items 1, 2)
+def lora(**kw):
+    return tp.get_peft_model(tp.GPT(CFG, seed=0), tp.LoraConfig(**{"r": 2, "lora_alpha": 4} | kw))
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ("lora_alpha", "method.lora_alpha: now 8, saved 4"),
+        ("use_rslora", "method.use_rslora: now True, saved False"),
+        ("corpus", "train_data_sha256"),
+        ("base", "base_weights_sha256"),
+        ("threads", "threads: now 3, saved 2"),
+    ],
+)
+def test_resume_refuses_another_run_and_names_the_difference(tmp_path, monkeypatch, change, named):
+    monkeypatch.setenv("TINYPEFT_THREADS", "2")
+    config = quick(steps=4, eval_every=0)
+    train(lora(), DATA, config, run_dir=str(tmp_path), progress=False)
+    model, data = lora(), DATA
+    if change == "lora_alpha":
+        model = lora(lora_alpha=8)
+    elif change == "use_rslora":
+        model = lora(use_rslora=True)
+    elif change == "corpus":
+        data = DATA[::-1].copy()
+    elif change == "base":
+        model = tp.get_peft_model(tp.GPT(CFG, seed=1), tp.LoraConfig(r=2, lora_alpha=4))
+    else:
+        monkeypatch.setenv("TINYPEFT_THREADS", "3")
+    with pytest.raises(CheckpointError, match="this is another run") as caught:
+        train(model, data, config, run_dir=str(tmp_path), resume=True, progress=False)
+    assert named in str(caught.value)
+
+
+def test_extending_a_finished_run_says_what_it_does_to_the_schedule(tmp_path):
+    lines = []
+    train(tp.GPT(CFG, seed=0), DATA, quick(steps=6, eval_every=0), run_dir=str(tmp_path), progress=False)
+    longer = quick(steps=10, eval_every=0)
+    result = train(tp.GPT(CFG, seed=0), DATA, longer, run_dir=str(tmp_path), resume=True, log=lines.append)
+    assert result.steps == 10 and [r["step"] for r in result.train_losses] == list(range(1, 11))
+    said = " ".join(lines)
+    assert "extending the run from 6 to 10 steps" in said
+    assert f"step 7 trains at learning rate {longer.lr_at(6):.3g}" in said and "it had ended" in said
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run_unless_told_to_overwrite(tmp_path):
+    train(tp.GPT(CFG, seed=0), DATA, quick(steps=3, eval_every=0), run_dir=str(tmp_path), progress=False)
+    before = sorted((tmp_path / "checkpoints").iterdir())
+    with pytest.raises(tp.ConfigError, match="holds another run's checkpoints"):
+        train(tp.GPT(CFG, seed=0), DATA, quick(steps=2, eval_every=0), run_dir=str(tmp_path), progress=False)
+    assert sorted((tmp_path / "checkpoints").iterdir()) == before  # nothing deleted
+    lines = []
+    result = train(
+        tp.GPT(CFG, seed=0), DATA, quick(steps=2, eval_every=0), run_dir=str(tmp_path), log=lines.append, overwrite=True
+    )
+    assert result.steps == 2 and any("overwriting the run" in line for line in lines)
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path):
+    """Another process holds the folder's lock (flock: a second open file in this process conflicts as
+    another process's would)."""
+    import fcntl
+    import os
+
+    train(tp.GPT(CFG, seed=0), DATA, quick(steps=2, eval_every=0), run_dir=str(tmp_path), progress=False)
+    fd = os.open(tmp_path / ".tinypeft.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"4242", 0)
+        with pytest.raises(tp.ConfigError, match=r"in use by another tinypeft run \(process 4242\)"):
+            train(tp.GPT(CFG, seed=0), DATA, quick(steps=2), run_dir=str(tmp_path), resume=True, progress=False)
+    finally:
+        os.close(fd)
+    train(tp.GPT(CFG, seed=0), DATA, quick(steps=2, eval_every=0), run_dir=str(tmp_path), resume=True, progress=False)

@@ -28,6 +28,7 @@ from .methods.virtual_tokens import VirtualTokenConfig
 from .model import GPT
 from .peft_model import PeftModel, get_peft_model
 from .train import Trainable, TrainConfig, TrainResult, evaluate, train
+from .train_checkpoints import run_lock
 
 # set in the environment, these fix how many threads NumPy's BLAS uses (None: as many as cores)
 BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -112,6 +113,7 @@ def finetune(
     method: str,
     out: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     quiet: bool = False,
     prompt: str | None = None,
@@ -126,9 +128,10 @@ def finetune(
 
     method names the method in the summary and the plot title; the adapter is initialised from
     config.seed. out, if given, receives resumable checkpoints, `adapter/` (PEFT format; `model/` for
-    full fine-tuning), summary.json and loss.png (when matplotlib is installed). quiet prints nothing;
-    otherwise the header (corpora, method, trainable parameters) and train's evaluation lines are
-    printed. prompt defaults to the first prompt_bytes of the task's validation text. Raises
+    full fine-tuning), summary.json and loss.png (when matplotlib is installed); it is locked for the
+    whole run, and a folder holding another run is refused unless `overwrite` (see `train`). quiet
+    prints nothing; otherwise the header (corpora, method, trainable parameters) and train's evaluation
+    lines are printed. prompt defaults to the first prompt_bytes of the task's validation text. Raises
     TrainingError if the loss turns non-finite.
 
     "before" is the base model alone (the adapter disabled), so a method whose adapter does not start
@@ -139,54 +142,54 @@ def finetune(
     check_fits(base, config.seq_len, method_config)
     if out is not None:
         os.makedirs(out, exist_ok=True)  # an unusable folder fails now, not after training
-    model = build_model(base, method_config, seed=config.seed)
-    if not quiet:
-        base_line = [f"base model: {base_name}"] if base_name else []
-        print("\n".join([*base_line, f"task corpus   {task.describe()}", f"prose corpus  {prose.describe()}"]))
-        print(f"method: {method} (learning rate {config.lr:g})\n{model.trainable_parameters_line()}")
-
-    if prompt is None:
-        prompt = decode(task.val[:prompt_bytes])
-    # a sample longer than the positions left after the virtual tokens and the prompt is cut short
-    room = base.config.n_positions - virtual_tokens(method_config) - len(encode(prompt)) + 1
-    sample_bytes = min(sample_bytes, max(room, 0))
-    eval_sets = {"task": task.val, "prose": prose.val}
-    with base_only(model):
-        before = dict(base_losses) if base_losses is not None else validation_losses(model, eval_sets, config)
-        sample_before = greedy_sample(model, prompt, sample_bytes)
-    t0 = time.perf_counter()
-    quiet_log = (lambda line: None) if quiet else None
-    result = train(model, task.train, config, eval_sets, out, resume, progress and not quiet, quiet_log)
-    seconds = time.perf_counter() - t0
-    after = {k: v for k, v in result.evals[-1].items() if k != "step"}
-    sample_after = greedy_sample(model, prompt, sample_bytes)
-
-    trainable = sum(int(v.size) for v in model.trainable_parameters().values())
-    saved, plot = _save_run(out, model, method_config is None, result, f"{method} fine-tuning", task, prose, config)
-    summary = {
-        "command": command,
-        "base": base_name,
-        "method": method,
-        "method_config": None if method_config is None else method_config.to_dict(),
-        "train_config": asdict(config),
-        "task_corpus": task.describe(),
-        "prose_corpus": prose.describe(),
-        "trainable_parameters": trainable,
-        "trainable_line": model.trainable_parameters_line(),
-        **_timings(seconds, result),
-        "before": {k: {"loss": v, "bits_per_byte": bits(v)} for k, v in before.items()},
-        "after": {k: {"loss": v, "bits_per_byte": bits(v)} for k, v in after.items()},
-        "task_gain": before["task"] - after["task"],
-        "prose_forgetting": after["prose"] - before["prose"],
-        "prompt": prompt,
-        "sample_before": sample_before,
-        "sample_after": sample_after,
-        "evals": result.evals,
-        "saved": saved,
-        "plot": plot,
-    }
-    if out is not None:
-        save_json(os.path.join(out, "summary.json"), summary)
+    with run_lock(out) if out is not None else contextlib.nullcontext():
+        model = build_model(base, method_config, seed=config.seed)
+        if not quiet:
+            base_line = [f"base model: {base_name}"] if base_name else []
+            print("\n".join([*base_line, f"task corpus   {task.describe()}", f"prose corpus  {prose.describe()}"]))
+            print(f"method: {method} (learning rate {config.lr:g})\n{model.trainable_parameters_line()}")
+        if prompt is None:
+            prompt = decode(task.val[:prompt_bytes])
+        # a sample longer than the positions left after the virtual tokens and the prompt is cut short
+        room = base.config.n_positions - virtual_tokens(method_config) - len(encode(prompt)) + 1
+        sample_bytes = min(sample_bytes, max(room, 0))
+        eval_sets = {"task": task.val, "prose": prose.val}
+        with base_only(model):
+            before = dict(base_losses) if base_losses is not None else validation_losses(model, eval_sets, config)
+            samples = [greedy_sample(model, prompt, sample_bytes)]
+        t0 = time.perf_counter()
+        quiet_log = (lambda line: None) if quiet else None
+        result = train(
+            model, task.train, config, eval_sets, out, resume, progress and not quiet, quiet_log, None, overwrite
+        )
+        seconds = time.perf_counter() - t0
+        after = {k: v for k, v in result.evals[-1].items() if k != "step"}
+        samples.append(greedy_sample(model, prompt, sample_bytes))
+        saved, plot = _save_run(out, model, method_config is None, result, f"{method} fine-tuning", task, prose, config)
+        summary = {
+            "command": command,
+            "base": base_name,
+            "method": method,
+            "method_config": None if method_config is None else method_config.to_dict(),
+            "train_config": asdict(config),
+            "task_corpus": task.describe(),
+            "prose_corpus": prose.describe(),
+            "trainable_parameters": sum(int(v.size) for v in model.trainable_parameters().values()),
+            "trainable_line": model.trainable_parameters_line(),
+            **_timings(seconds, result),
+            "before": {k: {"loss": v, "bits_per_byte": bits(v)} for k, v in before.items()},
+            "after": {k: {"loss": v, "bits_per_byte": bits(v)} for k, v in after.items()},
+            "task_gain": before["task"] - after["task"],
+            "prose_forgetting": after["prose"] - before["prose"],
+            "prompt": prompt,
+            "sample_before": samples[0],
+            "sample_after": samples[1],
+            "evals": result.evals,
+            "saved": saved,
+            "plot": plot,
+        }
+        if out is not None:
+            save_json(os.path.join(out, "summary.json"), summary)
     return FinetuneRun(summary, result, model)
 
 

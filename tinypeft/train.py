@@ -28,7 +28,16 @@ from .checks import check_seed
 from .data import eval_windows, random_batch
 from .errors import ConfigError, TrainingError
 from .optim import SGD, AdamW, Optimizer, clip_grad_norm, cosine_schedule
-from .train_checkpoints import _is_number, _last_good, load_checkpoint, save_checkpoint
+from .train_checkpoints import (
+    _is_number,
+    _last_good,
+    checkpoint_steps,
+    claim_run_folder,
+    load_checkpoint,
+    run_identity,
+    run_lock,
+    save_checkpoint,
+)
 
 Array = Any
 
@@ -136,23 +145,53 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train `model` for config.steps steps on random windows of `train_data`.
 
     eval_sets: name -> bytes, each evaluated every config.eval_every steps and at the end.
-    run_dir: where checkpoints go (every config.checkpoint_every steps and at the end), and where
-    `resume=True` picks up from. stop_after ends the run early after that many steps (the schedule
-    still spans config.steps): what a test uses to interrupt a run.
+    run_dir: where checkpoints go (every config.checkpoint_every steps and at the end), locked while the
+    run uses it; `resume=True` picks up from its latest checkpoint, which must be of the same run (same
+    settings and identity, see train_checkpoints.py; config.steps may differ: extending a run says what
+    it does to the schedule); a new run refuses a folder holding another run's checkpoints unless
+    `overwrite`. stop_after ends the run early after that many steps (the schedule still spans
+    config.steps): what a test uses to interrupt a run.
     """
+    if run_dir is None:
+        if resume:
+            raise ConfigError("resume=True needs the run_dir holding the checkpoints")
+        return _train(model, train_data, config, eval_sets, None, False, progress, log, stop_after, overwrite)
+    with run_lock(run_dir):
+        return _train(model, train_data, config, eval_sets, run_dir, resume, progress, log, stop_after, overwrite)
+
+
+def _train(
+    model: Trainable,
+    train_data: np.ndarray,
+    config: TrainConfig,
+    eval_sets: Mapping[str, np.ndarray] | None,
+    run_dir: str | None,
+    resume: bool,
+    progress: bool,
+    log: Callable[[str], None] | None,
+    stop_after: int | None,
+    overwrite: bool,
+) -> TrainResult:
     from tqdm.auto import tqdm
 
+    say = log or (tqdm.write if progress else functools.partial(print, flush=True))
     model.train()  # dropout (in methods that have it) on while training, off for evaluation
     if not (params := model.trainable_parameters()):
         raise ConfigError("the model has no trainable parameters; choose a method or unfreeze something")
     eval_sets, optimizer, rng = dict(eval_sets or {}), config.make_optimizer(), np.random.default_rng(config.seed)
     result = TrainResult(steps=0, seconds=0.0, tokens_per_second=0.0)
-    start = _resume_point(run_dir, model, optimizer, rng, result, config) if resume else 0
-    say = log or (tqdm.write if progress else functools.partial(print, flush=True))
+    identity = run_identity(model, train_data, eval_sets)
+    if resume:
+        start = _resume_point(run_dir, model, optimizer, rng, result, config, identity, say)
+    else:
+        start = 0
+        if run_dir is not None:
+            claim_run_folder(run_dir, overwrite, say)
     end = config.steps if stop_after is None else min(config.steps, stop_after)
 
     run_evals = functools.partial(_evaluate_all, model, eval_sets, config, result=result, say=say)
@@ -172,7 +211,7 @@ def train(
             if config.eval_every and done % config.eval_every == 0 and done != config.steps:
                 run_evals(done)
             if run_dir and config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.steps:
-                save_checkpoint(run_dir, done, model, optimizer, rng, result, config)
+                save_checkpoint(run_dir, done, model, optimizer, rng, result, config, identity)
     finally:
         bar.close()
         model.eval()
@@ -182,23 +221,34 @@ def train(
     if end == config.steps and start < end:  # a finished run resumed has its final evaluation already
         run_evals(end)
     if run_dir:
-        save_checkpoint(run_dir, end, model, optimizer, rng, result, config)
+        save_checkpoint(run_dir, end, model, optimizer, rng, result, config, identity)
     return result
 
 
 def _resume_point(
-    run_dir: str | None,
+    run_dir: str,
     model: Trainable,
     optimizer: Optimizer,
     rng: np.random.Generator,
     result: TrainResult,
     config: TrainConfig,
+    identity: Mapping[str, Any],
+    say: Callable[[str], None],
 ) -> int:
     """The step a resumed run starts from, with the model, optimizer, batch generator and result as
-    the latest checkpoint left them."""
-    if run_dir is None:
-        raise ConfigError("resume=True needs the run_dir holding the checkpoints")
-    return load_checkpoint(run_dir, model, optimizer, rng, result, config)
+    the latest checkpoint left them; a run resumed with another step count says what that does."""
+    start = load_checkpoint(run_dir, model, optimizer, rng, result, config, identity)
+    saved_steps = checkpoint_steps(run_dir)
+    if saved_steps != config.steps:
+        verb = "extending" if config.steps > saved_steps else "shortening"
+        before = dataclasses.replace(config, steps=saved_steps)
+        then = f"{before.lr_at(start):.3g}" if start < saved_steps else "none: it had ended"
+        say(
+            f"{verb} the run from {saved_steps} to {config.steps} steps: the warm-up and cosine schedule now spans "
+            f"{config.steps} steps, so step {start + 1} trains at learning rate {config.lr_at(start):.3g} "
+            f"(the {saved_steps}-step schedule's: {then})"
+        )
+    return start
 
 
 def _evaluate_all(

@@ -895,7 +895,7 @@ CHECKPOINT_CASES = [
         "state.json lacking keys",
         resume({f"{CHECKPOINT}/state.json": lambda s: {k: v for k, v in s.items() if k not in ("rng", "result")}}),
         CheckpointError,
-        ("lacks ['rng', 'result']", "step, rng, train_config and result"),
+        ("lacks ['rng', 'result']", "step, rng, train_config, result and identity"),
     ),
     Bad(
         "state.json of another step than latest.json",
