@@ -28,11 +28,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backend import namespace, to_numpy
+from ..backend import to_numpy
 from ..config import linear_module_names
 from ..errors import ConfigError
 from ..sites import Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
+from .lora_variants import (
+    dora_backward,
+    dora_forward,
+    dora_merged_weight,
+    dora_weight_norm,
+    pissa_factors,
+    stop_gradient,
+)
 from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
 
 if TYPE_CHECKING:
@@ -46,15 +54,6 @@ GPT2_DEFAULT_TARGETS = ("c_attn",)  # PEFT's default for model_type "gpt2"
 
 
 # ===================================================================== the math
-def stop_gradient(a: Array) -> Array:
-    """`a`'s value cut loose from autograd's trace (a traced array is a Box whose value is `_value`), so
-    autograd treats what is computed from it as a constant, as torch's `.detach()` does. Plain arrays
-    come back as they are."""
-    while type(a).__module__.startswith("autograd"):
-        a = a._value
-    return a
-
-
 def lora_forward(
     x: Array, weight: Array, bias: Array | None, lora_A: Array, lora_B: Array, scaling: float, keep: Array | None
 ) -> tuple[Array, tuple]:
@@ -117,96 +116,9 @@ def lora_backward(
     return dx, dA, dB, db
 
 
-def dora_weight_norm(weight: Array, lora_A: Array, lora_B: Array, scaling: float) -> Array:
-    """‖W + s (B A)ᵀ‖ per output feature, over the input dimension: (out,). W: (in, out)."""
-    xp = namespace(weight, lora_A, lora_B)
-    directional = weight + scaling * (lora_B @ lora_A).T  # [in, out] + s ([out, r] @ [r, in])ᵀ
-    return xp.sqrt((directional * directional).sum(axis=0))  # [in, out] -> [out]
-
-
-def dora_forward(
-    x: Array,
-    weight: Array,
-    bias: Array | None,
-    lora_A: Array,
-    lora_B: Array,
-    magnitude: Array,
-    scaling: float,
-    weight_norm: Array,
-    keep: Array | None,
-) -> tuple[Array, tuple]:
-    """DoRA as PEFT computes it: with k = m / ‖W + s (B A)ᵀ‖ per output feature (the norm given, a constant),
-
-        y = x W + b + (k − 1) ⊙ (x_d W) + k ⊙ s · x_d Aᵀ Bᵀ,      x_d = x ⊙ keep.
-
-    Without dropout (keep None) x_d = x and this is y = k ⊙ (x W + s x Aᵀ Bᵀ) + b: each output feature of
-    the LoRA-updated layer rescaled to length m. With dropout, the undropped x W stays and only the
-    correction is computed from the dropped input, exactly PEFT's formula.
-
-    x: (..., in), W: (in, out), A: (r, in), B: (out, r), m and the norm: (out,)  ->  y: (..., out).
-    Cache: x_d, h = x_d Aᵀ (N, r), v = x_d W + s h Bᵀ (N, out: the output before rescaling, needed for
-    dm), k, the norm and the weights.
-    """
-    lead, n_in = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, n_in)  # [N, in]
-    keep2 = None if keep is None else keep.reshape(-1, n_in)
-    x_drop = x2 if keep2 is None else x2 * keep2  # [N, in]
-    base = x2 @ weight  # [N, in] @ [in, out] -> [N, out]
-    base_drop = base if keep2 is None else x_drop @ weight  # [N, out]
-    h = x_drop @ lora_A.T  # [N, in] @ [in, r] -> [N, r]
-    lora = scaling * (h @ lora_B.T)  # [N, r] @ [r, out] -> [N, out]
-    k = magnitude / weight_norm  # [out]
-    y = base + (k - 1) * base_drop + k * lora  # [N, out]
-    if bias is not None:
-        y = y + bias
-    cache = (x_drop, h, base_drop + lora, k, weight, lora_A, lora_B, weight_norm, keep2, scaling)
-    return y.reshape(*lead, weight.shape[1]), cache
-
-
-def dora_backward(
-    dy: Array, cache: tuple, need_dx: bool = True, need_dparams: bool = True, need_dbias: bool = False
-) -> tuple[Array | None, Array | None, Array | None, Array | None, Array | None]:
-    """(dx, dA, dB, dm, db) for y = x W + b + (k − 1) ⊙ (x_d W) + k ⊙ s · h Bᵀ, h = x_d Aᵀ, k = m / n,
-    with the norm n a constant (DoRA's detached norm: no gradient reaches A or B through it):
-
-        dm   = Σ_positions dy ⊙ (x_d W + s h Bᵀ) / n        (out,)
-        g    = dy ⊙ k                                       (N, out): the gradient at the LoRA output
-        dB   = s · gᵀ h,   dh = s · g B,   dA = dhᵀ x_d
-        dx   = dy Wᵀ + ((dy ⊙ (k − 1)) Wᵀ + dh A) ⊙ keep   (= (dy ⊙ k) Wᵀ + dh A without dropout)
-        db   = Σ_positions dy
-    """
-    x_drop, h, unscaled, k, weight, lora_A, lora_B, weight_norm, keep2, scaling = cache
-    n_in, n_out = weight.shape
-    # in the forward pass this was: y = x W + b + (k − 1) ⊙ (x_d W) + k ⊙ s · (x_d Aᵀ) Bᵀ, so now:
-    dy2 = dy.reshape(-1, n_out)  # [N, out]
-    dx = dA = dB = dm = db = None
-    g = dy2 * k  # [N, out]
-    dh = scaling * (g @ lora_B) if (need_dx or need_dparams) else None  # [N, out] @ [out, r] -> [N, r]
-    if need_dparams:
-        dm = (dy2 * unscaled).sum(axis=0) / weight_norm  # [N, out] -> [out]
-        dB = scaling * (g.T @ h)  # [out, N] @ [N, r] -> [out, r]
-        dA = dh.T @ x_drop  # [r, N] @ [N, in] -> [r, in]
-    if need_dx:
-        if keep2 is None:  # x_d = x: both paths meet before the matmul with Wᵀ
-            dx = g @ weight.T + dh @ lora_A  # [N, out] @ [out, in] + [N, r] @ [r, in]
-        else:
-            dx_drop = (dy2 * (k - 1)) @ weight.T + dh @ lora_A  # the gradient at x_d: [N, in]
-            dx = dy2 @ weight.T + dx_drop * keep2
-        dx = dx.reshape(*dy.shape[:-1], n_in)
-    if need_dbias:
-        db = dy2.sum(axis=0)
-    return dx, dA, dB, dm, db
-
-
 def lora_merged_weight(weight: Array, lora_A: Array, lora_B: Array, scaling: float) -> Array:
     """W + s (B A)ᵀ: (in, out), the weight a merged LoRA layer computes with."""
     return weight + scaling * (lora_B @ lora_A).T  # [in, out] + s ([out, r] @ [r, in])ᵀ
-
-
-def dora_merged_weight(weight: Array, lora_A: Array, lora_B: Array, magnitude: Array, scaling: float) -> Array:
-    """(m / ‖W + s (B A)ᵀ‖) ⊙ (W + s (B A)ᵀ), each output column scaled: (in, out). The bias is not scaled."""
-    directional = lora_merged_weight(weight, lora_A, lora_B, scaling)  # [in, out]
-    return directional * (magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling))  # [in, out] * [out]
 
 
 def dropout_keep_mask(key: tuple[int, ...], shape: tuple[int, ...], p: float, dtype: str) -> np.ndarray:
@@ -214,21 +126,6 @@ def dropout_keep_mask(key: tuple[int, ...], shape: tuple[int, ...], p: float, dt
     Drawn from a generator seeded by `key`, so the same key gives the same mask on every call."""
     kept = np.random.default_rng(key).random(shape) >= p
     return (kept / (1.0 - p)).astype(dtype)
-
-
-def pissa_factors(weight: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(A, B, residual) of PiSSA's init, as PEFT's `pissa_init`, in float64.
-
-    With the SVD Wᵀ = U S Vh (Wᵀ is PEFT's (out, in) layout): A = diag(√(S_r/s)) Vh_r (r, in),
-    B = U_r diag(√(S_r/s)) (out, r), so s (B A)ᵀ is W's best rank-r approximation, and the residual
-    W − s (B A)ᵀ (in, out) holds the rest.
-    """
-    W = np.asarray(weight, dtype=np.float64)
-    U, S, Vh = np.linalg.svd(W.T, full_matrices=False)  # [out, in] = [out, k] [k] [k, in]
-    root = np.sqrt(S[:r] / scaling)  # [r]
-    lora_A = root[:, None] * Vh[:r]  # [r, in]
-    lora_B = U[:, :r] * root[None, :]  # [out, r]
-    return lora_A, lora_B, W - scaling * (lora_B @ lora_A).T
 
 
 # ===================================================================== config
