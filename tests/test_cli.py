@@ -222,3 +222,19 @@ def test_the_shipped_base_is_small_documented_and_trained_at_every_position():
     command = provenance["command"].split()
     assert int(command[command.index("--seq_len") + 1]) == config.n_positions
     assert 0 < provenance["val_loss_nats_per_byte"] < 1.5
+
+
+def test_a_second_run_in_one_out_folder_needs_overwrite_and_resume_refuses_another_run(pretrained, tmp_path, capsys):
+    """Issue 15, items 1 and 2, from the command line: each refusal is one line and exit 2."""
+    base, out = str(pretrained / "model"), str(tmp_path / "run")
+    run = ["finetune", "--base", base, "--method", "lora", "--out", out, "--sample_bytes", "4", *TINY]
+    assert main(run) == 0
+    capsys.readouterr()
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds another run's checkpoints" in err and "--overwrite" in err
+    assert main([*run, "--resume", "--lora_alpha", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "method.lora_alpha: now 3.0, saved 16" in err
+    assert main([*run, "--overwrite"]) == 0
+    assert "overwriting the run" in capsys.readouterr().out

@@ -111,6 +111,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         run_dir=args.out,
         resume=args.resume,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     model_dir = os.path.join(args.out, "model")
     model.save_pretrained(model_dir)
@@ -161,6 +162,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         method=args.method,
         out=args.out,
         resume=args.resume,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
         prompt=args.prompt,
         prompt_bytes=args.prompt_bytes,

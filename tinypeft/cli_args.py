@@ -91,6 +91,9 @@ def _add_train_args(
     g.add_argument("--checkpoint_every", type=int, default=100, help="resumable checkpoint every N steps; 0 = end")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument(
+        "--overwrite", action="store_true", help="start afresh in an --out that holds another run (its checkpoints go)"
+    )
     g.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import re
 import shutil
@@ -47,7 +48,7 @@ from tinypeft.errors import (
 from tinypeft.methods import METHODS
 from tinypeft.methods.registry import ERROR_MODEL, ErrorCase
 from tinypeft.optim import SGD, AdamW
-from tinypeft.train import TrainConfig, train
+from tinypeft.train import TrainConfig, evaluate, train
 
 CFG = tp.GPTConfig(**ERROR_MODEL)  # the base every method's ErrorCase expects
 IDS = np.arange(8).reshape(2, 4)
@@ -277,6 +278,12 @@ CONFIG_CASES = [
     Bad("GPT seed negative", lambda w: tp.GPT(CFG, seed=-1), ConfigError, ("seed", "-1", ">= 0")),
     Bad("unknown device", lambda w: tp.GPT(CFG, device="tpu"), ConfigError, ("'tpu'", "'cpu'", "'cuda'")),
     Bad(
+        "device cuda without CuPy",
+        lambda w: cuda_without_cupy(w),  # defined below, with the other cases of issue 15
+        ConfigError,
+        ("device 'cuda' needs CuPy, which is not installed", "or use device 'cpu'"),
+    ),
+    Bad(
         "from_pretrained dtype not float32/float64",
         lambda w: tp.GPT.from_pretrained(w.model_dir, dtype="float16"),
         ConfigError,
@@ -402,6 +409,69 @@ def from_registry(case: ErrorCase) -> Bad:
 
 METHOD_CASES = [from_registry(case) for spec in METHODS.values() for case in spec.error_cases()]
 
+
+# ------------------------------------------------------------------ issue 15's cases: files, runs, numbers
+def fifo(w: World, name: str) -> Path:
+    """A FIFO (named pipe) at a fresh path: reading it would block forever, replacing it would lose it."""
+    folder = Path(tempfile.mkdtemp(dir=w.root, prefix="fifo-"))
+    os.mkfifo(folder / name)
+    return folder / name
+
+
+def link_to(w: World, name: str, target: str) -> Path:
+    folder = Path(tempfile.mkdtemp(dir=w.root, prefix="link-"))
+    (folder / name).symlink_to(target)
+    return folder / name
+
+
+def corpus_with_a_fifo(w: World) -> Path:
+    folder = Path(tempfile.mkdtemp(dir=w.root, prefix="corpus-"))
+    (folder / "a.txt").write_text("text " * 100)
+    os.mkfifo(folder / "b.txt")
+    return folder
+
+
+def nan_weights_folder(w: World) -> Path:
+    model = tp.GPT(CFG, seed=0)
+    model.params["transformer.ln_f.bias"] = model.params["transformer.ln_f.bias"] + np.nan
+    folder = Path(tempfile.mkdtemp(dir=w.root, prefix="nan-model-"))
+    model.save_pretrained(folder)
+    return folder
+
+
+def cuda_without_cupy(w: World) -> object:
+    """device='cuda' as on a machine without CuPy, whatever this one has."""
+    saved = sys.modules.get("cupy")
+    sys.modules["cupy"] = None  # makes `import cupy` raise ImportError
+    try:
+        return tp.GPT(CFG, device="cuda")
+    finally:
+        if saved is None:
+            del sys.modules["cupy"]
+        else:
+            sys.modules["cupy"] = saved
+
+
+def resume_with_another_alpha(w: World) -> object:
+    run = w.variant(w.lora_run_dir, {})
+    other = tp.get_peft_model(tp.GPT(CFG, seed=0), tp.LoraConfig(r=2, lora_dropout=0.1, lora_alpha=5))
+    return train(other, DATA, RUN, run_dir=str(run), resume=True, progress=False)
+
+
+def run_folder_in_use(w: World) -> object:
+    import fcntl
+
+    run = w.variant(w.run_dir, {})
+    fd = os.open(run / ".tinypeft.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"4242", 0)
+        return w.resume(run)
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------ call-time inputs
 INPUT_CASES = [
     Bad(
@@ -513,6 +583,42 @@ INPUT_CASES = [
 # ------------------------------------------------------------------ files: models and adapters
 TORCH_ZIP = b"PK\x03\x04" + bytes(60)  # the start of what torch.save writes
 FILE_CASES = [
+    Bad(
+        "writing over a FIFO",
+        lambda w: tp.GPT(CFG).save_pretrained(fifo(w, "config.json").parent),
+        ConfigError,
+        ("config.json exists and is a FIFO (named pipe), not a regular file", "give the path of a file"),
+    ),
+    Bad(
+        "writing through a symbolic link",
+        lambda w: tp.io.save_json(link_to(w, "report.json", str(w.root / "elsewhere.json")), {}),
+        ConfigError,
+        ("report.json is a symbolic link", "would replace the link"),
+    ),
+    Bad(
+        "reading a FIFO as config.json",
+        lambda w: tp.io.load_json(fifo(w, "config.json")),
+        CheckpointError,
+        ("config.json is a FIFO (named pipe), not a regular file", "reads regular files only"),
+    ),
+    Bad(
+        "reading a link to /dev/zero as weights",
+        lambda w: tp.io.load_safetensors(link_to(w, "model.safetensors", "/dev/zero")),
+        CheckpointError,
+        ("model.safetensors is a character device, not a regular file",),
+    ),
+    Bad(
+        "a FIFO in a corpus folder",
+        lambda w: data.load_corpus(str(corpus_with_a_fifo(w))),
+        CheckpointError,
+        ("b.txt is a FIFO (named pipe), not a regular file",),
+    ),
+    Bad(
+        "model weights holding NaN",
+        lambda w: tp.GPT.from_pretrained(nan_weights_folder(w)),
+        CheckpointError,
+        ("'transformer.ln_f.bias' holds 8 non-finite value(s) (NaN or inf)", "not loaded"),
+    ),
     Bad(
         "model folder missing",
         lambda w: tp.GPT.from_pretrained(w.root / "nope"),
@@ -844,6 +950,24 @@ FILE_CASES = [
 # ------------------------------------------------------------------ training checkpoints
 CHECKPOINT_CASES = [
     Bad(
+        "resume with another method config",
+        resume_with_another_alpha,
+        CheckpointError,
+        ("this is another run", "method.lora_alpha: now 5, saved 8", "or start a new run"),
+    ),
+    Bad(
+        "a new run in a folder holding another run",
+        lambda w: train(tp.GPT(CFG, seed=0), DATA, RUN, run_dir=str(w.variant(w.run_dir, {})), progress=False),
+        ConfigError,
+        ("holds another run's checkpoints", "--resume", "--overwrite"),
+    ),
+    Bad(
+        "a run folder in use",
+        run_folder_in_use,
+        ConfigError,
+        ("is in use by another tinypeft run (process 4242)", "another output folder"),
+    ),
+    Bad(
         "resume with no checkpoint",
         lambda w: w.resume(w.root / "empty"),
         CheckpointError,
@@ -1053,6 +1177,18 @@ CHECKPOINT_CASES = [
 
 # ------------------------------------------------------------------ numbers that stop a computation
 NUMERIC_CASES = [
+    Bad(
+        "greedy generation from NaN weights",
+        lambda w: nan_model().generate([[1, 2]], max_new_tokens=2),
+        TrainingError,
+        ("logits are not finite", "no next token"),
+    ),
+    Bad(
+        "evaluate with batch_size -1",
+        lambda w: evaluate(w.base, DATA, 8, batch_size=-1),
+        ConfigError,
+        ("evaluate: batch_size must be an integer >= 1", "-1"),
+    ),
     Bad(
         "training loss becomes non-finite",
         lambda w: train(fails_at(tp.GPT(CFG), 2), DATA, RUN, progress=False),
