@@ -1293,7 +1293,7 @@ def markdown(world: World) -> str:
         "file whole. The command line prints the message on one line and exits with status 2 (an error of",
         "the operating system, such as a full disk or an unwritable --out, also in one line, with status 1).",
         "",
-        "Every loader is fuzzed with damaged files (`tests/test_fuzz.py`; `TINYPEFT_FUZZ_EXAMPLES=N` for a longer",
+        "Every loader is fuzzed with damaged files (`tests/files/test_fuzz.py`; `TINYPEFT_FUZZ_EXAMPLES=N` for a longer",
         "run): only these error types may come out, never another exception, a crash or a hang.",
         "",
         "The catalogue below is generated from `tests/errors/catalogue.py`, where each row is a test",

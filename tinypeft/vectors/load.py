@@ -1,6 +1,6 @@
 """Loading golden vectors, validated: anything missing, malformed or inconsistent in a case's files is a
 CheckpointError that names the file and what is wrong (the loader is among the fuzzed targets,
-tests/test_fuzz.py), and a glob that matches no case a ConfigError.
+tests/files/test_fuzz.py), and a glob that matches no case a ConfigError.
 """
 
 from __future__ import annotations

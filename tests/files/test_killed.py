@@ -25,8 +25,8 @@ import tinypeft as tp
 from tinypeft.cli import main
 from tinypeft.train import TrainConfig, TrainResult, load_checkpoint, train
 
-ROOT = Path(__file__).resolve().parent.parent
-HELPER = Path(__file__).resolve().parent / "killable_save.py"
+ROOT = Path(__file__).resolve().parents[2]
+HELPER = Path(__file__).resolve().parents[1] / "killable_save.py"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 

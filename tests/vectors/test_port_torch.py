@@ -17,7 +17,7 @@ import pytest
 from tinypeft.cli import main
 from tinypeft.vectors import DTYPES, SPECS, Case, check_vectors, load_impl
 
-PORT = Path(__file__).resolve().parent.parent / "examples" / "port_torch" / "port.py"
+PORT = Path(__file__).resolve().parents[2] / "examples" / "port_torch" / "port.py"
 ALLOWED_IMPORTS = {"__future__", "math", "re", "collections.abc", "typing", "numpy", "torch"}
 
 

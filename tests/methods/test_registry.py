@@ -16,7 +16,7 @@ from tinypeft.methods import METHODS
 from tinypeft.methods.base import CONFIG_TYPES
 from tinypeft.methods.registry import ODD_EPS, SMALL, default_method, golden_cases
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "tinypeft"
 # the programs that read the registry instead of naming methods
 READERS = [PACKAGE / "cli.py", PACKAGE / "cli_args.py", *sorted((PACKAGE / "vectors").glob("*.py"))]

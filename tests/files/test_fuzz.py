@@ -13,7 +13,7 @@ value that slips through a loader and breaks later is caught too.
 
 Sizes: TINYPEFT_FUZZ_EXAMPLES examples per target (default 40: the bounded run in the normal
 suite); TINYPEFT_FUZZ_SECONDS is the time bound per example (default 10). For example
-`TINYPEFT_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py -n 2 -rP` (-rP prints the counts).
+`TINYPEFT_FUZZ_EXAMPLES=2000 python -m pytest tests/files/test_fuzz.py -n 2 -rP` (-rP prints the counts).
 """
 
 from __future__ import annotations
