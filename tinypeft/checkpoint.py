@@ -91,6 +91,7 @@ def load_folder(folder: str | os.PathLike, dtype: str | None = None) -> tuple[GP
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder} is not a folder; expected one holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     config = GPTConfig.from_hf_dict(load_json(os.path.join(folder, CONFIG_NAME)), dtype=dtype)
+    config = config.replace(name_or_path=os.path.abspath(folder))
     weights_path = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.exists(weights_path):
         raise CheckpointError(f"{weights_path} does not exist{pickle_hint(folder)}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,9 @@ class GPTConfig:
     """The shape of a GPT-2 model; field names are transformers' `GPT2Config` names.
 
     dtype is "float32" (training) or "float64" (gradient checks and reference numbers).
-    n_inner is the MLP width, 4 * n_embd when None, as in GPT-2.
+    n_inner is the MLP width, 4 * n_embd when None, as in GPT-2. bos_token_id and eos_token_id are
+    the special tokens' ids, None where the vocabulary has none (the byte vocabulary). name_or_path
+    is where the model was loaded from (transformers' name): not part of the shape, not compared.
     """
 
     vocab_size: int = 256
@@ -35,6 +37,9 @@ class GPTConfig:
     dtype: str = "float32"
     layer_norm_epsilon: float = 1e-5
     n_inner: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    name_or_path: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -56,6 +61,16 @@ class GPTConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}; got {self.dtype!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < self.vocab_size
+            ):
+                raise ConfigError(
+                    f"GPTConfig.{name} must be None or a token id in 0..{self.vocab_size - 1}; got {value!r}"
+                )
+            if value is not None:
+                object.__setattr__(self, name, int(value))
         eps = self.layer_norm_epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
             raise ConfigError(f"GPTConfig.layer_norm_epsilon must be a positive number; got {eps!r}")
@@ -91,6 +106,8 @@ class GPTConfig:
             "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False,
             "tie_word_embeddings": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
             "dtype": self.dtype,
         }
 
@@ -131,9 +148,17 @@ class GPTConfig:
                 dtype=dtype,
                 layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5),
                 n_inner=d.get("n_inner"),
+                **{k: _special_token(d.get(k), d["vocab_size"]) for k in ("bos_token_id", "eos_token_id")},
             )
         except ConfigError as e:
             raise CheckpointError(f"config.json describes an impossible model: {e}") from None
+
+
+def _special_token(value: Any, vocab_size: Any) -> int | None:
+    """A special token's id from config.json, None where it is absent or names no token of the
+    vocabulary (tinypeft once wrote GPT2Config's default 50256 for its 256-byte vocabulary)."""
+    in_vocabulary = isinstance(vocab_size, int) and isinstance(value, int) and not isinstance(value, bool)
+    return value if in_vocabulary and 0 <= value < vocab_size else None
 
 
 def _divisors(n: int, up_to: int = 1024) -> list[int]:

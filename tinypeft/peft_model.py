@@ -227,7 +227,9 @@ class PeftModel(LanguageModel):
         adapter = self._adapter(adapter_name)
         os.makedirs(folder, exist_ok=True)
         save_safetensors(os.path.join(folder, ADAPTER_WEIGHTS_NAME), adapter.state_dict())
-        save_json(os.path.join(folder, ADAPTER_CONFIG_NAME), adapter.config.to_dict())
+        # where the base came from, so that PEFT's AutoPeftModel can load it (None for a base made in memory)
+        config = adapter.config.to_dict() | {"base_model_name_or_path": self.base_model.config.name_or_path}
+        save_json(os.path.join(folder, ADAPTER_CONFIG_NAME), config)
 
     @classmethod
     def from_pretrained(cls, base: GPT, folder: str | os.PathLike, adapter_name: str = "default") -> PeftModel:
