@@ -231,6 +231,26 @@ class PeftModel(LanguageModel):
         config = adapter.config.to_dict() | {"base_model_name_or_path": self.base_model.config.name_or_path}
         save_json(os.path.join(folder, ADAPTER_CONFIG_NAME), config)
 
+    def save_changed_tensors(self, path: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """The base tensors a selective adapter (BitFit, LN tuning, last blocks, by-name patterns, LoRA's
+        trained biases) retrained, under their GPT-2 names, as one safetensors file: what a transformers
+        user loads with `model.load_state_dict(safetensors.torch.load_file(path), strict=False)`, for
+        methods PEFT has no format for. An adapter that adds tensors of its own (LoRA's factors, IA3's
+        vectors) changes more than base tensors: merge it (merge_and_unload) instead."""
+        adapter = self._adapter(adapter_name)
+        if not adapter.overrides:
+            raise ConfigError(
+                f"the {adapter.config.peft_type} adapter trains no copies of base tensors, so there are none to save "
+                "under GPT-2's names; save_pretrained writes it for PEFT, or merge_and_unload() gives a plain GPT"
+            )
+        own = set(adapter.params) - set(adapter.overrides.values())
+        if own:
+            raise ConfigError(
+                f"the {adapter.config.peft_type} adapter also has tensors of its own ({sorted(own)[:2]} ...), which no "
+                "GPT-2 tensor holds; merge_and_unload() folds them into a plain GPT instead"
+            )
+        save_safetensors(path, {base: adapter.params[copy] for base, copy in adapter.overrides.items()})
+
     @classmethod
     def from_pretrained(cls, base: GPT, folder: str | os.PathLike, adapter_name: str = "default") -> PeftModel:
         """Wrap `base` with the adapter saved in `folder` (by tinypeft or by PEFT)."""

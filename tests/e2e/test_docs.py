@@ -82,3 +82,11 @@ def test_math_delimiters_pair_up(page):
         if not line.startswith(("```", "    ")):
             inline = line.replace("$$", "").replace("\\$", "")
             assert inline.count("$") % 2 == 0, f"{page.name}: an unpaired $ in: {line}"
+
+
+def test_the_readme_table_of_what_peft_reads_is_the_registry_s():
+    from tinypeft.methods.registry import peft_table
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("-->\n", text.index("<!-- peft-table")) + 4
+    assert text[start : text.index("\n<!-- /peft-table -->")] == peft_table()

@@ -71,3 +71,32 @@ def test_a_base_made_in_memory_names_no_folder(tmp_path):
     model = tp.get_peft_model(tp.GPT(tp.GPTConfig(n_layer=1, n_embd=8, n_head=2)), tp.LoraConfig(r=2))
     model.save_pretrained(tmp_path)
     assert tp.io.load_json(tmp_path / "adapter_config.json")["base_model_name_or_path"] is None
+
+
+@pytest.mark.parametrize("method", ["bitfit", "lntuning", "last_blocks", "selective"])
+def test_a_selective_fine_tune_loads_in_transformers_as_changed_tensors(tmp_path, method):
+    """For methods PEFT has no format for (issue 16, item 3): the retrained base tensors under GPT-2's
+    names, which transformers' load_state_dict(strict=False) takes; the model then computes the merge."""
+    from hf_utils import hf_twin
+    from safetensors.torch import load_file
+
+    from tinypeft.methods.registry import METHODS
+
+    cfg = tp.GPTConfig(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, dtype="float64")
+    model = tp.get_peft_model(tp.GPT(cfg, seed=0), METHODS[method].example(cfg), seed=1)
+    for value in model.trainable_parameters().values():
+        value += 0.1 * np.random.default_rng(2).standard_normal(value.shape)
+    model.save_changed_tensors(tmp_path / "changed.safetensors")
+    hf = hf_twin(model.base_model)
+    _, unexpected = hf.load_state_dict(load_file(tmp_path / "changed.safetensors"), strict=False)
+    assert not unexpected
+    ids = np.random.default_rng(0).integers(0, 64, size=(2, 9))
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, model.merge_and_unload()(ids), rtol=1e-10, atol=1e-12)
+
+
+def test_changed_tensors_are_refused_for_an_adapter_with_tensors_of_its_own(tmp_path):
+    model = tp.get_peft_model(tp.GPT(tp.GPTConfig(n_layer=1, n_embd=8, n_head=2)), tp.LoraConfig(r=2))
+    with pytest.raises(tp.ConfigError, match="merge_and_unload"):
+        model.save_changed_tensors(tmp_path / "x.safetensors")

@@ -161,3 +161,15 @@ def default_method() -> str:
 def golden_cases() -> list[GoldenCase]:
     """Every registered method's golden cases, in registration order."""
     return [case for spec in METHODS.values() for case in spec.golden_cases]
+
+
+def peft_table() -> str:
+    """The README's table of which adapters PEFT reads, from every registered method's spec."""
+    rows = [
+        "| `--method` | what trains | loads in PEFT | its files, or what to use instead |",
+        "|---|---|---|---|",
+    ]
+    for name, spec in METHODS.items():
+        files = spec.peft_files.replace("<", "&lt;").replace(">", "&gt;")  # <module> is no HTML tag
+        rows.append(f"| `{name}` | {spec.help} | {'yes' if spec.loads_in_peft else 'no'} | {files} |")
+    return "\n".join(rows)

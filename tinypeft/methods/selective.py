@@ -195,7 +195,10 @@ def _other_shape(base: GPT) -> dict[str, np.ndarray]:
 
 
 NO_PEFT = "PEFT has no such method: "
-MERGE = "; `tinypeft merge` folds the trained copies into a plain GPT-2 folder that transformers loads"
+MERGE = (
+    "; `PeftModel.save_changed_tensors` writes the retrained tensors under GPT-2's names, which transformers' "
+    "`load_state_dict(..., strict=False)` takes, and `tinypeft merge` folds them into a plain GPT-2 folder"
+)
 
 register_method(MethodSpec(
     name="full", help="full fine-tuning: every parameter", default_lr=3e-4,
