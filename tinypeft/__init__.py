@@ -1,5 +1,6 @@
 """tinypeft: parameter-efficient fine-tuning from scratch, in NumPy, checked three ways."""
 
+from .data import load_corpus
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -9,6 +10,7 @@ from .errors import (
     TinyPeftError,
     TrainingError,
 )
+from .experiment import SHIPPED_BASE
 from .methods import (
     AdapterConfig,
     BitFitConfig,
@@ -25,13 +27,18 @@ from .methods import (
     unfreeze,
 )
 from .model import GPT, GPTConfig
+from .optim import SGD, AdamW
 from .peft_model import PeftModel, get_peft_model
 from .sites import Sites
+from .train import TrainConfig, TrainResult, evaluate, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GPT",
+    "SGD",
+    "SHIPPED_BASE",
+    "AdamW",
     "AdapterConfig",
     "BitFitConfig",
     "CheckpointError",
@@ -51,9 +58,14 @@ __all__ = [
     "SelectiveConfig",
     "Sites",
     "TinyPeftError",
+    "TrainConfig",
+    "TrainResult",
     "TrainingError",
+    "evaluate",
     "freeze",
     "get_peft_model",
+    "load_corpus",
+    "train",
     "trainable_only",
     "unfreeze",
 ]
