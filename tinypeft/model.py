@@ -85,12 +85,8 @@ class LanguageModel:
         top_k: int | None = None,
         seed: int = 0,
     ) -> np.ndarray:
-        """Continue each row of input_ids (B, T) by max_new_tokens tokens; returns (B, T + new) on the host.
-
-        temperature 0 is greedy (argmax); above 0, sample from softmax(logits / temperature),
-        restricted to the top_k most likely tokens if top_k is given, from a generator seeded by seed.
-        Keys and values are cached, so each new token costs one position's forward.
-        """
+        """Continue each row of input_ids (B, T) by max_new_tokens tokens (greedy at temperature 0, else
+        sampled, top_k if given), with a KV cache; returns (B, T + new) on the host. See `generation.generate`."""
         return generation.generate(self.view(), input_ids, max_new_tokens, temperature, top_k, seed)
 
     def check_inputs(self, input_ids: Any, attention_mask: Any = None) -> tuple[Array, Array | None]:
