@@ -5,8 +5,8 @@
 - The toy method of examples/own_method (SSF, one file, registered by one line) passes it with no edit
   anywhere in tinypeft, and its config loads from adapter_config.json.
 - It catches what it exists to catch: a backward off by 0.1%, a wrong merge, a merge that writes the base
-  in place, an inexact unmerge, a tensor no case checks (a zero gradient), and DoRA checked without its
-  norm held.
+  in place, an inexact unmerge, a site whose `owned` forgets its tensors, a backward that computes a frozen
+  weight's gradient, a tensor no case checks (a zero gradient), and DoRA checked without its norm held.
 
 The example is imported by path, and its registrations are taken back after each test: no other test sees
 a method the package does not ship.
@@ -64,6 +64,9 @@ def own_method() -> Iterator[ModuleType]:
 def ssf() -> Iterator[ModuleType]:
     with own_method() as module:
         yield module
+
+
+SSF_TARGETS = ("attn.c_attn", "mlp.c_proj")  # what the toy's example config targets
 
 
 def failed(report: harness.MethodReport) -> set[tuple[str, str]]:
@@ -196,6 +199,25 @@ def test_a_wrong_merge_is_caught(ssf, monkeypatch, method, wrong, expected):
     report = check_method("ssf", DEFAULT_CASES[:1], raise_on_failure=False)
     assert expected <= {(check, tensor.split(" ")[0]) for check, tensor in failed(report)}, report.failures
     assert {check for check, _ in failed(report)} <= {"merge", "unmerge", "merge_and_unload changed the base"}
+
+
+def test_a_site_that_misplaces_or_ignores_trainable_is_caught(ssf, monkeypatch):
+    """`owned` forgetting the site's own tensors leaves the engine unable to place them (reported, not raised);
+    a backward that computes a frozen weight's gradient anyway breaks "frozen means free"."""
+    with monkeypatch.context() as m:
+        m.setattr(ssf.SSFSite, "owned", lambda self, module: (module + ".weight", module + ".bias"))
+        report = check_method("ssf", DEFAULT_CASES[:1], raise_on_failure=False)
+    assert {check for check, _ in failed(report)} == {"gradients", "engine"}
+    assert all(name.startswith("raised KeyError: 'base_model.model.") for _, name in failed(report))
+
+    original = ssf.SSFSite.backward
+
+    def computes_frozen_dW(self, dy, cache, trainable, need_dx=True):
+        return original(self, dy, cache, {*trainable, cache[0] + ".weight"}, need_dx)  # dW, frozen or not
+
+    monkeypatch.setattr(ssf.SSFSite, "backward", computes_frozen_dW)
+    report = check_method("ssf", DEFAULT_CASES[:1], raise_on_failure=False)
+    assert failed(report) == {("engine", f"transformer.h.0.{m}.weight (computed, but frozen)") for m in SSF_TARGETS}
 
 
 def test_a_tensor_no_case_checks_is_a_failure():

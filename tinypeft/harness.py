@@ -27,6 +27,7 @@ hypothesis-drawn `HarnessCase`). float64 and NumPy only: finite differences in f
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ class Failure:
     tolerance: float
 
     def __str__(self) -> str:
+        if math.isinf(self.error):  # not a number to compare: something missing, or an exception
+            return f"[{self.case}] {self.check}: {self.tensor}"
         return f"[{self.case}] {self.check} of {self.tensor}: {self.error:.3g} > {self.tolerance:.0e}"
 
 
@@ -210,10 +213,22 @@ def check_case(factory: ConfigFactory, case: HarnessCase, tolerances: Tolerances
     model = build_model(factory, case)
     ids, labels, mask = make_batch(case.batch, case.model.vocab_size, np.random.default_rng((case.seed, 11)))
     failures: list[Failure] = []
-    gradients, directional_all = _gradients(model, ids, labels, mask, case, tolerances, failures)
-    api_error, zero = _engine(model, ids, labels, mask, case, tolerances, failures)
-    merge_error = _merge(model, ids, mask, case, tolerances, failures)
+    args = (model, ids, labels, mask, case, tolerances, failures)
+    gradients, directional_all = _guarded("gradients", _gradients, args, ({}, math.inf))
+    api_error, zero = _guarded("engine", _engine, args, (math.inf, []))
+    merge_error = _guarded("merge", _merge, args, math.inf)
     return CaseReport(case, gradients, directional_all, api_error, merge_error, zero, failures)
+
+
+def _guarded(check: str, run: Callable[..., Any], args: tuple, failed: Any) -> Any:
+    """run(*args), or, if it raises, a failure saying what it raised (an exception in a method's code is a
+    finding like any other: the harness goes on to the next check)."""
+    try:
+        return run(*args)
+    except Exception as e:
+        case, failures = args[4], args[6]
+        failures.append(Failure(case.name, check, f"raised {type(e).__name__}: {e}", math.inf, 0.0))
+        return failed
 
 
 # ------------------------------------------------------------------ models and batches
@@ -292,8 +307,13 @@ def _engine(model, ids, labels, mask, case, tol, failures) -> tuple[float, list[
     dlogits = causal_lm_loss_backward(1.0, causal_lm_loss_forward(logits, engine.pad_labels(labels, leading))[1])
     reference = gpt.backward(dlogits, cache, view.trainable)
     fast = engine.backward(dlogits, cache, view)
-    for name in sorted((set(reference) ^ set(fast)) | (set(view.trainable) ^ set(reference))):
-        failures.append(Failure(case.name, "engine", f"{name} (not computed by both, or not trainable)", np.inf, 0.0))
+    sides = {
+        "computed, but frozen": set(reference) - set(view.trainable),
+        "trainable, but no gradient": set(view.trainable) - set(reference),
+        "computed by one side only": set(reference) ^ set(fast),
+    }
+    for what, names in sides.items():
+        failures += [Failure(case.name, "engine", f"{name} ({what})", math.inf, 0.0) for name in sorted(names)]
     for name in sorted(set(reference) & set(fast)):
         if not np.array_equal(reference[name], fast[name]):
             failures.append(Failure(case.name, "engine", name, relative_error(fast[name], reference[name]), 0.0))
@@ -301,8 +321,10 @@ def _engine(model, ids, labels, mask, case, tol, failures) -> tuple[float, list[
     expected = view.public(reference)
     zero = sorted(name for name, g in expected.items() if not np.any(g))
     if set(public) != set(expected):
-        failures.append(Failure(case.name, "loss_and_grad", f"names {sorted(set(public) ^ set(expected))}", np.inf, 0))
-        return np.inf, zero
+        failures.append(
+            Failure(case.name, "loss_and_grad", f"names {sorted(set(public) ^ set(expected))}", math.inf, 0)
+        )
+        return math.inf, zero
     errors = {name: relative_error(public[name], g) for name, g in expected.items()}
     for name, error in sorted(errors.items()):
         if not error <= tol.loss_and_grad:
@@ -310,7 +332,7 @@ def _engine(model, ids, labels, mask, case, tol, failures) -> tuple[float, list[
     return max(errors.values(), default=0.0), zero
 
 
-def _merge(model, ids, mask, case, tol, failures) -> float | None:
+def _merge(model, ids, labels, mask, case, tol, failures) -> float | None:
     """merge_and_unload and merge_adapter give the unmerged logits; unmerge_adapter restores the exact base."""
     if not isinstance(model, PeftModel) or not model.active.can_merge():
         return None
@@ -337,11 +359,11 @@ def _unchanged(params, snapshot, originals, case, check, failures) -> None:
     """The base holds its original arrays (the same objects, or equal copies), with their original values."""
     for name in sorted(set(params) | set(snapshot)):
         if name not in params or name not in snapshot:
-            failures.append(Failure(case.name, check, f"{name} (added or removed)", np.inf, 0.0))
+            failures.append(Failure(case.name, check, f"{name} (added or removed)", math.inf, 0.0))
         elif params[name] is not originals[name] and not np.array_equal(params[name], snapshot[name]):
             failures.append(Failure(case.name, check, name, relative_error(params[name], snapshot[name]), 0.0))
         elif not np.array_equal(snapshot[name], originals[name]):
-            failures.append(Failure(case.name, check, f"{name} (written in place)", np.inf, 0.0))
+            failures.append(Failure(case.name, check, f"{name} (written in place)", math.inf, 0.0))
 
 
 # ------------------------------------------------------------------ stopped quantities

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from tinypeft import GPT, ConfigError, get_peft_model
+from tinypeft import GPT, ConfigError, GPTConfig, get_peft_model
 from tinypeft.config import linear_module_names
 from tinypeft.methods.base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
 from tinypeft.methods.registry import Batch, ErrorCase, GoldenCase, MethodSpec, register_method
@@ -189,27 +189,49 @@ class SSFAdapter(Adapter):
                     base_params[key] = originals[key]
 
 
-# ------------------------------------------------------------------ 5. one line: the program now knows it
-SMALL = {"vocab_size": 23, "n_positions": 12, "n_embd": 8, "n_layer": 2, "n_head": 2}
+# ------------------------------------------------------------------ 5. the spec, registered in one line
+def example(cfg: GPTConfig) -> SSFConfig:
+    """The config the shared gradient harness checks, on a small model of shape `cfg`: every tensor off its
+    identity init (γ = 1, β = 0 would still be checked, but a method whose init zeroes a gradient would not)."""
+    return SSFConfig(target_modules=["c_attn", "mlp.c_proj"], init_ssf_weights=False)
 
-SPEC = register_method(MethodSpec(
-    name="ssf",
-    help="SSF: a learned scale and shift of each --target_modules output",
-    default_lr=1e-2,  # not swept: a guess, in the range of IA3's, the closest built-in method
-    build=lambda args: SSFConfig(),
-    example=lambda cfg: SSFConfig(target_modules=["c_attn", "mlp.c_proj"], init_ssf_weights=False),
-    golden_cases=(
-        GoldenCase("ssf", "all", "SSF on every linear layer, padded batch", SMALL,
-                   lambda: SSFConfig(init_ssf_weights=False), Batch(3, 8, "mixed"), seed=40),
-    ),
-    error_cases=lambda: (
-        ErrorCase("a target matches no linear layer",
-                  lambda base: get_peft_model(base, SSFConfig(target_modules=["c_nope"])),
-                  ConfigError, ("c_nope", "target_modules")),
-        ErrorCase("target_modules is empty", lambda base: SSFConfig(target_modules=[]), ConfigError,
-                  ("SSFConfig.target_modules", "non-empty")),
-    ),
-    peft_files="PEFT has no SSF: its adapter loads in tinypeft only",
-))  # fmt: skip
 
-__all__ = ["SPEC", "SSFAdapter", "SSFConfig", "SSFSite", "ssf_backward", "ssf_forward"]
+SMALL = {"vocab_size": 23, "n_positions": 12, "n_embd": 8, "n_layer": 2, "n_head": 2}  # GPTConfig(**SMALL)
+
+# golden vectors for ports (VECTORS.md): exported by tinypeft.vectors.export_vectors once this file is imported
+GOLDEN_CASES = (
+    GoldenCase("ssf", "all", "SSF on every linear layer, padded batch", SMALL,
+               lambda: SSFConfig(init_ssf_weights=False), Batch(3, 8, "mixed"), seed=40),
+)  # fmt: skip
+
+
+def error_cases() -> tuple[ErrorCase, ...]:
+    """The misuses SSF refuses: each call must raise the error, with every string in its one-line message."""
+    return (
+        ErrorCase(
+            "a target matches no linear layer",
+            lambda base: get_peft_model(base, SSFConfig(target_modules=["c_nope"])),
+            ConfigError,
+            ("c_nope", "target_modules"),
+        ),
+        ErrorCase(
+            "target_modules is empty",
+            lambda base: SSFConfig(target_modules=[]),
+            ConfigError,
+            ("SSFConfig.target_modules", "non-empty"),
+        ),
+    )
+
+
+SPEC = register_method(
+    MethodSpec(
+        name="ssf",
+        help="SSF: a learned scale and shift of every linear layer's output",
+        default_lr=1e-2,
+        build=lambda args: SSFConfig(),
+        example=example,
+        golden_cases=GOLDEN_CASES,
+        error_cases=error_cases,
+        peft_files="PEFT has no SSF: its adapter loads in tinypeft only",
+    )
+)
