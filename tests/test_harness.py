@@ -15,8 +15,10 @@ a method the package does not ship.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ import tinypeft as tp
 from tinypeft import harness
 from tinypeft.harness import DEFAULT_CASES, HarnessCase, HarnessError, Tolerances, check_case, check_method
 from tinypeft.methods.base import CONFIG_TYPES
-from tinypeft.methods.registry import METHODS, Batch
+from tinypeft.methods.registry import METHODS, Batch, ErrorCase, as_is
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "own_method"
@@ -66,6 +68,10 @@ def ssf() -> Iterator[ModuleType]:
         yield module
 
 
+C_NOPE = (
+    "target_modules entry 'c_nope' matches no module; the modules are ['attn.c_attn', 'attn.c_proj', 'mlp.c_fc', "
+    "'mlp.c_proj'] (full names like 'transformer.h.0.attn.c_attn')"
+)
 SSF_TARGETS = ("attn.c_attn", "mlp.c_proj")  # what the toy's example config targets
 
 
@@ -93,6 +99,7 @@ def test_the_toy_method_passes_with_no_edit_anywhere_else(ssf):
     assert report.max_error("directional") <= 1e-8  # measured ~1e-10
     assert report.max_error("loss_and_grad") <= 1e-12
     assert report.max_error("merge") <= 1e-14  # measured ~4e-16
+    assert len(report.error_cases) == 2 and not report.error_failures  # its ErrorCases raise what they say
     names = {name for case in report.cases for name in case.gradients}
     assert {n.rsplit(".", 1)[1] for n in names} == {"ssf_scale", "ssf_shift"}
     for source in (ROOT / "tinypeft").rglob("*.py"):  # the package does not know the method
@@ -109,6 +116,20 @@ def test_the_toy_method_starts_as_the_base_and_loads_from_its_files(ssf, tmp_pat
     loaded = tp.PeftModel.from_pretrained(base, tmp_path)
     assert isinstance(loaded.active.config, ssf.SSFConfig) and loaded.active.config.target_modules == ["c_fc"]
     np.testing.assert_array_equal(loaded(ids), model(ids))
+
+
+def test_the_toy_method_s_golden_case_exports_and_checks(tmp_path):
+    """Imported before tinypeft.vectors (in a process of its own: the vectors read the registry once), the
+    toy's golden case is exported like a built-in method's, and tinypeft, as a port, passes it."""
+    script = (
+        f"import sys; sys.path.insert(0, {str(EXAMPLE)!r}); import ssf\n"
+        "from tinypeft.vectors import check_vectors, export_vectors, run_case\n"
+        f"print(export_vectors({str(tmp_path)!r}, patterns=['ssf-*']))\n"
+        f"assert all(r.passed for r in check_vectors({str(tmp_path)!r}, run_case))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "['ssf-all-float64', 'ssf-all-float32']"
 
 
 @settings(max_examples=10, deadline=None)
@@ -218,6 +239,25 @@ def test_a_site_that_misplaces_or_ignores_trainable_is_caught(ssf, monkeypatch):
     monkeypatch.setattr(ssf.SSFSite, "backward", computes_frozen_dW)
     report = check_method("ssf", DEFAULT_CASES[:1], raise_on_failure=False)
     assert failed(report) == {("engine", f"transformer.h.0.{m}.weight (computed, but frozen)") for m in SSF_TARGETS}
+
+
+def test_an_error_case_that_does_not_hold_is_caught(ssf):
+    wrong = (
+        ErrorCase("says what it does not", as_is, tp.ConfigError, ("c_nope", "no such words"),
+                  config=lambda: ssf.SSFConfig(target_modules=["c_nope"])),
+        ErrorCase("the wrong error type", as_is, tp.InputError, ("c_nope",),
+                  config=lambda: ssf.SSFConfig(target_modules=["c_nope"])),
+        ErrorCase("refuses nothing", lambda model: model, tp.ConfigError, ("anything",), config=ssf.SSFConfig),
+    )  # fmt: skip
+    spec = dataclasses.replace(ssf.SPEC, error_cases=lambda: wrong)
+    failures = {f.check: f.tensor for f in harness.check_error_cases(spec)}
+    assert failures == {
+        "says what it does not": f"expected ConfigError, raised ConfigError: {C_NOPE} (missing ['no such words'])",
+        "the wrong error type": f"expected InputError, raised ConfigError: {C_NOPE}",
+        "refuses nothing": "expected ConfigError, raised nothing",
+    }
+    report = check_method(spec, DEFAULT_CASES[:1], raise_on_failure=False)
+    assert {f.case for f in report.failures} == {"error cases"} and len(report.failures) == 3
 
 
 def test_a_tensor_no_case_checks_is_a_failure():

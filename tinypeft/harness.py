@@ -17,6 +17,8 @@ init too (LoRA's B = 0 would make dA vanish: a check there proves nothing), and 
 3. the merge, where the adapter has one (`adapter.can_merge()`): `merge_and_unload()`'s logits equal
    the unmerged model's (<= 1e-12 relative) and leave the base untouched; `merge_adapter()` computes
    the same; `unmerge_adapter()` puts back the base's exact arrays and the exact unmerged logits.
+4. given a name or a MethodSpec, its error cases (`check_error_cases`): each raises exactly its error,
+   saying what it promises, on one line, as the error catalogue checks them.
 
 It returns a `MethodReport` (every error, per case and tensor) and, unless told not to, raises
 `HarnessError` (an AssertionError) naming the case, the check and the tensor of each disagreement.
@@ -38,7 +40,7 @@ import numpy as np
 from . import engine, gpt
 from .gradcheck import check_gradients, relative_error
 from .methods.base import PeftConfig
-from .methods.registry import Batch, MethodSpec, method
+from .methods.registry import ERROR_MODEL, Batch, MethodSpec, method
 from .model import GPT, GPTConfig
 from .ops import IGNORE_INDEX, causal_lm_loss_backward, causal_lm_loss_forward
 from .peft_model import PeftModel, get_peft_model
@@ -125,6 +127,8 @@ class MethodReport:
 
     method: str
     cases: list[CaseReport]
+    error_cases: list[str] = field(default_factory=list)  # the spec's ErrorCases checked, by `when`
+    error_failures: list[Failure] = field(default_factory=list)
 
     @property
     def failures(self) -> list[Failure]:
@@ -134,7 +138,7 @@ class MethodReport:
         for c in self.cases:
             unchecked -= set(c.gradients) - set(c.zero_gradients)
         never = [Failure("every case", "zero gradient", name, 0.0, 0.0) for name in sorted(unchecked)]
-        return [f for case in self.cases for f in case.failures] + never
+        return [f for case in self.cases for f in case.failures] + never + self.error_failures
 
     @property
     def ok(self) -> bool:
@@ -161,6 +165,8 @@ class MethodReport:
                 zero = "  (zero here: not checked)" if name in c.zero_gradients else ""
                 lines.append(f"    {name:<58} {e['autograd']:>10.2e} {e['directional']:>12.2e}{zero}")
             lines.append(f"    {'(all tensors along one direction)':<58} {'':>10} {c.directional_all:>12.2e}")
+        if self.error_cases:
+            lines.append(f"  error cases: {len(self.error_cases)} checked, {len(self.error_failures)} failed")
         lines += [f"  FAILED {f}" for f in self.failures]
         return "\n".join(lines)
 
@@ -187,25 +193,49 @@ def check_method(
     raise_on_failure: bool = True,
 ) -> MethodReport:
     """Run every check on every case. `method_or_factory`: a registered method's name, its MethodSpec
-    (its `example` config is checked), or a config factory. Raises HarnessError on any failure unless
-    raise_on_failure=False; returns the report either way."""
-    name, factory = _resolve(method_or_factory)
+    (its `example` config is checked, and its error cases), or a config factory. Raises HarnessError on
+    any failure unless raise_on_failure=False; returns the report either way."""
+    name, factory, spec = _resolve(method_or_factory)
     report = MethodReport(name, [check_case(factory, case, tolerances) for case in cases])
+    if spec is not None:
+        report.error_cases = [c.when for c in spec.error_cases()]
+        report.error_failures = check_error_cases(spec)
     if raise_on_failure:
         report.raise_if_failed()
     return report
 
 
-def _resolve(method_or_factory: str | MethodSpec | ConfigFactory) -> tuple[str, ConfigFactory]:
+def _resolve(method_or_factory: str | MethodSpec | ConfigFactory) -> tuple[str, ConfigFactory, MethodSpec | None]:
     if isinstance(method_or_factory, str):
         method_or_factory = method(method_or_factory)
     if isinstance(method_or_factory, MethodSpec):
-        return method_or_factory.name, method_or_factory.example
+        return method_or_factory.name, method_or_factory.example, method_or_factory
     if not callable(method_or_factory):
         raise TypeError(
             f"check_method needs a method name, a MethodSpec or a config factory; got {method_or_factory!r}"
         )
-    return getattr(method_or_factory, "__name__", repr(method_or_factory)), method_or_factory
+    return getattr(method_or_factory, "__name__", repr(method_or_factory)), method_or_factory, None
+
+
+def check_error_cases(spec: MethodSpec) -> list[Failure]:
+    """Each of the spec's ErrorCases, as the error catalogue checks them: on a GPT of the shape ERROR_MODEL
+    (seed 0), wrapped with `case.config()` if given, `case.call` raises exactly `case.error`, with every
+    string of `case.says` in a one-line message. Returns the cases that do not."""
+    failures = []
+    for case in spec.error_cases():
+        try:
+            model = GPT(GPTConfig(**ERROR_MODEL), seed=0, device="cpu")
+            case.call(model if case.config is None else get_peft_model(model, case.config()))
+            found = "raised nothing"
+        except Exception as e:
+            message = str(e)
+            missing = [s for s in case.says if s not in message]
+            found = f"raised {type(e).__name__}: {message}"
+            if type(e) is case.error and not missing and "\n" not in message:
+                continue
+            found += f" (missing {missing})" if missing else ""
+        failures.append(Failure("error cases", case.when, f"expected {case.error.__name__}, {found}", math.inf, 0))
+    return failures
 
 
 def check_case(factory: ConfigFactory, case: HarnessCase, tolerances: Tolerances = Tolerances()) -> CaseReport:
@@ -403,6 +433,7 @@ __all__ = [
     "Tolerances",
     "build_model",
     "check_case",
+    "check_error_cases",
     "check_method",
     "make_batch",
 ]

@@ -7,7 +7,8 @@ a method of your own:
 For each case (a small float64 model, every weight off its init, a batch with padding or not) it prints
 every trainable tensor's error against autograd and against a central finite difference, the public
 loss_and_grad's error against the engine, and the merged model's logits' error against the unmerged
-model's; then the worst of each. It exits 1 if any check fails, naming the case, check and tensor.
+model's; then whether its error cases raise what they say, and the worst of each. It exits 1 if any check
+fails, naming the case, check and tensor.
 docs/write_a_method.md explains each number.
 """
 

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from tinypeft import GPT, ConfigError, GPTConfig, get_peft_model
+from tinypeft import GPT, ConfigError, GPTConfig
 from tinypeft.config import linear_module_names
 from tinypeft.methods.base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
-from tinypeft.methods.registry import Batch, ErrorCase, GoldenCase, MethodSpec, register_method
+from tinypeft.methods.registry import Batch, ErrorCase, GoldenCase, MethodSpec, as_is, register_method
 from tinypeft.ops import linear_backward, linear_forward
 from tinypeft.sites import Sites
 
@@ -206,19 +206,23 @@ GOLDEN_CASES = (
 
 
 def error_cases() -> tuple[ErrorCase, ...]:
-    """The misuses SSF refuses: each call must raise the error, with every string in its one-line message."""
+    """The misuses SSF refuses. Each is made (`config`) and wrapped around a small GPT, then `call`ed with it
+    (`as_is`: making and wrapping the config is the misuse); it must raise the error, with every string in
+    its one-line message."""
     return (
         ErrorCase(
-            "a target matches no linear layer",
-            lambda base: get_peft_model(base, SSFConfig(target_modules=["c_nope"])),
+            "SSF target_modules that match no linear layer",
+            as_is,
             ConfigError,
-            ("c_nope", "target_modules"),
+            ("c_nope", "matches no module", "transformer.h.0.attn.c_attn"),
+            config=lambda: SSFConfig(target_modules=["c_nope"]),
         ),
         ErrorCase(
-            "target_modules is empty",
-            lambda base: SSFConfig(target_modules=[]),
+            "SSF with an empty target_modules",
+            as_is,
             ConfigError,
             ("SSFConfig.target_modules", "non-empty"),
+            config=lambda: SSFConfig(target_modules=[]),
         ),
     )
 
