@@ -198,9 +198,10 @@ def test_random_states_a_model_cannot_hold_are_refused_on_resume(tmp_path, model
 def test_resume_keeps_the_time_already_spent(tmp_path, monkeypatch):
     """A resumed run's `seconds` is the whole run's: the interrupted part's time plus its own (issue 15,
     item 11c). A fake clock that ticks one second a reading makes the figures exact."""
+    import importlib
     import itertools
 
-    import tinypeft.train as train_module
+    train_module = importlib.import_module("tinypeft.train")  # tinypeft.train is also the function tp.train
 
     ticks = itertools.count()
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(ticks)))
