@@ -36,7 +36,7 @@ from tinypeft.harness import DEFAULT_CASES, HarnessCase, HarnessError, Tolerance
 from tinypeft.methods.base import CONFIG_TYPES
 from tinypeft.methods.registry import METHODS, Batch, ErrorCase, as_is
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "own_method"
 
 
