@@ -1,6 +1,7 @@
 """Catastrophic forgetting: six ways to fine-tune the shipped base on code, at matched steps.
 
-    python examples/forgetting.py            # writes docs/experiments/forgetting.{json,png}
+    python examples/forgetting.py            # writes runs/experiments/forgetting.{json,png}
+    python examples/forgetting.py --out docs/experiments   # rewrites the committed results
     python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
 
 Full fine-tuning, LoRA, prompt tuning, IA3, bottleneck adapters and BitFit, each as `tinypeft

@@ -1,6 +1,7 @@
 """Learning-rate sweep: LoRA against full fine-tuning over rates from 1e-4 to 1e-1 on the shipped base.
 
-    python examples/lr_sweep.py            # writes docs/experiments/lr_sweep.{json,png}
+    python examples/lr_sweep.py            # writes runs/experiments/lr_sweep.{json,png}
+    python examples/lr_sweep.py --out docs/experiments   # rewrites the committed results
     python examples/lr_sweep.py --quick    # a few seconds: 3 steps per rate, into runs/quick
 
 LoRA (r = 8 on c_attn, lora_alpha 16: `tinypeft finetune`'s default) and full fine-tuning train for the

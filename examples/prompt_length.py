@@ -1,6 +1,7 @@
 """Soft-prompt length sweep: prompt tuning with NV = 1, 5, 20, 50, 100 virtual tokens on the shipped base.
 
-    python examples/prompt_length.py            # writes docs/experiments/prompt_length.{json,png}
+    python examples/prompt_length.py            # writes runs/experiments/prompt_length.{json,png}
+    python examples/prompt_length.py --out docs/experiments   # rewrites the committed results
     python examples/prompt_length.py --quick    # a few seconds: 3 steps per length, into runs/quick
 
 Each length trains what `tinypeft finetune --method prompt --num_virtual_tokens NV

@@ -1,6 +1,7 @@
 """Rank sweep: LoRA with r = 1, 2, 4, 8, 16, 32, 64 on the shipped base, fine-tuned on the code corpus.
 
-    python examples/rank_sweep.py            # writes docs/experiments/rank_sweep.{json,png}
+    python examples/rank_sweep.py            # writes runs/experiments/rank_sweep.{json,png}
+    python examples/rank_sweep.py --out docs/experiments   # rewrites the committed results
     python examples/rank_sweep.py --quick    # a few seconds: 3 steps per rank, into runs/quick
 
 Each rank trains what `tinypeft finetune --rank R` trains (LoRA on c_attn, lora_alpha = 2r, so the

@@ -253,7 +253,8 @@ def experiment_parser(description: str, name: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         default=None,
-        help=f"folder for {name}.json and {name}.png (default: docs/experiments, or runs/quick with --quick)",
+        help=f"folder for {name}.json and {name}.png (default: runs/experiments, or runs/quick with --quick; "
+        "the committed results were made with --out docs/experiments)",
     )
     parser.add_argument("--base", default=None, help="base model folder (default: the shipped base)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: the experiment's)")
@@ -271,7 +272,8 @@ def settings_from(args: argparse.Namespace, **defaults: Any) -> Settings:
 
 def output_paths(args: argparse.Namespace, name: str) -> tuple[str, str]:
     """(json path, png path) of an experiment."""
-    folder = args.out or (os.path.join("runs", "quick") if args.quick else os.path.join("docs", "experiments"))
+    # never docs/experiments by default: a run must not overwrite the committed results it may disagree with
+    folder = args.out or os.path.join("runs", "quick" if args.quick else "experiments")
     os.makedirs(folder, exist_ok=True)
     return os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.png")
 
