@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import to_numpy
+from .backend import Array, to_numpy
 
-Array = Any
 Params = Mapping[str, Array]
 LossFn = Callable[[Params], Any]  # params -> scalar loss, written with the shipped forward
 

@@ -14,10 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .backend import namespace, to_numpy
+from .backend import Array, namespace, to_numpy
 from .errors import CheckpointError, ConfigError
-
-Array = Any
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = True) -> None:

@@ -12,8 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
+from ..backend import Array
 from ..io import save_json, save_safetensors
 
 FORMAT = "tinypeft-golden-vectors"
@@ -26,8 +25,6 @@ DTYPES = ("float64", "float32")
 GRAD_PREFIX = "grad/"  # expected.safetensors: "logits", "grad/<name>", "derived/<name>"
 DERIVED_PREFIX = "derived/"
 MODEL_CONFIG_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "layer_norm_epsilon")
-
-Array = np.ndarray
 
 
 @dataclass

@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import checks
+from ..backend import Array
 from ..methods.registry import Batch, GoldenCase, golden_cases  # (the package's import registers every method)
-
-Array = np.ndarray
 
 # every golden case registered by the time the vectors are first imported (all the built-in methods', and
 # those of a method defined outside tinypeft and imported before): what `export_vectors` writes
