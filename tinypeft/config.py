@@ -45,35 +45,36 @@ class GPTConfig:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ConfigError(f"GPTConfig.{name} must be a positive integer; got {value!r}")
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer; got {shown(value)}")
             object.__setattr__(self, name, int(value))  # a NumPy integer would not go into config.json
         n_inner = self.n_inner
         if n_inner is not None and (
             isinstance(n_inner, bool) or not isinstance(n_inner, (int, np.integer)) or n_inner <= 0
         ):
-            raise ConfigError(f"GPTConfig.n_inner must be a positive integer or None; got {n_inner!r}")
+            raise ConfigError(f"GPTConfig.n_inner must be a positive integer or None; got {shown(n_inner)}")
         if n_inner is not None:
             object.__setattr__(self, "n_inner", int(n_inner))
         if self.n_embd % self.n_head:
             raise ConfigError(
-                f"GPTConfig: n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"GPTConfig: n_embd={shown(self.n_embd)} is not divisible by n_head={shown(self.n_head)}; "
                 f"n_head must divide n_embd (for example n_head in {_divisors(self.n_embd)})"
             )
         if self.dtype not in DTYPES:
-            raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}; got {self.dtype!r}")
+            raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}; got {shown(self.dtype)}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < self.vocab_size
             ):
                 raise ConfigError(
-                    f"GPTConfig.{name} must be None or a token id in 0..{self.vocab_size - 1}; got {value!r}"
+                    f"GPTConfig.{name} must be None or a token id in 0..{shown(self.vocab_size - 1)}; "
+                    f"got {shown(value)}"
                 )
             if value is not None:
                 object.__setattr__(self, name, int(value))
         eps = self.layer_norm_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-            raise ConfigError(f"GPTConfig.layer_norm_epsilon must be a positive number; got {eps!r}")
+        if not positive_number(eps):
+            raise ConfigError(f"GPTConfig.layer_norm_epsilon must be a positive number; got {shown(eps)}")
 
     @property
     def head_dim(self) -> int:
@@ -152,6 +153,30 @@ class GPTConfig:
             )
         except ConfigError as e:
             raise CheckpointError(f"config.json describes an impossible model: {e}") from None
+
+
+def positive_number(value: Any) -> bool:
+    """Whether `value` is an int or float (not a bool) > 0 that a float holds: not nan or inf, and not an
+    integer past float's range (10**400, which float() refuses with OverflowError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:
+        return False
+
+
+def shown(value: Any) -> str:
+    """`value` as an error message shows it: its repr, but an integer of 30 digits or more by its sign and
+    its number of digits (Python refuses to print one of over 4,300 digits, and no reader counts 400)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and abs(int(value)) >= 10**30:
+        magnitude = abs(int(value))
+        digits = len(str(magnitude)) if magnitude.bit_length() < 14_000 else f"about {int(math.log10(magnitude)) + 1}"
+        return f"{'a negative' if value < 0 else 'an'} integer of {digits} digits"
+    try:
+        return repr(value)
+    except ValueError:  # a container holding such an integer
+        return f"a {type(value).__name__} holding an integer too long to print"
 
 
 def _special_token(value: Any, vocab_size: Any) -> int | None:
