@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from . import checks, engine, generation
+from . import checks, engine, generation, memory
 from .backend import Array, device_of, get_backend, to_numpy
 from .checkpoint import load_folder, load_state, save_folder
 from .config import (
@@ -113,6 +113,7 @@ class GPT(LanguageModel):
         checks.check_seed(seed, error=ConfigError)
         self.config = config
         self.xp = get_backend(device)
+        memory.check_parameters(config, self.xp)  # before drawing them: a size that cannot fit is refused
         self.params: Params = {k: self.xp.asarray(v) for k, v in init_params(config, seed).items()}
         self.trainable: set[str] = set(self.params)
 
@@ -168,8 +169,10 @@ class GPT(LanguageModel):
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | None = None, dtype: str | None = None) -> GPT:
         """Load a folder written by `save_pretrained` here or by transformers' GPT2LMHeadModel."""
+        memory.check_saved_model(folder)  # before the weights are read
         config, params = load_folder(folder, dtype)
         xp = get_backend(device)
+        memory.check_parameters(config, xp, host=False)  # before they are copied to a GPU
         return cls.with_params(config, xp, {k: xp.asarray(v) for k, v in params.items()})
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import memory
 from .checkpoint import pickle_hint
 from .checks import check_seed
 from .errors import CheckpointError, ConfigError, MergeError
@@ -70,6 +71,7 @@ class PeftModel(LanguageModel):
             raise ConfigError(f"expected a PEFT config (LoraConfig, ...); got {type(config).__name__}")
         check_seed(seed, error=ConfigError)
         config.validate(self.base_model)
+        memory.check_adapter(config, self.base_model)  # before building: an adapter that cannot fit is refused
         self.adapters[adapter_name] = config.build(self.base_model, seed)
 
     def set_adapter(self, adapter_name: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from . import memory
 from .checks import check_seed
 from .data import eval_windows, random_batch
 from .errors import ConfigError, TrainingError
@@ -127,6 +128,7 @@ def evaluate(model: Trainable, data: np.ndarray, seq_len: int, max_windows: int 
     for name, value, least in (("seq_len", seq_len, 2), ("max_windows", max_windows, 1), ("batch_size", batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise ConfigError(f"evaluate: {name} must be an integer >= {least}; got {value!r}")
+    memory.check_step(model, min(batch_size, max_windows, len(data) // seq_len), seq_len)  # eval_windows' rows
     windows = eval_windows(data, seq_len, max_windows)
     total = 0.0
     for start in range(0, len(windows), batch_size):
@@ -157,6 +159,8 @@ def train(
     `overwrite`. stop_after ends the run early after that many steps (the schedule still spans
     config.steps): what a test uses to interrupt a run.
     """
+    states = 2 if config.optimizer == "adamw" else int(config.momentum > 0)  # the optimizer's arrays per tensor
+    memory.check_step(model, config.batch_size, config.seq_len, optimizer_states=states)
     if run_dir is None:
         if resume:
             raise ConfigError("resume=True needs the run_dir holding the checkpoints")

@@ -28,6 +28,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -35,7 +36,7 @@ from limits import time_bound
 from safetensors.numpy import load_file, save_file
 
 import tinypeft as tp
-from tinypeft import data
+from tinypeft import data, memory
 from tinypeft.errors import (
     CheckpointError,
     ConfigError,
@@ -221,6 +222,24 @@ def non_finite_bitfit() -> tp.PeftModel:
     return model
 
 
+def on_a_machine_with(gib: float, call: Callable[[World], object]) -> Callable[[World], object]:
+    """`call` on a machine that reports `gib` GiB of memory available, so that the case, and its message
+    in docs/errors.md, do not depend on the machine that runs it."""
+
+    def on_it(w: World) -> object:
+        with mock.patch.object(memory, "available_bytes", lambda xp=None: int(gib * memory.GiB)):
+            return call(w)
+
+    return on_it
+
+
+def sparse_weights(w: World, size: int) -> Path:
+    """A copy of the saved model whose model.safetensors is `size` bytes long (sparse: no disk used)."""
+    folder = w.variant(w.model_dir, {})
+    os.truncate(folder / "model.safetensors", size)
+    return folder
+
+
 @dataclass(frozen=True)
 class Bad:
     when: str
@@ -284,6 +303,18 @@ CONFIG_CASES = [
         ("device 'cuda' needs CuPy, which is not installed", "or use device 'cpu'"),
     ),
     Bad(
+        "GPT larger than the memory (pretrain --n_embd 16384)",
+        on_a_machine_with(16, lambda w: tp.GPT(tp.GPTConfig(n_embd=16384))),
+        ConfigError,
+        ("this model needs about 48.0 GiB", "n_embd=16384", "the machine has 16.0 GiB available", "smaller n_embd"),
+    ),
+    Bad(
+        "adapter larger than the memory (bottleneck_size 10**12)",
+        on_a_machine_with(16, lambda w: tp.get_peft_model(tp.GPT(CFG), tp.AdapterConfig(bottleneck_size=10**12))),
+        ConfigError,
+        ("AdapterConfig's adapter needs about", "68,000,000,000,032 numbers", "16.0 GiB available"),
+    ),
+    Bad(
         "from_pretrained dtype not float32/float64",
         lambda w: tp.GPT.from_pretrained(w.model_dir, dtype="float16"),
         ConfigError,
@@ -317,6 +348,12 @@ CONFIG_CASES = [
             ("seed", "0", ">= 0"),
         ]
     ],
+    Bad(
+        "training step larger than the memory (finetune --batch_size 100000)",
+        on_a_machine_with(16, lambda w: train(tp.GPT(tp.GPTConfig()), DATA, TrainConfig(batch_size=100_000))),
+        ConfigError,
+        ("a training step on a batch of 100,000 x 128 tokens needs about", "16.0 GiB available", "smaller batch_size"),
+    ),
     Bad("AdamW lr negative", lambda w: AdamW(lr=-1.0), ConfigError, ("lr", "-1.0", ">= 0")),
     Bad("AdamW betas outside [0, 1)", lambda w: AdamW(betas=(0.9, 1.0)), ConfigError, ("(0.9, 1.0)", "[0, 1)")),
     Bad("AdamW eps zero", lambda w: AdamW(eps=0.0), ConfigError, ("eps", "0.0", "> 0")),
@@ -723,6 +760,12 @@ FILE_CASES = [
         ("2 transformer block(s)", "n_layer=1000000000000"),
     ),
     Bad(
+        "model.safetensors larger than the memory",
+        on_a_machine_with(8, lambda w: tp.GPT.from_pretrained(sparse_weights(w, 12 << 30))),
+        ConfigError,
+        ("reading model.safetensors needs about 12.0 GiB", "8.0 GiB available"),
+    ),
+    Bad(
         "config.json n_embd disagrees with the weights",
         load_model({"config.json": lambda c: c | {"n_embd": 16}}),
         CheckpointError,
@@ -890,6 +933,17 @@ FILE_CASES = [
         load_adapter({"adapter_config.json": lambda c: c | {"peft_type": "LN_TUNING"}}),
         CheckpointError,
         ("LN_TUNING adapter tensors do not match", "missing", "ln_tuning_layers", "unexpected", "c_attn.bias"),
+    ),
+    Bad(
+        "adapter_config.json bottleneck_size 3,000,000, larger than the memory",
+        on_a_machine_with(
+            0.5,
+            load_adapter(
+                {"adapter_config.json": lambda c: c | {"peft_type": "BOTTLENECK_ADAPTER", "bottleneck_size": 3_000_000}}
+            ),
+        ),
+        ConfigError,
+        ("AdapterConfig's adapter needs about 0.8 GiB", "204,000,032 numbers", "0.5 GiB available"),
     ),
     Bad(
         "adapter saved for another base (n_layer)",
@@ -1188,6 +1242,14 @@ NUMERIC_CASES = [
         lambda w: evaluate(w.base, DATA, 8, batch_size=-1),
         ConfigError,
         ("evaluate: batch_size must be an integer >= 1", "-1"),
+    ),
+    Bad(
+        "evaluate a batch larger than the memory",
+        on_a_machine_with(
+            16, lambda w: evaluate(tp.GPT(tp.GPTConfig()), np.zeros(4096 * 128, np.uint8), 128, 4096, 4096)
+        ),
+        ConfigError,
+        ("evaluating a batch of 4,096 x 128 tokens needs about", "16.0 GiB available", "smaller batch_size"),
     ),
     Bad(
         "training loss becomes non-finite",

@@ -221,6 +221,10 @@ class AdapterConfig(PeftConfig):
     def modules(self, base: GPT) -> list[str]:
         return [f"transformer.h.{i}.{m}" for i in range(base.config.n_layer) for m in PLACEMENTS[self.placement]]
 
+    def estimated_parameters(self, base: GPT) -> int:
+        C, r = base.config.n_embd, self.bottleneck_size
+        return len(self.modules(base)) * (2 * r * C + r + C)  # down (r, C) and (r,), up (C, r) and (C,)
+
     def build(self, base: GPT, seed: int = 0) -> Adapter:
         rng = np.random.default_rng(seed)
         C, r = base.config.n_embd, self.bottleneck_size

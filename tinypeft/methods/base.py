@@ -51,6 +51,12 @@ class PeftConfig:
     def validate(self, base: GPT) -> None:
         """Raise ConfigError if this config cannot apply to `base` (called before build)."""
 
+    def estimated_parameters(self, base: GPT) -> int:
+        """How many numbers the adapter `build` makes for `base` will hold (its tensors, and any frozen
+        ones it keeps), from the config alone: checked against the memory available before it is built
+        (tinypeft/memory.py). A method that does not say is not checked."""
+        return 0
+
     def to_dict(self) -> dict[str, Any]:
         """adapter_config.json: the fields PEFT reads, plus the ones tinypeft adds."""
         d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -176,6 +176,10 @@ class IA3Config(PeftConfig):
     def validate(self, base: GPT) -> None:
         self.targets(base)
 
+    def estimated_parameters(self, base: GPT) -> int:
+        shapes = {module: base.params[module + ".weight"].shape for module in self.targets(base)}
+        return sum(n_in if self.is_feedforward(module) else n_out for module, (n_in, n_out) in shapes.items())
+
     def build(self, base: GPT, seed: int = 0) -> Adapter:
         rng = np.random.default_rng(seed)
         params, vectors = {}, {}

@@ -38,6 +38,7 @@ from .lora_variants import (
     dora_forward,
     dora_merged_weight,
     dora_weight_norm,
+    lora_estimated_parameters,
     pissa_factors,
     stop_gradient,
 )
@@ -149,6 +150,7 @@ class LoraConfig(PeftConfig):
     """
 
     peft_type = "LORA"
+    estimated_parameters = lora_estimated_parameters  # A and B a layer, DoRA's m, PiSSA's residual
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0

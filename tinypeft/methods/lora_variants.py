@@ -5,6 +5,8 @@ LoraConfig's use_dora or init_lora_weights="pissa" asks; docs/lora.md derives th
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..backend import Array, namespace
@@ -104,6 +106,18 @@ def dora_merged_weight(weight: Array, lora_A: Array, lora_B: Array, magnitude: A
     """(m / ‖W + s (B A)ᵀ‖) ⊙ (W + s (B A)ᵀ), each output column scaled: (in, out). The bias is not scaled."""
     directional = weight + scaling * (lora_B @ lora_A).T  # [in, out]: the LoRA-merged weight
     return directional * (magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling))  # [in, out] * [out]
+
+
+def lora_estimated_parameters(config: Any, base: Any) -> int:
+    """LoraConfig.estimated_parameters (here, since lora.py is at its length limit): per targeted layer
+    A (r, in) and B (out, r), DoRA's m (out,) and PiSSA's frozen residual (in, out); and the trained
+    copies of base biases (bias="all": every one; "lora_only": the targeted layers')."""
+    pissa = config.init_lora_weights == "pissa"
+    shapes = [base.params[module + ".weight"].shape for module in config.targets(base)]
+    n = sum(config.r * (n_in + n_out) + config.use_dora * n_out + pissa * n_in * n_out for n_in, n_out in shapes)
+    if config.bias == "all":
+        return n + sum(int(p.size) for name, p in base.params.items() if name.endswith(".bias"))
+    return n + (config.bias == "lora_only") * sum(n_out for _, n_out in shapes)
 
 
 def pissa_factors(weight: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -189,6 +189,13 @@ class PrefixTuningConfig(VirtualTokenConfig):
         if self.init_weights not in INIT_WEIGHTS:
             raise ConfigError(f"init_weights must be one of {INIT_WEIGHTS}; got {self.init_weights!r}")
 
+    def estimated_parameters(self, base: GPT) -> int:
+        NV, C, width = self.num_virtual_tokens, base.config.n_embd, 2 * base.config.n_layer * base.config.n_embd
+        if not self.prefix_projection:
+            return NV * width  # the table (NV, 2LC)
+        hidden = self.encoder_hidden_size or C
+        return NV * C + (C + 1) * hidden + (hidden + 1) * width  # embedding, Linear(C, H), Linear(H, 2LC)
+
     def build(self, base: GPT, seed: int = 0) -> Adapter:
         """Draws like torch's defaults: Embedding N(0, 1); Linear(in, out) weight and bias U(-k, k), k = 1/sqrt(in)."""
         rng = np.random.default_rng(seed)

@@ -149,6 +149,9 @@ class PromptTuningConfig(VirtualTokenConfig):
         if self.prompt_tuning_init == "TEXT":
             self.init_token_ids(base.config.vocab_size)
 
+    def estimated_parameters(self, base: GPT) -> int:
+        return self.num_virtual_tokens * base.config.n_embd  # the table (NV, C)
+
     def build(self, base: GPT, seed: int = 0) -> Adapter:
         rng = np.random.default_rng(seed)
         NV, C, V = self.num_virtual_tokens, base.config.n_embd, base.config.vocab_size

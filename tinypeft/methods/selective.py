@@ -67,6 +67,9 @@ class SelectingConfig(PeftConfig):
         """The name of the trained copy of a base parameter (in the saved file and the gradients)."""
         return PEFT_PREFIX + base_name
 
+    def estimated_parameters(self, base: GPT) -> int:
+        return sum(int(base.params[n].size) for n in self.selected(base))  # a copy of each selected one
+
     def build(self, base: GPT, seed: int = 0) -> Adapter:
         overrides = {n: self.adapter_name(n) for n in self.selected(base)}
         params = {name: base.params[n].copy() for n, name in overrides.items()}
