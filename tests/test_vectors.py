@@ -175,13 +175,82 @@ def run_case(case):
         ("    raise RuntimeError('not ported yet')", "run_case raised RuntimeError: not ported yet"),
         ("    return [1, 2]", "run_case must return a dict"),
         ("    r = reference(case); r['derived'] = {'x': r['logits']}; return r", "not a derived tensor"),
+        # issue: check-vectors trusts the port. Whatever a port does instead of returning fails its case
+        ("    import sys; sys.exit(0)", "run_case called sys.exit(0) instead of returning"),
+        ("    raise SystemExit('done')", "run_case called sys.exit('done') instead of returning"),
+        ("    r = reference(case); r['loss'] = Unconvertible(); return r", "loss: inf / 1e-10 FAILED (not an array: "
+         "raised RuntimeError: Can't call numpy() on Tensor that requires grad"),
+        ("    r = reference(case); r['derived'] = r['logits']; return r", "reading what run_case returned raised "
+         "ValueError: The truth value of an array"),
+        ("    return ExitingDict(reference(case))", "reading what run_case returned called sys.exit(3)"),
+        ("    raise Unprintable()", "run_case raised Unprintable: <unprintable: RuntimeError>"),
+        ("    raise ValueError('two\\nlines')", "run_case raised ValueError: two lines"),
     ],
-)
+)  # fmt: skip
 def test_what_a_broken_implementation_is_told(vectors, tmp_path, capsys, body, fragment):
-    impl = write_impl(tmp_path, "def run_case(case):\n" + body + "\n")
+    impl = write_impl(tmp_path, HOSTILE_OBJECTS + "def run_case(case):\n" + body + "\n")
     assert main(["check-vectors", str(vectors), "--impl", impl, "--cases", "lora-rank1-float64"]) == 1
     out = capsys.readouterr().out
     assert fragment in out and "1 cases: 0 passed, 1 failed" in out
+
+
+# what a port may hand back that breaks when it is read (the first as a torch tensor that requires grad does)
+HOSTILE_OBJECTS = """
+class Unconvertible:
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("Can't call numpy() on Tensor that requires grad. Use tensor.detach().numpy() instead.")
+
+
+class ExitingDict(dict):
+    def __getitem__(self, key):
+        raise SystemExit(3)
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no")
+
+
+"""
+
+
+def test_a_torch_tensor_that_requires_grad_fails_its_case_and_the_others_run(vectors, tmp_path, capsys):
+    """A port returning the loss as a torch tensor that needs grad: np.asarray raises RuntimeError, which once
+    aborted every case with a traceback."""
+    pytest.importorskip("torch")
+    body = """
+import torch
+
+def run_case(case):
+    result = reference(case)
+    if case["dtype"] == "float64":
+        result["loss"] = torch.tensor(float(result["loss"]), requires_grad=True)
+    return result
+"""
+    assert main(["check-vectors", str(vectors), "--impl", write_impl(tmp_path, body), "--cases", "lora-rank1-*"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "loss: inf / 1e-10 FAILED (not an array: raised RuntimeError: Can't call numpy() on Tensor that requires grad"
+        in out
+    )
+    assert "2 cases: 1 passed, 1 failed" in out
+
+
+def test_a_port_that_exits_or_is_interrupted_never_reads_as_a_pass(vectors, tmp_path, capsys):
+    """sys.exit(0) in run_case once ended check-vectors with status 0 and no output, which CI reads as a pass:
+    it fails its case, and the status is 1. sys.exit at import is a one-line error (status 2). Ctrl-C (a
+    KeyboardInterrupt) still stops the whole check, with status 130."""
+    case = ["--cases", "lora-rank1-float64"]
+    exits = write_impl(tmp_path, "def run_case(case):\n    raise SystemExit(0)\n")
+    assert main(["check-vectors", str(vectors), "--impl", exits, *case]) == 1
+    assert "run_case called sys.exit(0) instead of returning" in capsys.readouterr().out
+    (tmp_path / "exits_at_import.py").write_text("import sys\nsys.exit(0)\n")
+    assert main(["check-vectors", str(vectors), "--impl", str(tmp_path / "exits_at_import.py"), *case]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "importing it called sys.exit(0) instead of returning" in err
+    (tmp_path / "interrupted.py").write_text("def run_case(case):\n    raise KeyboardInterrupt\n")
+    assert main(["check-vectors", str(vectors), "--impl", str(tmp_path / "interrupted.py"), *case]) == 130
+    assert capsys.readouterr().err == "tinypeft check-vectors: interrupted\n"
 
 
 def test_impl_that_cannot_be_used_is_a_config_error(tmp_path):

@@ -80,8 +80,8 @@ def compare(case: Case, result: Any) -> CaseReport:
     def check(tensor: str, got: Any, want: Array, tolerance: float) -> None:
         try:
             got = np.asarray(got, dtype=np.float64)
-        except (TypeError, ValueError) as e:
-            report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, f"not an array: {e}"))
+        except Exception as e:  # whatever the port's object raises (a torch tensor that requires grad, say)
+            report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, f"not an array: {_raised(e)}"))
             return
         if got.shape != want.shape:
             note = f"shape {got.shape}, expected {want.shape}"
@@ -119,20 +119,48 @@ def compare(case: Case, result: Any) -> CaseReport:
 
 
 def check_vectors(folder: str | os.PathLike, run_case: RunCase, patterns: Sequence[str] = ("*",)) -> list[CaseReport]:
-    """Run an implementation on every case (matching a glob in `patterns`) and compare. An exception the
-    implementation raises fails its case; it does not stop the others."""
+    """Run an implementation on every case (matching a glob in `patterns`) and compare. Whatever the
+    implementation does instead of returning (an exception, or sys.exit: it must not end the check with
+    its own exit status), and a result that breaks when it is read, fails its case; it does not stop the
+    others. Only KeyboardInterrupt, the user's, stops the check."""
     reports = []
     for case in load_vectors(folder, patterns):
         try:
             with np.errstate(all="ignore"):
                 result = run_case(case.port_input())
-        except Exception as e:
-            report = CaseReport(case.name, case.method, case.dtype, failure=f"run_case raised {type(e).__name__}: {e}")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:
+            report = CaseReport(case.name, case.method, case.dtype, failure=f"run_case {_raised(e)}")
         else:
-            with np.errstate(all="ignore"):
-                report = compare(case, result)
+            try:
+                with np.errstate(all="ignore"):
+                    report = compare(case, result)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # a result object whose methods raise or exit when read
+                failure = f"reading what run_case returned {_raised(e)}"
+                report = CaseReport(case.name, case.method, case.dtype, failure=failure)
         reports.append(report)
     return reports
+
+
+def _raised(e: BaseException) -> str:
+    """What a port's exception says, as one line ("raised ValueError: ...", "called sys.exit(0)"), even
+    when its own str() fails."""
+    if isinstance(e, SystemExit):
+        return f"called sys.exit({_safe_str(e.code, repr)}) instead of returning"
+    text = _safe_str(e, str)
+    return f"raised {type(e).__name__}" + (f": {text}" if text else "")
+
+
+def _safe_str(value: Any, show: Callable[[Any], str]) -> str:
+    try:
+        text = show(value)
+    except Exception as e:
+        text = f"<unprintable: {type(e).__name__}>"
+    text = " ".join(text.split())  # one line
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def load_impl(spec: str) -> RunCase:
@@ -154,10 +182,10 @@ def load_impl(spec: str) -> RunCase:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(spec)
-    except TinyPeftError:
+    except (TinyPeftError, KeyboardInterrupt):
         raise
-    except Exception as e:  # the implementation's own import failing: say so in one line
-        raise ConfigError(f"--impl {spec}: importing it raised {type(e).__name__}: {e}") from None
+    except BaseException as e:  # the implementation's own import failing, or exiting: say so in one line
+        raise ConfigError(f"--impl {spec}: importing it {_raised(e)}") from None
     run = getattr(module, "run_case", None)
     if not callable(run):
         raise ConfigError(f"--impl {spec}: the module has no function run_case(case) -> dict (see VECTORS.md)")
