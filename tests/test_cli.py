@@ -238,3 +238,101 @@ def test_a_second_run_in_one_out_folder_needs_overwrite_and_resume_refuses_anoth
     assert len(err.splitlines()) == 1 and "method.lora_alpha: now 3.0, saved 16" in err
     assert main([*run, "--overwrite"]) == 0
     assert "overwriting the run" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the reliability issue: numbers, bytes, one line
+def run_cli(*argv: str | bytes, cwd=None) -> subprocess.CompletedProcess:
+    """`tinypeft ARGV` in a process of its own, its output as bytes. PYTHONIOENCODING=utf-8:strict is what a
+    UTF-8 desktop locale gives (this machine's C.UTF-8 would escape a lone surrogate on stdout by itself)."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    command = [sys.executable, "-m", "tinypeft.cli", *argv]
+    return subprocess.run(command, capture_output=True, env=env, cwd=cwd, timeout=300)
+
+
+def one_line_error(result: subprocess.CompletedProcess, status: int = 2) -> str:
+    err = result.stderr.decode("utf-8", "backslashreplace")
+    assert result.returncode == status, err
+    assert err.endswith("\n") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--batch_size", "0", "batch_size must be an integer >= 1; got 0"),
+        ("--batch_size", "-1", "batch_size must be an integer >= 1; got -1"),  # once printed a loss of 0.0000
+        ("--eval_windows", "0", "max_windows must be an integer >= 1; got 0"),
+        ("--seq_len", "0", "seq_len must be an integer >= 2; got 0"),
+    ],
+)
+def test_eval_refuses_numbers_that_are_not_sizes(pretrained, capsys, flag, value, says):
+    assert main(["eval", "--model", str(pretrained / "model"), "--corpus", "prose", flag, value]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and says in captured.err
+    assert "validation loss" not in captured.out
+
+
+def test_finetune_and_pretrain_refuse_bad_numbers_before_any_work(pretrained, tmp_path, capsys):
+    base = ["finetune", "--base", str(pretrained / "model"), "--out", str(tmp_path / "ft"), *TINY]
+    assert main([*base, "--prompt_bytes", "0"]) == 2
+    assert "--prompt_bytes must be an integer >= 1" in capsys.readouterr().err
+    assert main([*base, "--sample_bytes", "-1"]) == 2
+    assert "--sample_bytes must be an integer >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()  # refused before the run folder was made, the base loaded, or a step run
+    assert main(["pretrain", "--seq_len", "0", "--out", str(tmp_path / "pre"), "--corpus", "prose"]) == 2
+    captured = capsys.readouterr()
+    assert "seq_len must be an integer >= 1; got 0" in captured.err
+    assert "note:" not in captured.out  # it once noted "position embeddings 0..255 are never seen" first
+
+
+def test_generate_takes_its_prompt_as_bytes_and_writes_the_model_s_bytes(pretrained, capsysbinary):
+    """A prompt that is not UTF-8 (Latin-1 'café' and a 0xff byte) once raised UnicodeEncodeError: the bytes
+    given are the bytes the model reads, and the bytes it writes, exactly."""
+    model = str(pretrained / "model")
+    prompt = b"caf\xe9 \xff\x00\x01"
+    result = run_cli("generate", "--model", model, "--prompt", prompt[:-2], "--max_new_tokens", "0")
+    assert result.returncode == 0 and result.stdout == prompt[:-2] + b"\n" and result.stderr == b""
+    result = run_cli("generate", "--model", model, "--prompt", prompt[:-2], "--max_new_tokens", "7")
+    assert result.returncode == 0 and result.stderr == b""
+    assert result.stdout.startswith(prompt[:-2]) and len(result.stdout) == len(prompt) - 2 + 7 + 1
+    model_bytes = tp.GPT.from_pretrained(model).generate(np.frombuffer(prompt[:-2], np.uint8)[None].astype(int), 7)
+    assert result.stdout[:-1] == bytes(model_bytes[0].astype(np.uint8))
+    # in process, main() as Python hands it the command line: each byte that is not UTF-8 a lone surrogate
+    assert main(["generate", "--model", model, "--prompt", os.fsdecode(prompt), "--max_new_tokens", "0"]) == 0
+    assert capsysbinary.readouterr().out == prompt + b"\n"
+
+
+def test_file_names_that_are_not_utf8_are_printed_back_as_their_bytes(tmp_path):
+    folder = os.fsencode(tmp_path) + b"/vectors-\xff"
+    result = run_cli("export-vectors", folder, "--cases", "lora-rank1-float64")
+    assert result.returncode == 0 and result.stderr == b"", result.stderr
+    assert b"wrote 1 golden cases to " + folder + b" (" in result.stdout
+    result = run_cli("check-vectors", folder, "--impl", "tinypeft.vectors", "--report", folder + b"/r\xe9port.json")
+    assert result.returncode == 0 and b"1 cases: 1 passed, 0 failed" in result.stdout
+    assert os.path.isfile(folder + b"/r\xe9port.json")
+    # a missing one: one line (stderr escapes the byte)
+    err = one_line_error(run_cli("generate", "--model", os.fsencode(tmp_path) + b"/m\xe9"))
+    assert "m\\udce9 is not a folder" in err
+
+
+def test_a_corpus_file_name_that_is_not_utf8_is_one_line(tmp_path):
+    """tinypeft/data.py splits a corpus by a hash of each file's name, as UTF-8, which a name that is not
+    UTF-8 has not: until it hashes the name's bytes, the command says so in one line, not a traceback."""
+    corpus = os.fsencode(tmp_path) + b"/caf\xe9.txt"
+    with open(corpus, "wb") as f:
+        f.write(b"some text to train on. " * 200)
+    err = one_line_error(run_cli("eval", "--corpus", corpus, "--seq_len", "16", "--eval_windows", "1"))
+    assert "caf\\udce9.txt' is not UTF-8, and tinypeft cannot use a name that is not here yet" in err
+
+
+def test_every_error_is_one_line_parser_errors_and_newlines_included(tmp_path):
+    """argparse printed its usage block (many lines) before a mistake's one line; a file name holding a newline
+    split an error over two lines."""
+    err = one_line_error(run_cli("pretrain", "--steps", "x"))
+    assert err == "tinypeft pretrain: error: argument --steps: invalid int value: 'x' (see tinypeft pretrain --help)\n"
+    err = one_line_error(run_cli())
+    assert "the following arguments are required: COMMAND (see tinypeft --help)" in err
+    err = one_line_error(run_cli("eval", "--bogus", "a\nb"))
+    assert "unrecognized arguments: --bogus a\\nb" in err
+    err = one_line_error(run_cli("generate", "--model", str(tmp_path / "two\nlines")))
+    assert "two\\nlines is not a folder" in err

@@ -5,16 +5,23 @@ errors into a one-line message and exit status 2 instead of a traceback (the ope
 as a full disk or a folder that cannot be written, into one line and status 1). The options are in
 cli_args.py; `finetune`'s methods, their options and defaults come from the method registry
 (tinypeft/methods/registry.py), so nothing here names a method.
+
+Text is bytes: the model's vocabulary is bytes, and a command line is bytes too (Python hands it over
+decoded as UTF-8, with each byte that is not UTF-8 kept as a lone surrogate), so `generate` takes its
+prompt as the bytes typed (os.fsencode) and writes the model's bytes to stdout as they are, and a file
+name that is not UTF-8 is printed back as the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .cli_args import build_parser
@@ -63,7 +70,8 @@ def load_model(base: str | None, adapter: str | None, device: str | None = None,
 
 # ------------------------------------------------------------------ commands
 def _pretrain_config(args: argparse.Namespace):
-    """The model pretrain builds, with --seq_len settled (default: n_positions; a shorter one is noted)."""
+    """The model and the training pretrain runs, with --seq_len settled (default: n_positions; a
+    shorter one is noted, once both are known to be valid)."""
     from .data import VOCAB_SIZE
     from .model import GPTConfig
 
@@ -77,6 +85,7 @@ def _pretrain_config(args: argparse.Namespace):
     )
     if args.seq_len is None:
         args.seq_len = config.n_positions
+    train_config = _train_config(args, args.lr)
     if args.seq_len > config.n_positions:
         raise ConfigError(f"--seq_len {args.seq_len} exceeds --n_positions {config.n_positions}")
     if args.seq_len < config.n_positions:
@@ -85,7 +94,7 @@ def _pretrain_config(args: argparse.Namespace):
             f"note: --seq_len {args.seq_len} < --n_positions {config.n_positions}: position embeddings "
             f"{args.seq_len}..{config.n_positions - 1} are never seen in training"
         )
-    return config
+    return config, train_config
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -95,8 +104,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .model import GPT
     from .train import train
 
-    config = _pretrain_config(args)
-    train_config = _train_config(args, args.lr)
+    config, train_config = _pretrain_config(args)
     os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after training
     corpus = load_corpus(args.corpus)
     print(corpus.describe())
@@ -148,6 +156,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     spec = method(args.method)
     lr = spec.default_lr if args.lr is None else args.lr
     train_config = _train_config(args, lr)
+    if args.prompt_bytes < 1:
+        raise ConfigError(
+            f"--prompt_bytes must be an integer >= 1 (the default prompt's length); got {args.prompt_bytes}"
+        )
+    if args.sample_bytes < 0:
+        raise ConfigError(f"--sample_bytes must be an integer >= 0 (0: no samples); got {args.sample_bytes}")
+    prompt = None if args.prompt is None else _utf8_text(args.prompt, "--prompt")
     os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after training
     base_folder = base_dir(args.base)
     base = GPT.from_pretrained(base_folder, device=args.device)
@@ -164,7 +179,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.no_progress,
-        prompt=args.prompt,
+        prompt=prompt,
         prompt_bytes=args.prompt_bytes,
         sample_bytes=args.sample_bytes,
         base_name=base_folder,
@@ -193,14 +208,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .data import decode, encode
+    import numpy as np
 
-    model = load_model(args.model, args.adapter, args.device)
-    prompt = encode(args.prompt)
+    prompt = np.frombuffer(_argv_bytes(args.prompt, "--prompt"), dtype=np.uint8).astype(np.int64)
     if prompt.size == 0:
         raise ConfigError("--prompt must not be empty")
+    model = load_model(args.model, args.adapter, args.device)
     out = model.generate(prompt[None, :], args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    print(decode(out[0]))
+    if out.max() > 255:
+        raise ConfigError(
+            f"the model generated token id {int(out.max())}, which is no byte: generate writes bytes, so it needs "
+            "a model of the byte vocabulary (ids 0..255)"
+        )
+    _write_stdout(out[0].astype(np.uint8).tobytes() + b"\n")
     return 0
 
 
@@ -266,6 +286,60 @@ def _report_json(report: Any) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------ bytes in, bytes out
+def _argv_bytes(text: str, option: str) -> bytes:
+    """The bytes given on the command line for `option`, exactly: os.fsencode undoes the decoding Python
+    applied to argv (UTF-8, each other byte kept as a lone surrogate U+DC80..U+DCFF)."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:  # a str from a caller of main(), holding a surrogate no byte decodes to
+        raise ConfigError(f"{option} {text!r} holds a character that stands for no byte sequence") from None
+
+
+def _utf8_text(text: str, option: str) -> str:
+    """`option`'s bytes as text, for what needs text (finetune's sample prompt goes into summary.json)."""
+    data = _argv_bytes(text, option)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{option} {data!r} is not UTF-8 (byte {data[e.start]:#04x} at {e.start}): finetune's prompt must be "
+            "text; `tinypeft generate --prompt` takes any bytes"
+        ) from None
+
+
+def _write_stdout(data: bytes) -> None:
+    """Write bytes to stdout as they are (a text-only stream gets them decoded, undecodable bytes escaped)."""
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(data.decode("utf-8", "surrogateescape"))
+    else:
+        buffer.write(data)
+        buffer.flush()
+
+
+@contextlib.contextmanager
+def _byte_exact_stdio() -> Iterator[None]:
+    """Print names as the bytes they came as: stdout writes a lone surrogate (a byte of a file name that
+    is not UTF-8) back as that byte rather than raising UnicodeEncodeError, and stderr escapes it."""
+    saved = []
+    for stream, errors in ((sys.stdout, "surrogateescape"), (sys.stderr, "backslashreplace")):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors != errors:
+            saved.append((stream, stream.errors))
+            stream.reconfigure(errors=errors)
+    try:
+        yield
+    finally:
+        for stream, errors in saved:
+            stream.reconfigure(errors=errors)
+
+
+def _one_line(text: str) -> str:
+    """An error message as one line: a newline inside it (from a file name, say) shown as \\n."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "pretrain": cmd_pretrain,
     "finetune": cmd_finetune,
@@ -280,17 +354,24 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except TinyPeftError as e:
-        print(f"tinypeft {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the machine's refusal (disk full, no permission): its own words, not a traceback
-        print(f"tinypeft {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"tinypeft {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with _byte_exact_stdio():
+        try:
+            return COMMANDS[args.command](args)
+        except TinyPeftError as e:
+            print(f"tinypeft {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+            return 2
+        except OSError as e:  # the machine's refusal (disk full, no permission): its own words, not a traceback
+            print(f"tinypeft {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+            return 1
+        except UnicodeEncodeError as e:  # a name that is not UTF-8 where tinypeft needs text (data.py's split)
+            if "surrogates not allowed" not in e.reason:
+                raise
+            text = _one_line(f"{e.object!r} is not UTF-8, and tinypeft cannot use a name that is not here yet")
+            print(f"tinypeft {args.command}: error: {text}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"tinypeft {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

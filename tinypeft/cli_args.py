@@ -9,6 +9,7 @@ both names. The subcommands' functions are in cli.py, which routes `args.command
 from __future__ import annotations
 
 import argparse
+from typing import NoReturn
 
 from .errors import ConfigError
 from .methods import METHODS
@@ -17,6 +18,15 @@ from .methods.registry import Flag, default_method
 DEFAULT_TASK_CORPUS = "code"
 DEFAULT_PROSE_CORPUS = "prose"
 DEVICE_HELP = "cpu (numpy) or cuda (cupy); default: $TINYPEFT_BACKEND, else cpu"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with an error in one line (argparse prints the usage block before it, which is
+    the same many lines for every mistake): the error, and where to find the options."""
+
+    def error(self, message: str) -> NoReturn:
+        message = message.replace("\r", "\\r").replace("\n", "\\n")  # an argument holding a newline
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -244,9 +254,7 @@ SUBCOMMANDS = (_pretrain, _finetune, _eval, _generate, _merge, _export_vectors, 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; `args.command` names the one given."""
-    parser = argparse.ArgumentParser(
-        prog="tinypeft", description="Parameter-efficient fine-tuning from scratch in NumPy."
-    )
+    parser = _Parser(prog="tinypeft", description="Parameter-efficient fine-tuning from scratch in NumPy.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)

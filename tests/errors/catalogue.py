@@ -50,6 +50,7 @@ from tinypeft.methods import METHODS
 from tinypeft.methods.registry import ERROR_MODEL, ErrorCase
 from tinypeft.optim import SGD, AdamW
 from tinypeft.train import TrainConfig, evaluate, train
+from tinypeft.vectors import load_impl
 
 CFG = tp.GPTConfig(**ERROR_MODEL)  # the base every method's ErrorCase expects
 IDS = np.arange(8).reshape(2, 4)
@@ -291,6 +292,37 @@ CONFIG_CASES = [
         )
         for value in [0.0, float("nan"), "1e-5", True]
     ],
+    # numbers that are not numbers: an integer past float's range, or past the 4,300 digits Python prints
+    Bad(
+        "GPTConfig.layer_norm_epsilon = 10**400",
+        lambda w: tp.GPTConfig(layer_norm_epsilon=10**400),
+        ConfigError,
+        ("GPTConfig.layer_norm_epsilon must be a positive number; got an integer of 401 digits",),
+    ),
+    Bad(
+        "GPTConfig.n_embd of 5,001 digits, not divisible by n_head",
+        lambda w: tp.GPTConfig(n_embd=10**5000, n_head=3),
+        ConfigError,
+        ("n_embd=an integer of about 5001 digits is not divisible by n_head=3",),
+    ),
+    Bad(
+        "LoraConfig.lora_alpha = 10**400",
+        lambda w: tp.LoraConfig(lora_alpha=10**400),
+        ConfigError,
+        ("LoraConfig.lora_alpha must be a positive finite number; got an integer of 401 digits",),
+    ),
+    Bad(
+        "LoraConfig.r = -(10**5000)",
+        lambda w: tp.LoraConfig(r=-(10**5000)),
+        ConfigError,
+        ("LoraConfig.r must be a positive integer", "got a negative integer of about 5001 digits"),
+    ),
+    Bad(
+        "LoraConfig.target_modules holding 10**5000",
+        lambda w: tp.get_peft_model(w.base, tp.LoraConfig(r=1, target_modules=[10**5000])),
+        ConfigError,
+        ("target_modules entries must be non-empty strings; got an integer of about 5001 digits",),
+    ),
     Bad(
         "GPT given something else than a GPTConfig", lambda w: tp.GPT({"n_embd": 8}), ConfigError, ("GPTConfig", "dict")
     ),
@@ -1283,6 +1315,105 @@ NUMERIC_CASES = [
     ),
 ]
 
+
+# ------------------------------------------------------------------ the command line
+def command(*argv: str) -> Callable[[World], object]:
+    """`tinypeft ARGV` as main() runs it, but raising the error main() prints in one line (exit status 2).
+    {model}, {adapter}, {corpus} and {root} stand for the world's model, adapter, a small corpus file and
+    folder; a str holding a lone surrogate U+DC80..U+DCFF is how Python hands over a byte that is not UTF-8."""
+    from tinypeft.cli import COMMANDS, build_parser
+
+    def run(w: World) -> object:
+        corpus = w.root / "corpus.txt"
+        if not corpus.exists():
+            corpus.write_bytes(DATA.tobytes() * 4)  # bytes 0..31: tokens of the world's 32-token model
+        paths = {"model": w.model_dir, "adapter": w.adapter_dir, "corpus": corpus, "root": w.root}
+        args = build_parser().parse_args([a.format(**paths) for a in argv])
+        return COMMANDS[args.command](args)
+
+    return run
+
+
+def exits_at_import(w: World) -> Path:
+    path = Path(tempfile.mkdtemp(dir=w.root, prefix="port-")) / "port.py"
+    path.write_text("import sys\n\nsys.exit(0)\n")
+    return path
+
+
+def byte_model_of_512_tokens(w: World) -> Path:
+    """A model of 512 tokens whose every next token is 300: its final LayerNorm outputs its bias v alone,
+    and token 300's embedding (the tied head's row) is 10 v."""
+    model = tp.GPT(CFG.replace(vocab_size=512), seed=0)
+    v = np.linspace(-1.0, 1.0, CFG.n_embd, dtype=np.float32)
+    model.params["transformer.ln_f.weight"] = np.zeros_like(v)
+    model.params["transformer.ln_f.bias"] = v
+    model.params["transformer.wte.weight"] = model.params["transformer.wte.weight"].copy()
+    model.params["transformer.wte.weight"][300] = 10 * v
+    folder = Path(tempfile.mkdtemp(dir=w.root, prefix="model-512-"))
+    model.save_pretrained(folder)
+    return folder
+
+
+EVAL = ("eval", "--model", "{model}", "--corpus", "{corpus}", "--seq_len", "8", "--eval_windows", "2")
+FINETUNE = ("finetune", "--base", "{model}", "--corpus", "{corpus}", "--prose_corpus", "{corpus}", "--out", "{root}/ft")
+COMMAND_LINE_CASES = [
+    Bad("eval --batch_size 0", command(*EVAL, "--batch_size", "0"), ConfigError, ("batch_size", ">= 1", "got 0")),
+    Bad("eval --batch_size -1", command(*EVAL, "--batch_size", "-1"), ConfigError, ("batch_size", ">= 1", "got -1")),
+    Bad("eval --eval_windows 0", command(*EVAL, "--eval_windows", "0"), ConfigError, ("max_windows", ">= 1", "got 0")),
+    Bad("eval --seq_len 0", command(*EVAL, "--seq_len", "0"), ConfigError, ("seq_len must be", ">= 2", "got 0")),
+    Bad(
+        "pretrain --seq_len 0",
+        command("pretrain", "--seq_len", "0", "--out", "{root}/pre", "--corpus", "{corpus}"),
+        ConfigError,
+        ("seq_len must be an integer >= 1; got 0",),
+    ),
+    Bad(
+        "finetune --prompt_bytes 0",
+        command(*FINETUNE, "--prompt_bytes", "0"),
+        ConfigError,
+        ("--prompt_bytes must be an integer >= 1", "got 0"),
+    ),
+    Bad(
+        "finetune --sample_bytes -1",
+        command(*FINETUNE, "--sample_bytes", "-1"),
+        ConfigError,
+        ("--sample_bytes must be an integer >= 0", "got -1"),
+    ),
+    Bad(
+        "finetune --prompt of bytes that are not UTF-8",
+        command(*FINETUNE, "--prompt", "caf\udce9"),
+        ConfigError,
+        ("--prompt b'caf\\xe9' is not UTF-8 (byte 0xe9 at 3)", "`tinypeft generate --prompt` takes any bytes"),
+    ),
+    Bad(
+        "finetune --prompt_tuning_init_text of bytes that are not UTF-8",
+        command(*FINETUNE, "--method", "prompt", "--prompt_tuning_init", "TEXT", "--prompt_tuning_init_text", "\udcff"),
+        ConfigError,
+        ("prompt_tuning_init_text must be text", "'\\udcff' at 0", "a byte of the command line that is not UTF-8"),
+    ),
+    Bad("generate --prompt empty", command("generate", "--prompt", ""), ConfigError, ("--prompt must not be empty",)),
+    Bad(
+        "generate --prompt holding a character that is no byte",
+        command("generate", "--prompt", "a\ud800"),
+        ConfigError,
+        ("--prompt 'a\\ud800' holds a character that stands for no byte sequence",),
+    ),
+    Bad(
+        "generate from a model whose tokens are not bytes",
+        lambda w: command(
+            "generate", "--model", str(byte_model_of_512_tokens(w)), "--prompt", "ab", "--max_new_tokens", "8"
+        )(w),
+        ConfigError,
+        ("the model generated token id 300, which is no byte", "ids 0..255"),
+    ),
+    Bad(
+        "check-vectors --impl that calls sys.exit at import",
+        lambda w: load_impl(str(exits_at_import(w))),
+        ConfigError,
+        ("port.py: importing it called sys.exit(0) instead of returning",),
+    ),
+]
+
 SECTIONS = {
     "Configurations": CONFIG_CASES,
     "Method configurations": METHOD_CASES,
@@ -1290,12 +1421,13 @@ SECTIONS = {
     "Model and adapter files": FILE_CASES,
     "Training checkpoints (resume)": CHECKPOINT_CASES,
     "Non-finite numbers": NUMERIC_CASES,
+    "Command line": COMMAND_LINE_CASES,
 }
 CASES = [case for cases in SECTIONS.values() for case in cases]
 # which test module checks which sections (test_catalogue.py: every section exactly once)
 AREAS = {
     "config": ["Configurations", "Method configurations"],
-    "input": ["Call-time inputs", "Non-finite numbers"],
+    "input": ["Call-time inputs", "Non-finite numbers", "Command line"],
     "file": ["Model and adapter files"],
     "checkpoint": ["Training checkpoints (resume)"],
 }

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backend import namespace
+from ..config import shown
 from ..errors import ConfigError, MergeError
 from ..ops import gelu_tanh_backward, gelu_tanh_forward, linear_backward, linear_forward
 from ..sites import Sites
@@ -208,15 +209,17 @@ class AdapterConfig(PeftConfig):
     def __post_init__(self) -> None:
         r = self.bottleneck_size
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ConfigError(f"AdapterConfig.bottleneck_size must be an integer >= 1; got {r!r}")
+            raise ConfigError(f"AdapterConfig.bottleneck_size must be an integer >= 1; got {shown(r)}")
         if not isinstance(self.non_linearity, str) or self.non_linearity not in ACTIVATIONS:
             raise ConfigError(
-                f"AdapterConfig.non_linearity must be one of {sorted(ACTIVATIONS)}; got {self.non_linearity!r}"
+                f"AdapterConfig.non_linearity must be one of {sorted(ACTIVATIONS)}; got {shown(self.non_linearity)}"
             )
         if not isinstance(self.placement, str) or self.placement not in PLACEMENTS:
-            raise ConfigError(f"AdapterConfig.placement must be one of {sorted(PLACEMENTS)}; got {self.placement!r}")
+            raise ConfigError(
+                f"AdapterConfig.placement must be one of {sorted(PLACEMENTS)}; got {shown(self.placement)}"
+            )
         if not isinstance(self.init_weights, bool):
-            raise ConfigError(f"AdapterConfig.init_weights must be True or False; got {self.init_weights!r}")
+            raise ConfigError(f"AdapterConfig.init_weights must be True or False; got {shown(self.init_weights)}")
 
     def modules(self, base: GPT) -> list[str]:
         return [f"transformer.h.{i}.{m}" for i in range(base.config.n_layer) for m in PLACEMENTS[self.placement]]

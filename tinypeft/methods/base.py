@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from ..backend import to_numpy
+from ..config import shown
 from ..errors import CheckpointError, ConfigError, MergeError
 from ..sites import NO_SITES, Sites
 
@@ -210,17 +211,17 @@ def match_modules(candidates: Sequence[str], targets: str | Sequence[str], what:
         pattern = _compile_regex(targets, what)
         hits = [key for key in candidates if pattern.fullmatch(key)]
         if not hits:
-            raise ConfigError(f"{what}={targets!r} matches no module; the modules are {_summarize(candidates)}")
+            raise ConfigError(f"{what}={shown(targets)} matches no module; the modules are {_summarize(candidates)}")
         return hits
     if not isinstance(targets, (list, tuple, set, frozenset)) or not targets:
-        raise ConfigError(f"{what} must be a regex string or a non-empty list of module names; got {targets!r}")
+        raise ConfigError(f"{what} must be a regex string or a non-empty list of module names; got {shown(targets)}")
     hits = set()
     for t in targets:
         if not isinstance(t, str) or not t:
-            raise ConfigError(f"{what} entries must be non-empty strings; got {t!r}")
+            raise ConfigError(f"{what} entries must be non-empty strings; got {shown(t)}")
         found = [key for key in candidates if key == t or key.endswith("." + t)]
         if not found:
-            raise ConfigError(f"{what} entry {t!r} matches no module; the modules are {_summarize(candidates)}")
+            raise ConfigError(f"{what} entry {shown(t)} matches no module; the modules are {_summarize(candidates)}")
         hits.update(found)
     return [key for key in candidates if key in hits]
 
@@ -229,7 +230,7 @@ def _compile_regex(pattern: str, what: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise ConfigError(f"{what}={pattern!r} is not a valid regular expression: {e}") from None
+        raise ConfigError(f"{what}={shown(pattern)} is not a valid regular expression: {e}") from None
 
 
 def _summarize(names: Sequence[str]) -> str:
@@ -243,22 +244,24 @@ def match_parameters(names: Iterable[str], patterns: Sequence[str] = (), regex: 
     full-match regex. A pattern that matches nothing is an error listing examples of what exists."""
     names = list(names)
     if isinstance(patterns, str) or not isinstance(patterns, (list, tuple)):
-        raise ConfigError(f"patterns must be a list of glob strings (like ['*.bias']); got {patterns!r}")
+        raise ConfigError(f"patterns must be a list of glob strings (like ['*.bias']); got {shown(patterns)}")
     for p in patterns:
         if not isinstance(p, str) or not p:
-            raise ConfigError(f"patterns entries must be non-empty glob strings; got {p!r}")
+            raise ConfigError(f"patterns entries must be non-empty glob strings; got {shown(p)}")
     if regex is not None and not isinstance(regex, str):
-        raise ConfigError(f"regex must be a string (a full-match regular expression) or None; got {regex!r}")
+        raise ConfigError(f"regex must be a string (a full-match regular expression) or None; got {shown(regex)}")
     hits = set()
     for p in patterns:
         found = fnmatch.filter(names, p)
         if not found:
-            raise ConfigError(f"pattern {p!r} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
+            raise ConfigError(f"pattern {shown(p)} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
         hits.update(found)
     if regex is not None:
         pattern = _compile_regex(regex, "regex")
         found = [n for n in names if pattern.fullmatch(n)]
         if not found:
-            raise ConfigError(f"regex {regex!r} matches no parameter; names look like {names[:3]} ... {names[-2:]}")
+            raise ConfigError(
+                f"regex {shown(regex)} matches no parameter; names look like {names[:3]} ... {names[-2:]}"
+            )
         hits.update(found)
     return [n for n in names if n in hits]

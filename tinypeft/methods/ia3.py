@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import linear_module_names
+from ..config import linear_module_names, shown
 from ..errors import CheckpointError, ConfigError
 from ..ops import linear_backward, linear_forward
 from ..sites import Sites
@@ -140,9 +140,11 @@ class IA3Config(PeftConfig):
             if isinstance(value, (set, tuple)):
                 setattr(self, field_name, value := sorted(value))
             if value is not None and not isinstance(value, (str, list)):
-                raise ConfigError(f"IA3Config.{field_name} must be a list of names or a regex string; got {value!r}")
+                raise ConfigError(
+                    f"IA3Config.{field_name} must be a list of names or a regex string; got {shown(value)}"
+                )
             if isinstance(value, list) and not all(isinstance(v, str) and v for v in value):
-                raise ConfigError(f"IA3Config.{field_name} entries must be non-empty module names; got {value!r}")
+                raise ConfigError(f"IA3Config.{field_name} entries must be non-empty module names; got {shown(value)}")
         if isinstance(self.target_modules, list) and isinstance(self.feedforward_modules, list):
             extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
             if extra:
@@ -155,7 +157,7 @@ class IA3Config(PeftConfig):
         if self.feedforward_modules is None:
             self.feedforward_modules = list(GPT2_FEEDFORWARD_MODULES)
         if not isinstance(self.init_ia3_weights, bool):
-            raise ConfigError(f"init_ia3_weights must be True or False; got {self.init_ia3_weights!r}")
+            raise ConfigError(f"init_ia3_weights must be True or False; got {shown(self.init_ia3_weights)}")
 
     def to_dict(self) -> dict[str, Any]:
         # PEFT forces fan_in_fan_out=True for GPT-2's Conv1D (with a warning if it is False): write it

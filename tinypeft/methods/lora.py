@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backend import to_numpy
-from ..config import linear_module_names
+from ..config import linear_module_names, positive_number, shown
 from ..errors import ConfigError
 from ..sites import Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
@@ -167,19 +167,19 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         r, alpha, p = self.r, self.lora_alpha, self.lora_dropout
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
-            raise ConfigError(f"LoraConfig.r must be a positive integer (the rank); got {r!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-            raise ConfigError(f"LoraConfig.lora_alpha must be a positive finite number; got {alpha!r}")
+            raise ConfigError(f"LoraConfig.r must be a positive integer (the rank); got {shown(r)}")
+        if not positive_number(alpha):
+            raise ConfigError(f"LoraConfig.lora_alpha must be a positive finite number; got {shown(alpha)}")
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-            raise ConfigError(f"LoraConfig.lora_dropout must be a probability in [0, 1); got {p!r}")
+            raise ConfigError(f"LoraConfig.lora_dropout must be a probability in [0, 1); got {shown(p)}")
         for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"LoraConfig.{name} must be True or False; got {getattr(self, name)!r}")
+                raise ConfigError(f"LoraConfig.{name} must be True or False; got {shown(getattr(self, name))}")
         init = self.init_lora_weights
         if not any(init is c if isinstance(c, bool) else init == c for c in INIT_CHOICES):
-            raise ConfigError(f"LoraConfig.init_lora_weights must be one of {INIT_CHOICES}; got {init!r}")
+            raise ConfigError(f"LoraConfig.init_lora_weights must be one of {INIT_CHOICES}; got {shown(init)}")
         if self.bias not in BIAS_CHOICES:
-            raise ConfigError(f"LoraConfig.bias must be one of {BIAS_CHOICES}; got {self.bias!r}")
+            raise ConfigError(f"LoraConfig.bias must be one of {BIAS_CHOICES}; got {shown(self.bias)}")
         if self.target_modules is None:
             self.target_modules = list(GPT2_DEFAULT_TARGETS)
         elif isinstance(self.target_modules, (set, frozenset)):  # PEFT keeps a set; JSON needs a list
@@ -197,7 +197,7 @@ class LoraConfig(PeftConfig):
         unsupported = {k: getattr(self, k) for k in ("rank_pattern", "alpha_pattern", "lora_bias") if getattr(self, k)}
         if unsupported:
             raise ConfigError(
-                f"LoraConfig: tinypeft does not implement PEFT's {unsupported}; leave them at their defaults"
+                f"LoraConfig: tinypeft does not implement PEFT's {shown(unsupported)}; leave them at their defaults"
             )
 
     @property
@@ -215,8 +215,8 @@ class LoraConfig(PeftConfig):
             n_in, n_out = base.params[module + ".weight"].shape
             if self.r > min(n_in, n_out):
                 raise ConfigError(
-                    f"LoraConfig.r={self.r} exceeds min(in, out) = min({n_in}, {n_out}) of {module}: a rank-r update "
-                    f"of that layer cannot have rank above {min(n_in, n_out)}; use r <= {min(n_in, n_out)}"
+                    f"LoraConfig.r={shown(self.r)} exceeds min(in, out) = min({n_in}, {n_out}) of {module}: a rank-r "
+                    f"update of that layer cannot have rank above {min(n_in, n_out)}; use r <= {min(n_in, n_out)}"
                 )
 
     def build(self, base: GPT, seed: int = 0) -> LoraAdapter:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backend import namespace, to_numpy
+from ..config import shown
 from ..errors import CheckpointError, ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
@@ -182,12 +183,12 @@ class PrefixTuningConfig(VirtualTokenConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.prefix_projection, bool):
-            raise ConfigError(f"prefix_projection must be True or False; got {self.prefix_projection!r}")
+            raise ConfigError(f"prefix_projection must be True or False; got {shown(self.prefix_projection)}")
         h = self.encoder_hidden_size
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
-            raise ConfigError(f"encoder_hidden_size must be a positive integer or None (= n_embd); got {h!r}")
+            raise ConfigError(f"encoder_hidden_size must be a positive integer or None (= n_embd); got {shown(h)}")
         if self.init_weights not in INIT_WEIGHTS:
-            raise ConfigError(f"init_weights must be one of {INIT_WEIGHTS}; got {self.init_weights!r}")
+            raise ConfigError(f"init_weights must be one of {INIT_WEIGHTS}; got {shown(self.init_weights)}")
 
     def estimated_parameters(self, base: GPT) -> int:
         NV, C, width = self.num_virtual_tokens, base.config.n_embd, 2 * base.config.n_layer * base.config.n_embd

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backend import namespace, to_numpy
+from ..config import shown
 from ..errors import ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
@@ -123,12 +124,22 @@ class PromptTuningConfig(VirtualTokenConfig):
         super().__post_init__()
         init = getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init)  # PEFT's enum works too
         if init not in PROMPT_TUNING_INITS:
-            raise ConfigError(f"prompt_tuning_init must be one of {PROMPT_TUNING_INITS}; got {init!r}")
+            raise ConfigError(f"prompt_tuning_init must be one of {PROMPT_TUNING_INITS}; got {shown(init)}")
         self.prompt_tuning_init = init
         if init == "TEXT":
             text = self.prompt_tuning_init_text
             if not isinstance(text, str) or not text:
-                raise ConfigError(f"prompt_tuning_init='TEXT' needs a non-empty prompt_tuning_init_text; got {text!r}")
+                raise ConfigError(
+                    f"prompt_tuning_init='TEXT' needs a non-empty prompt_tuning_init_text; got {shown(text)}"
+                )
+            try:  # the byte tokenizer reads its UTF-8; a lone surrogate (a byte of argv that is not UTF-8) has none
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ConfigError(
+                    f"prompt_tuning_init_text must be text, which tinypeft tokenizes as UTF-8 bytes; {text!r} holds "
+                    f"{text[e.start]!r} at {e.start}, which is no character "
+                    "(a byte of the command line that is not UTF-8)"
+                ) from None
 
     def init_token_ids(self, vocab_size: int) -> np.ndarray:
         """TEXT init: the text's byte ids, repeated then truncated to num_virtual_tokens (PEFT's rule)."""

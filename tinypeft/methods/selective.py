@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..config import shown
 from ..errors import CheckpointError, ConfigError
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters, register
 from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
@@ -135,7 +136,7 @@ class LastBlocksConfig(SelectingConfig):
         n_layer = base.config.n_layer
         k = self.num_blocks
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_layer:
-            raise ConfigError(f"LastBlocksConfig.num_blocks must be an integer in 1..n_layer={n_layer}; got {k!r}")
+            raise ConfigError(f"LastBlocksConfig.num_blocks must be an integer in 1..n_layer={n_layer}; got {shown(k)}")
         prefixes = (*(f"transformer.h.{i}." for i in range(n_layer - k, n_layer)), "transformer.ln_f.")
         return [n for n in base.params if n.startswith(prefixes)]
 

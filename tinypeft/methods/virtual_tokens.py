@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..config import shown
 from ..errors import ConfigError
 from .base import PeftConfig
 from .registry import Flag
@@ -38,10 +39,10 @@ class VirtualTokenConfig(PeftConfig):
     def __post_init__(self) -> None:
         nv = self.num_virtual_tokens
         if isinstance(nv, bool) or not isinstance(nv, int) or nv < 1:
-            raise ConfigError(f"{type(self).__name__}.num_virtual_tokens must be an integer >= 1; got {nv!r}")
+            raise ConfigError(f"{type(self).__name__}.num_virtual_tokens must be an integer >= 1; got {shown(nv)}")
         if self.num_transformer_submodules not in (None, 1):
             raise ConfigError(
-                f"num_transformer_submodules={self.num_transformer_submodules!r}: a decoder-only GPT has one "
+                f"num_transformer_submodules={shown(self.num_transformer_submodules)}: a decoder-only GPT has one "
                 "transformer stack (2 is for encoder-decoder models)"
             )
 
@@ -59,7 +60,7 @@ class VirtualTokenConfig(PeftConfig):
             given = getattr(self, name)
             if given is not None and given != value:
                 raise ConfigError(
-                    f"{type(self).__name__}.{name}={given!r}, but the base model has {value} "
+                    f"{type(self).__name__}.{name}={shown(given)}, but the base model has {value} "
                     "(the adapter was made for another model shape)"
                 )
         n_positions = base.config.n_positions
