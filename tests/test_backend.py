@@ -76,3 +76,46 @@ def test_device_choice(monkeypatch):
 def test_scatter_add_keeps_repeats():
     out = backend.scatter_add_rows(3, np.array([0, 2, 0]), np.array([[1.0], [2.0], [4.0]]))
     np.testing.assert_array_equal(out, [[5.0], [0.0], [2.0]])
+
+
+# ------------------------------------------------------------------ the CuPy stand-in (tests/fake_cupy)
+# tests/test_cupy.py runs the device branches through it, and checks it behaves as CuPy does (against CuPy
+# itself where there is a GPU); these check that the backend takes it for CuPy
+
+
+def test_the_stand_in_is_what_the_backend_takes_for_cupy():
+    import fake_cupy
+
+    with fake_cupy.installed() as cupy:
+        a = cupy.asarray(np.arange(6.0).reshape(2, 3))
+        assert type(a).__module__ == "cupy" and backend.namespace(np.ones(2), a) is cupy
+        assert backend.get_backend("cuda") is cupy and backend.device_of(cupy) == "cuda"
+        host = backend.to_numpy(a)
+        assert type(host) is np.ndarray
+        host[0, 0] = 99.0  # a copy: the device array is unchanged
+        np.testing.assert_array_equal(cupy.asnumpy(a), np.arange(6.0).reshape(2, 3))
+        out = backend.scatter_add_rows(
+            3, cupy.asarray(np.array([0, 2, 0])), cupy.asarray(np.array([[1.0], [2.0], [4.0]]))
+        )
+        assert type(out) is cupy.ndarray
+        np.testing.assert_array_equal(out.get(), [[5.0], [0.0], [2.0]])
+
+
+def test_the_stand_in_works_as_a_folder_on_the_path():
+    """PYTHONPATH=tests/fake_cupy makes it `cupy` for a whole process (a subprocess, or a CI job)."""
+    import os
+    import subprocess
+    import sys
+
+    import fake_cupy
+
+    code = (
+        "import numpy as np, tinypeft as tp\n"
+        "m = tp.GPT(tp.GPTConfig(vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2), device='cuda')\n"
+        "print(type(m(np.zeros((1, 4), int))).__module__)\n"
+    )
+    root = pathlib.Path(tp.__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake_cupy.FOLDER), str(root)])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cupy"
