@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import memory
+from .backend import Array
 from .checkpoint import pickle_hint
 from .checks import check_seed
 from .errors import CheckpointError, ConfigError, MergeError
@@ -25,7 +26,6 @@ from .methods.base import Adapter, PeftConfig
 from .model import GPT, ComputeView, LanguageModel, trainable_parameters_line
 from .sites import NO_SITES
 
-Array = Any
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 

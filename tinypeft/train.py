@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from . import memory
+from .backend import Array
 from .checks import check_seed
 from .data import eval_windows, random_batch
 from .errors import ConfigError, TrainingError
@@ -39,8 +40,6 @@ from .train_checkpoints import (
     run_lock,
     save_checkpoint,
 )
-
-Array = Any
 
 
 class Trainable(Protocol):

@@ -683,6 +683,12 @@ FILE_CASES = [
         ("b.txt is a FIFO (named pipe), not a regular file",),
     ),
     Bad(
+        "adapter tensors holding NaN",
+        load_adapter({"adapter_model.safetensors": first_tensor(lambda a: a * np.nan)}),
+        CheckpointError,
+        ("non-finite value(s) (NaN or inf)", "not loaded"),
+    ),
+    Bad(
         "model weights holding NaN",
         lambda w: tp.GPT.from_pretrained(nan_weights_folder(w)),
         CheckpointError,

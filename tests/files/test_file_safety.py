@@ -180,3 +180,19 @@ def test_evaluate_refuses_a_batch_size_that_would_report_a_loss_of_zero():
             evaluate(model, corpus, 8, **kwargs)
     with pytest.raises(ConfigError, match="seq_len"):
         evaluate(model, corpus, 0)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "bitfit"])
+def test_an_adapter_with_nan_tensors_is_not_loaded(tmp_path, method):
+    import tinypeft as tp
+    from tinypeft.methods.registry import METHODS
+
+    cfg = tp.GPTConfig(vocab_size=16, n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    model = tp.get_peft_model(tp.GPT(cfg), METHODS[method].example(cfg))
+    model.save_pretrained(tmp_path)
+    state = load_safetensors(tmp_path / "adapter_model.safetensors")
+    name = sorted(state)[0]
+    state[name] = state[name] * np.nan
+    save_safetensors(tmp_path / "adapter_model.safetensors", state)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        tp.PeftModel.from_pretrained(tp.GPT(cfg), tmp_path)

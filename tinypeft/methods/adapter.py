@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backend import namespace
+from ..backend import Array, namespace
 from ..config import shown
 from ..errors import ConfigError, MergeError
 from ..ops import gelu_tanh_backward, gelu_tanh_forward, linear_backward, linear_forward
@@ -42,7 +42,6 @@ from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, Method
 if TYPE_CHECKING:
     from ..model import GPT
 
-Array = Any
 Params = Mapping[str, Array]
 
 PLACEMENTS = {"both": ("attn.c_proj", "mlp.c_proj"), "attn": ("attn.c_proj",), "mlp": ("mlp.c_proj",)}
@@ -297,7 +296,8 @@ register_method(MethodSpec(
     help="bottleneck adapters after attn.c_proj and mlp.c_proj",
     default_lr=3e-3,
     build=_build,
-    example=lambda cfg: AdapterConfig(bottleneck_size=2, init_weights=False),
+    # size 4 with gelu_tanh: with relu at size 2 some layers' units were all dead in some harness cases
+    example=lambda cfg: AdapterConfig(bottleneck_size=4, non_linearity="gelu_tanh", init_weights=False),
     flags=(
         Flag(("--bottleneck_size",), {"type": int, "default": 16, "help": "bottleneck width"}),
         Flag(("--non_linearity",), {"choices": ["relu", "gelu_tanh", "tanh", "silu"], "default": "relu",

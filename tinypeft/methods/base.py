@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import Array, to_numpy
 from ..config import shown
 from ..errors import CheckpointError, ConfigError, MergeError
 from ..sites import NO_SITES, Sites
@@ -24,7 +24,6 @@ from ..sites import NO_SITES, Sites
 if TYPE_CHECKING:
     from ..model import GPT
 
-Array = Any
 
 # PEFT writes adapter tensors under the wrapped model's path, with no adapter name:
 # base_model.model.transformer.h.0.attn.c_attn.lora_A.weight
@@ -165,6 +164,11 @@ class Adapter:
             if tuple(arr.shape) != tuple(current.shape):
                 raise CheckpointError(
                     f"adapter tensor {name!r} has shape {tuple(arr.shape)}; this adapter needs {tuple(current.shape)}"
+                )
+            if not np.isfinite(arr).all():
+                raise CheckpointError(
+                    f"adapter tensor {name!r} holds {int((~np.isfinite(arr)).sum())} non-finite value(s) (NaN or inf); "
+                    "a model computed from it would give NaN logits, so it is not loaded"
                 )
             new[name] = self.xp.asarray(arr.astype(self.dtype))
         self.params = new

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..backend import Array
 from ..config import linear_module_names, shown
 from ..errors import CheckpointError, ConfigError
 from ..ops import linear_backward, linear_forward
@@ -38,7 +39,6 @@ from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, Method
 if TYPE_CHECKING:
     from ..model import GPT
 
-Array = Any
 Params = Mapping[str, Array]
 
 GPT2_TARGET_MODULES = ["c_attn", "mlp.c_proj"]  # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING["gpt2"]

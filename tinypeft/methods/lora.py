@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import Array, to_numpy
 from ..config import linear_module_names, positive_number, shown
 from ..errors import ConfigError
 from ..sites import Sites
@@ -47,7 +47,6 @@ from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, Method
 if TYPE_CHECKING:
     from ..model import GPT
 
-Array = Any
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")

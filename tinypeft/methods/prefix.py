@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backend import namespace, to_numpy
+from ..backend import Array, namespace, to_numpy
 from ..config import shown
 from ..errors import CheckpointError, ConfigError, InputError, MergeError
 from ..sites import Sites
@@ -45,7 +45,6 @@ from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig
 if TYPE_CHECKING:
     from ..model import GPT
 
-Array = Any
 Params = Mapping[str, Array]
 
 PROMPT_EMBEDDINGS = "prompt_embeddings"  # the (NV, 2LC) table: the parameter, or what the MLP computes
@@ -260,6 +259,10 @@ class PrefixTuningAdapter(Adapter):
                 raise CheckpointError(
                     f"adapter tensor {PROMPT_EMBEDDINGS!r} has shape {tuple(table.shape)}; this model needs "
                     f"{self.table_shape} (num_virtual_tokens, n_layer * 2 * n_embd)"
+                )
+            if not np.isfinite(table).all():
+                raise CheckpointError(
+                    f"adapter tensor {PROMPT_EMBEDDINGS!r} holds non-finite values (NaN or inf); not loaded"
                 )
             self.params = {PROMPT_EMBEDDINGS: self.xp.asarray(table.astype(self.dtype))}
             return

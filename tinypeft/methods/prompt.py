@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..backend import namespace, to_numpy
+from ..backend import Array, namespace, to_numpy
 from ..config import shown
 from ..errors import ConfigError, InputError, MergeError
 from ..sites import Sites
@@ -41,7 +41,6 @@ from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig
 if TYPE_CHECKING:
     from ..model import GPT
 
-Array = Any
 
 PROMPT_EMBEDDINGS = "prompt_embeddings"  # the one tensor PEFT writes for prompt tuning
 PROMPT_TUNING_INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
