@@ -9,7 +9,7 @@ The estimates count only what must be held at once, so they are lower bounds, an
 only when even that exceeds MARGIN times what is available: nothing that fits is refused. Measured
 peak / estimate (tracemalloc; tests/test_memory.py keeps the first three within 1..2):
 
-    a GPT's parameters (GPT(config); each tensor is drawn in float64, then cast)    1.15 - 1.31
+    a GPT's parameters (GPT(config); each tensor is drawn in float64, then cast)    1.14 - 1.31
     a training step (loss_and_grad), B 4-16, T 64-256, C 32-128, V 64-2048,
         the base, LoRA, prompt, prefix, IA3 (IA3's own caches are not counted)     1.00 - 1.41
     an evaluation (loss)                                                           1.00 - 1.25
@@ -45,8 +45,8 @@ from .config import GPTConfig
 from .errors import ConfigError
 
 GiB = 1 << 30
-# refuse only what needs more than this times what is available: an estimate can land a hair above a
-# measured peak (0.1%, from what it rounds), and the memory available moves while a run starts
+# refuse only what needs more than this times what is available: the closest estimates are within 0.1%
+# of a measured peak (where the vocabulary dominates), and the memory available moves while a run starts
 MARGIN = 1.1
 
 
