@@ -109,11 +109,12 @@ def folder_documents(path: str) -> list[tuple[str, bytes]]:
         raise ConfigError(f"corpus {path!r} is neither one of {BUILTIN_CORPORA} nor an existing file or folder")
     docs, total = [], 0
     for f in files:
-        total += check_regular_file(f, MAX_CORPUS_FILE_BYTES)
+        size = check_regular_file(f, MAX_CORPUS_FILE_BYTES)
+        total += size
         if total > MAX_CORPUS_BYTES:
             raise ConfigError(f"corpus {path!r} holds over {MAX_CORPUS_BYTES:,d} bytes; a corpus is read up to that")
         with open(f, "rb") as fh:
-            data = fh.read(MAX_CORPUS_FILE_BYTES + 1)
+            data = fh.read(min(size, MAX_CORPUS_FILE_BYTES) + 1)
         docs.append((os.path.relpath(f, path) if os.path.isdir(path) else os.path.basename(f), data))
     if not docs:
         raise ConfigError(f"corpus folder {path!r} holds no {TEXT_SUFFIXES} files")

@@ -196,3 +196,22 @@ def test_an_adapter_with_nan_tensors_is_not_loaded(tmp_path, method):
     save_safetensors(tmp_path / "adapter_model.safetensors", state)
     with pytest.raises(CheckpointError, match="non-finite"):
         tp.PeftModel.from_pretrained(tp.GPT(cfg), tmp_path)
+
+
+def test_reads_work_under_an_address_space_limit(tmp_path):
+    """A read reserves the bytes it asks for: asking for the 16 GiB limit failed with MemoryError
+    wherever the address space is capped (ulimit -v), for every small file."""
+    import subprocess
+    import sys
+
+    save_safetensors(tmp_path / "w.safetensors", {"w": np.arange(6.0)})
+    save_json(tmp_path / "c.json", {"a": 1})
+    (tmp_path / "corpus.txt").write_bytes(b"abc " * 100)
+    code = (
+        "import resource; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+        "from tinypeft.io import load_json, load_safetensors; from tinypeft.data import load_corpus\n"
+        f"load_safetensors({str(tmp_path / 'w.safetensors')!r}); load_json({str(tmp_path / 'c.json')!r})\n"
+        f"load_corpus({str(tmp_path / 'corpus.txt')!r}); print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

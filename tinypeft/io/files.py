@@ -199,10 +199,12 @@ def _described_data_length(header: bytes) -> int | None:
 
 def _read(path: str | os.PathLike, limit: int) -> bytes:
     path = os.fspath(path)
-    check_regular_file(path, limit)
+    size = check_regular_file(path, limit)
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)  # bounded even if the file grew since it was checked
+            # bounded even if the file grew since it was checked; read(n) reserves n bytes at once, so n is
+            # the file's size, not the limit (16 GiB reserved per read failed under an address-space limit)
+            data = f.read(min(size, limit) + 1)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
     except OSError as e:
