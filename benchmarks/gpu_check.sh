@@ -10,5 +10,5 @@ cd "$(dirname "$0")/.."
 exec > >(tee gpu_check.log) 2>&1
 nvidia-smi --query-gpu=name,memory.total --format=csv
 python -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-timeout 120 python -m pytest -q tests/test_cupy.py
+timeout 120 python -m pytest -q tests/model/test_cupy.py
 timeout 150 python -m benchmarks --device cuda --sections steps --steps 10 --warmup 3 --out benchmarks/results-gpu.json

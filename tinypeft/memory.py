@@ -7,7 +7,7 @@ instead of ending in a MemoryError, an allocation that takes minutes, or a proce
 
 The estimates count only what must be held at once, so they are lower bounds, and a size is refused
 only when even that exceeds MARGIN times what is available: nothing that fits is refused. Measured
-peak / estimate (tracemalloc; tests/test_memory.py keeps the first three within 1..2):
+peak / estimate (tracemalloc; tests/model/test_memory.py keeps the first three within 1..2):
 
     a GPT's parameters (GPT(config); each tensor is drawn in float64, then cast)    1.14 - 1.31
     a training step (loss_and_grad), B 4-16, T 64-256, C 32-128, V 64-2048,

@@ -79,7 +79,7 @@ def test_scatter_add_keeps_repeats():
 
 
 # ------------------------------------------------------------------ the CuPy stand-in (tests/fake_cupy)
-# tests/test_cupy.py runs the device branches through it, and checks it behaves as CuPy does (against CuPy
+# tests/model/test_cupy.py runs the device branches through it, and checks it behaves as CuPy does (against CuPy
 # itself where there is a GPU); these check that the backend takes it for CuPy
 
 
