@@ -336,3 +336,14 @@ def test_every_error_is_one_line_parser_errors_and_newlines_included(tmp_path):
     assert "unrecognized arguments: --bogus a\\nb" in err
     err = one_line_error(run_cli("generate", "--model", str(tmp_path / "two\nlines")))
     assert "two\\nlines is not a folder" in err
+
+
+def test_a_run_that_overflows_says_so_in_one_line(tmp_path):
+    """--weight_decay 1e308 overflows the weights in the first update: NumPy's RuntimeWarnings (two lines each)
+    once came before tinypeft's own one-line error (found by tests/test_cli_fuzz.py)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(b"some text to train on. " * 200)
+    shape = ["--n_layer", "1", "--n_embd", "8", "--n_head", "2", "--n_positions", "16", "--corpus", str(corpus)]
+    steps = ["--steps", "3", "--batch_size", "2", "--eval_windows", "1", "--no_progress", "--out", str(tmp_path / "o")]
+    err = one_line_error(run_cli("pretrain", *shape, *steps, "--weight_decay", "1e308"))
+    assert err.startswith("tinypeft pretrain: error: the loss became non-finite at step 2")

@@ -263,6 +263,9 @@ def cmd_check_vectors(args: argparse.Namespace) -> int:
     print(f"{len(reports)} cases: {len(reports) - len(failed)} passed, {len(failed)} failed")
     if args.report:
         save_json(args.report, {"impl": args.impl, "cases": [_report_json(r) for r in reports]})
+    if failed:  # what a non-zero status means, in one line where every command says it (the table is on stdout)
+        names = ", ".join(failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
+        print(f"tinypeft check-vectors: {len(failed)} of {len(reports)} cases failed: {names}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -352,9 +355,14 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import numpy as np
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    with _byte_exact_stdio():
+    # NumPy's floating-point warnings would print two lines each on stderr (an overflow in the optimizer at
+    # --lr 1e308, say): tinypeft checks what they say itself (a non-finite loss, weights, logits) and
+    # stops with one line that says what to change
+    with _byte_exact_stdio(), np.errstate(all="ignore"):
         try:
             return COMMANDS[args.command](args)
         except TinyPeftError as e:
