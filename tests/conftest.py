@@ -22,7 +22,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # golden vectors, exported once per test process and only read (a test that damages one copies it first):
-# tests/test_vectors.py and tests/vectors/test_port_torch.py both check against them
+# tests/vectors/test_vectors.py and tests/vectors/test_port_torch.py both check against them
 @pytest.fixture(scope="session")
 def vectors(tmp_path_factory) -> Path:
     from tinypeft.cli import main

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from . import runtime
-from .config import GPTConfig
+from .config import GPTConfig, shown
 from .errors import ConfigError
 
 GiB = 1 << 30
@@ -87,7 +87,15 @@ def bytes_of(count: int, dtype: str) -> int:
     return count * np.dtype(dtype).itemsize
 
 
+def counted(n: int) -> str:
+    """A count for a message: 1,234,567, or one of 30 digits or more by its order of magnitude."""
+    return f"{n:,d}" if n < 10**30 else f"~10^{len(str(n)) - 1}"
+
+
 def gib(n_bytes: float) -> str:
+    """A byte count for a message; one past float's range (a 401-digit --n_embd) by its order of magnitude."""
+    if isinstance(n_bytes, int) and n_bytes >= 10**300:  # int / int in float raises OverflowError there
+        return f"10^{len(str(n_bytes // GiB)) - 1} GiB"
     return f"{n_bytes / GiB:,.1f} GiB" if n_bytes >= GiB / 10 else f"{n_bytes / (1 << 20):,.1f} MiB"
 
 
@@ -156,7 +164,8 @@ def check_parameters(config: GPTConfig, xp: Any = np, host: bool = True) -> None
     """Before a GPT's parameters are made: on the host, where they are drawn (host=True), and on the
     GPU they are copied to (xp cupy)."""
     n = parameter_count(config)
-    purpose = f"for its {n:,d} parameters ({config.dtype}, n_embd={config.n_embd}, n_layer={config.n_layer})"
+    sizes = f"n_embd={shown(config.n_embd)}, n_layer={shown(config.n_layer)}"
+    purpose = f"for its {counted(n)} parameters ({config.dtype}, {sizes})"
     hint = "use a smaller n_embd, n_layer, n_inner or vocab_size"
     for device in ([np] if host else []) + ([xp] if xp is not np else []):
         require(bytes_of(n, config.dtype), "this model", purpose, hint, device)
@@ -186,7 +195,7 @@ def check_adapter(config: Any, base: Any) -> None:
         require(
             bytes_of(n, dtype),
             f"this {type(config).__name__}'s adapter",
-            f"for its {n:,d} numbers ({dtype})",
+            f"for its {counted(n)} numbers ({dtype})",
             "make the adapter smaller",
             device,
         )
@@ -212,7 +221,7 @@ def check_step(model: Any, batch: int, seq_len: int, optimizer_states: int | Non
         doing, held = "evaluating", "activations"
     else:
         doing, held = "a training step on", "activations, gradients and optimizer state"
-    subject = f"{doing} a batch of {batch:,d} x {seq_len:,d} tokens"
+    subject = f"{doing} a batch of {counted(batch)} x {counted(seq_len)} tokens"
     require(
         bytes_of(n, config.dtype), subject, f"({held}, {config.dtype})", "use a smaller batch_size or seq_len", view.xp
     )

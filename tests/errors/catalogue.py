@@ -341,6 +341,17 @@ CONFIG_CASES = [
         ("this model needs about 48.0 GiB", "n_embd=16384", "the machine has 16.0 GiB available", "smaller n_embd"),
     ),
     Bad(
+        "GPT larger than float's range (pretrain --n_embd of 401 digits)",
+        on_a_machine_with(16, lambda w: tp.GPT(tp.GPTConfig(n_embd=10**400, n_head=1))),
+        ConfigError,
+        (
+            "this model needs about 10^793 GiB",
+            "~10^801 parameters",
+            "n_embd=an integer of 401 digits",
+            "16.0 GiB available",
+        ),
+    ),
+    Bad(
         "adapter larger than the memory (bottleneck_size 10**12)",
         on_a_machine_with(16, lambda w: tp.get_peft_model(tp.GPT(CFG), tp.AdapterConfig(bottleneck_size=10**12))),
         ConfigError,
@@ -1495,7 +1506,7 @@ def markdown(world: World) -> str:
         "",
         "Every loader is fuzzed with damaged files (`tests/files/test_fuzz.py`; `TINYPEFT_FUZZ_EXAMPLES=N` for a",
         "longer run): only these error types may come out, never another exception, a crash or a hang.",
-        "The command line is fuzzed too (`tests/test_cli_fuzz.py`; `TINYPEFT_CLI_FUZZ_EXAMPLES=N` for a longer",
+        "The command line is fuzzed too (`tests/e2e/test_cli_fuzz.py`; `TINYPEFT_CLI_FUZZ_EXAMPLES=N` for a longer",
         "run): an argv for every subcommand drawn from its own options with hostile values (numbers that are not",
         "sizes, bytes that are not UTF-8, FIFOs, links, missing files, ports that exit), each run in a process of",
         "its own under a time bound, must end with status 0, 1 or 2 (check-vectors: 1 when a case fails), one",

@@ -338,15 +338,11 @@ def test_a_host_array_written_into_a_device_slice_raises():
         np.testing.assert_array_equal(a.get(), [[5, 1, 1], [6, 2, 2]])
 
 
-# ------------------------------------------------------------------ what the stand-in shows broken elsewhere
-VECTORS_ON_THE_DEVICE = (
-    "tinypeft/vectors with TINYPEFT_BACKEND=cuda (the stand-in shows it; the fix belongs to the vectors package): "
-    "compute.py adds a host perturbation to the device weights of the GPT it makes on the default device, and "
-    "run_case returns device arrays, which compare() cannot read"
-)
+# ------------------------------------------------------------------ what the stand-in found broken elsewhere
+# Both failed before: compute.py added a host perturbation to the device weights of a GPT made on the
+# default device (TypeError), and run_case returned device arrays, which compare() could not read.
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=VECTORS_ON_THE_DEVICE)
 def test_export_vectors_with_cuda_as_the_default_device(monkeypatch, tmp_path):
     from tinypeft.vectors import export_vectors
 
@@ -355,7 +351,6 @@ def test_export_vectors_with_cuda_as_the_default_device(monkeypatch, tmp_path):
         export_vectors(tmp_path / "vectors", patterns=["lora*"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=VECTORS_ON_THE_DEVICE)
 def test_run_case_with_cuda_as_the_default_device_passes_compare(cases, monkeypatch):
     from tinypeft.vectors import compare, run_case
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .. import engine
+from ..backend import to_numpy
 from ..errors import CheckpointError, ConfigError, TinyPeftError
 from ..methods import PeftConfig
 from ..model import GPT, GPTConfig, parameter_shapes
@@ -228,4 +229,10 @@ def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
     ids, labels, mask = case["input_ids"], case["labels"], case["attention_mask"]
     logits = engine.logits(view, ids, mask)
     loss, grads = engine.loss_and_grad(view, ids, labels, mask)
-    return {"logits": logits, "loss": loss, "grads": grads, "derived": derived}
+    # on the GPU (TINYPEFT_BACKEND=cuda) the case runs there; what a port returns is host arrays
+    return {
+        "logits": to_numpy(logits),
+        "loss": float(loss),
+        "grads": {name: to_numpy(g) for name, g in grads.items()},
+        "derived": {name: to_numpy(d) for name, d in derived.items()},
+    }

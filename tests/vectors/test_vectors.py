@@ -32,7 +32,7 @@ from tinypeft.vectors import (
     run_case,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # every label a registered method's golden cases carry (a method's variants, rsLoRA say, have labels of their own)
 LABELS = {case.label for spec in METHODS.values() for case in spec.golden_cases}
 

@@ -29,22 +29,23 @@ Sizes: TINYPEFT_CLI_FUZZ_EXAMPLES runs per subcommand (default 12: about 60 s fo
 -n 2 on two cores, the bounded run in the normal suite); TINYPEFT_CLI_FUZZ_SECONDS bounds each run
 (default 60). The larger run, with fresh examples:
 
-    HYPOTHESIS_PROFILE=dev TINYPEFT_CLI_FUZZ_EXAMPLES=300 python -m pytest tests/test_cli_fuzz.py -n 2 -rP
+    HYPOTHESIS_PROFILE=dev TINYPEFT_CLI_FUZZ_EXAMPLES=300 python -m pytest tests/e2e/test_cli_fuzz.py -n 2 -rP
 
 (-rP prints each subcommand's counts: runs, and how many ended with status 0, 1 and 2).
 
 What it found (development runs of 175, 1,750 and 2,100 drawn argv, before this file was committed):
 - check-vectors exited 1 with nothing on stderr when a case failed (the table is on stdout): it now says
-  so in one line there (tests/test_vectors.py, test_a_gradient_wrong_by_a_millionth_...);
+  so in one line there (tests/vectors/test_vectors.py, test_a_gradient_wrong_by_a_millionth_...);
 - a training run whose weights overflow (--lr or --weight_decay 1e308) printed NumPy's RuntimeWarnings,
   two lines each, before tinypeft's one-line error: the command runs under np.errstate(all="ignore"),
-  since tinypeft checks the loss, weights and logits itself (tests/test_cli.py,
+  since tinypeft checks the loss, weights and logits itself (tests/e2e/test_cli.py,
   test_a_run_that_overflows_says_so_in_one_line);
 - a 401-digit --n_embd (or another size) made tinypeft/memory.py's refusal raise OverflowError while
-  wording its message: not fixed here (KNOWN_ESCAPES, below, says where).
+  wording its message: fixed (memory.gib words a size past float's range by its order of magnitude), and
+  run again by test_escapes_the_fuzz_found_stay_fixed (FIXED_ESCAPES, below).
 The escapes found before it, by hand (argparse's usage block, a file name holding a newline, a prompt or
-a file name that is not UTF-8, check-vectors' ports), are the regression tests of tests/test_cli.py and
-tests/test_vectors.py and the "Command line" cases of the error catalogue.
+a file name that is not UTF-8, check-vectors' ports), are the regression tests of tests/e2e/test_cli.py and
+tests/vectors/test_vectors.py and the "Command line" cases of the error catalogue.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
 )
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CFG = tp.GPTConfig(vocab_size=256, n_positions=32, n_embd=8, n_layer=1, n_head=2)
 
 
@@ -260,14 +261,15 @@ def run(w: World, command: str, argv: list[bytes], cwd: Path) -> subprocess.Comp
 
 
 # Escapes found whose fix is in a file this test's author could not change: each is counted apart (not
-# silently passed) by its traceback's last line, and test_known_escapes_still_escape below reproduces it,
-# strictly: the day it is fixed that test fails, and its entry goes.
-KNOWN_ESCAPES = {
+# silently passed) by its traceback's last line (none today). Escapes found and fixed are run again by
+# test_escapes_the_fuzz_found_stay_fixed below.
+KNOWN_ESCAPES: dict[str, tuple[bytes, list[str], str]] = {}
+
+FIXED_ESCAPES = {
     "memory.gib on a size past float's range": (
-        b"OverflowError: integer division result too large for a float",
         ["pretrain", "--n_embd", "1" + "0" * 400, "--n_head", "1", "--steps", "1", "--out", "out"],
-        "tinypeft/memory.py gib() divides the byte count, an int, by GiB in float: an estimate past 1.8e308 bytes "
-        "(a 401-digit --n_embd, --bottleneck_size or --batch_size) raises OverflowError while the refusal is worded",
+        "tinypeft/memory.py gib() divided the byte count, an int, by GiB in float: an estimate past 1.8e308 bytes "
+        "(a 401-digit --n_embd, --bottleneck_size or --batch_size) raised OverflowError while the refusal was worded",
     ),
 }
 
@@ -326,11 +328,10 @@ def test_the_command_line_on_hostile_arguments(world, tmp_path, command):
     assert counts[2] > 0, "no run was refused: the hostile values do not reach the command"
 
 
-@pytest.mark.parametrize("name", KNOWN_ESCAPES)
-@pytest.mark.xfail(strict=True, reason="a known escape, fixed outside this test's files: see KNOWN_ESCAPES")
-def test_known_escapes_still_escape(world, tmp_path, name):
-    """Each known escape, run as found. When it passes (strict xfail: the test fails), the escape is fixed:
-    delete its KNOWN_ESCAPES entry, so that the fuzz counts it as an escape again."""
-    _, argv, _ = KNOWN_ESCAPES[name]
+@pytest.mark.parametrize("name", FIXED_ESCAPES)
+def test_escapes_the_fuzz_found_stay_fixed(world, tmp_path, name):
+    """Each escape the fuzz found, run as found (the reason beside it in FIXED_ESCAPES): one line now."""
+    argv, _ = FIXED_ESCAPES[name]
     result = run(world, argv[0], [os.fsencode(a) for a in argv[1:]], tmp_path / "run")
+    assert result.returncode in (1, 2), result.stderr.decode(errors="replace")
     assert escape(result) is None, result.stderr.decode(errors="replace")

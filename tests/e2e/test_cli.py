@@ -340,7 +340,7 @@ def test_every_error_is_one_line_parser_errors_and_newlines_included(tmp_path):
 
 def test_a_run_that_overflows_says_so_in_one_line(tmp_path):
     """--weight_decay 1e308 overflows the weights in the first update: NumPy's RuntimeWarnings (two lines each)
-    once came before tinypeft's own one-line error (found by tests/test_cli_fuzz.py)."""
+    once came before tinypeft's own one-line error (found by tests/e2e/test_cli_fuzz.py)."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(b"some text to train on. " * 200)
     shape = ["--n_layer", "1", "--n_embd", "8", "--n_head", "2", "--n_positions", "16", "--corpus", str(corpus)]
