@@ -25,7 +25,7 @@ dimensions, two steps), so that what is not hostile runs to the end in a second.
 One choice is left out on purpose: a huge but valid --steps (a run of 10**20 steps is a long run,
 not a hang), so --steps draws only small or invalid counts.
 
-Sizes: TINYPEFT_CLI_FUZZ_EXAMPLES runs per subcommand (default 12: about 60 s for the seven with
+Sizes: TINYPEFT_CLI_FUZZ_EXAMPLES runs per subcommand (default 48: about 50 s for the seven with
 -n 2 on two cores, the bounded run in the normal suite); TINYPEFT_CLI_FUZZ_SECONDS bounds each run
 (default 60). The larger run, with fresh examples:
 
