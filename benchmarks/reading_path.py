@@ -1,5 +1,6 @@
 """What a reader reads to follow one LoRA training step: every tinypeft function that runs, with its
-source lines (docstring included), counted by tracing the step.
+source lines (docstring included; and apart, the lines of code: no docstring, comment or blank line),
+counted by tracing the step.
 
     python -m benchmarks.reading_path            # through the reference: gpt.forward, the loss, gpt.backward
     python -m benchmarks.reading_path --api      # through the public API: PeftModel.loss_and_grad
@@ -12,10 +13,12 @@ counts once however often it runs; comprehensions and lambdas count as part of t
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import inspect
 import os
 import sys
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -28,16 +31,30 @@ ROOT = os.path.dirname(os.path.abspath(tp.__file__))
 ANONYMOUS = ("<lambda>", "<genexpr>", "<listcomp>", "<dictcomp>", "<setcomp>")
 
 
-def trace(step: Any) -> dict[tuple[str, int, str], int]:
-    """{(file, first line, name): source lines} of every tinypeft function `step()` runs."""
-    seen: dict[tuple[str, int, str], int] = {}
+def code_lines(source: list[str]) -> int:
+    """The lines of a function that are code: not its docstring, a comment line or a blank line."""
+    tree = ast.parse(textwrap.dedent("".join(source)))
+    function = tree.body[0]
+    skipped: set[int] = set()
+    body = getattr(function, "body", [])
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        skipped.update(range(body[0].lineno, body[0].end_lineno + 1))
+    return sum(
+        1 for i, line in enumerate(source, 1) if i not in skipped and line.strip() and not line.strip().startswith("#")
+    )
+
+
+def trace(step: Any) -> dict[tuple[str, int, str], tuple[int, int]]:
+    """{(file, first line, name): (source lines, code lines)} of every tinypeft function `step()` runs."""
+    seen: dict[tuple[str, int, str], tuple[int, int]] = {}
 
     def tracer(frame: Any, event: str, arg: Any) -> None:
         code = frame.f_code
         if event == "call" and code.co_filename.startswith(ROOT) and code.co_name not in ANONYMOUS:
             key = (code.co_filename, code.co_firstlineno, code.co_name)
             if key not in seen:
-                seen[key] = len(inspect.getsourcelines(code)[0])
+                source = inspect.getsourcelines(code)[0]
+                seen[key] = (len(source), code_lines(source))
 
     sys.settrace(tracer)
     try:
@@ -63,14 +80,17 @@ def main() -> None:
 
     seen = trace((lambda: model.loss_and_grad(ids, ids)) if args.api else reference_step)
     files: collections.Counter[str] = collections.Counter()
+    code: collections.Counter[str] = collections.Counter()
     names: dict[str, list[str]] = collections.defaultdict(list)
-    for (path, _, name), n in seen.items():
+    for (path, _, name), (n, n_code) in seen.items():
         rel = os.path.relpath(path, os.path.dirname(ROOT))
         files[rel] += n
+        code[rel] += n_code
         names[rel].append(name)
-    print(f"{len(seen)} functions, {sum(seen.values())} lines, {len(files)} files")
+    total, total_code = sum(files.values()), sum(code.values())
+    print(f"{len(seen)} functions, {total} lines, {len(files)} files ({total_code} of them code)")
     for rel, n in files.most_common():
-        print(f"  {n:4d}  {rel}  ({', '.join(names[rel])})")
+        print(f"  {n:4d}  ({code[rel]:4d} code)  {rel}  ({', '.join(names[rel])})")
 
 
 if __name__ == "__main__":
