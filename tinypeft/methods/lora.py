@@ -39,7 +39,10 @@ from .lora_variants import (
     dora_merged_weight,
     dora_weight_norm,
     lora_estimated_parameters,
-    pissa_factors,
+    lora_init_factors,
+    pissa_niter,
+    residual_factors,
+    splits_the_weight,
     stop_gradient,
 )
 from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
     from ..model import GPT
 
 
-INIT_CHOICES = (True, False, "gaussian", "pissa")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
 GPT2_DEFAULT_TARGETS = ("c_attn",)  # PEFT's default for model_type "gpt2"
 
@@ -139,8 +142,8 @@ class LoraConfig(PeftConfig):
     matching over the linear layers (a list of names or suffixes, or a full-match regex string; None is
     GPT-2's default, ["c_attn"]); use_dora: DoRA's magnitude vector; init_lora_weights: True (A kaiming-
     uniform, B = 0: the adapter starts as the identity), "gaussian" (A ~ N(0, 1/r²), B = 0), False (A and B
-    both random: used by tests to get a non-identity adapter), "pissa" (SVD init); bias: which base biases
-    train too, "none", "all" or "lora_only" (those of the targeted layers).
+    both random: used by tests to get a non-identity adapter), "pissa", "pissa_niter_K" (its randomised SVD),
+    "olora" (QR): W split; bias: which base biases train too, "none", "all" or "lora_only" (targets').
 
     fan_in_fan_out is always True for GPT-2's Conv1D layers; PEFT forces it, and so does this class.
     rank_pattern, alpha_pattern and lora_bias are PEFT options tinypeft does not implement; they are
@@ -175,8 +178,9 @@ class LoraConfig(PeftConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"LoraConfig.{name} must be True or False; got {shown(getattr(self, name))}")
         init = self.init_lora_weights
-        if not any(init is c if isinstance(c, bool) else init == c for c in INIT_CHOICES):
-            raise ConfigError(f"LoraConfig.init_lora_weights must be one of {INIT_CHOICES}; got {shown(init)}")
+        if not any(init is c if isinstance(c, bool) else init == c for c in INIT_CHOICES) and pissa_niter(init) is None:
+            allowed = f"{INIT_CHOICES} or 'pissa_niter_K' (K = 0..999 iterations of the randomised SVD)"
+            raise ConfigError(f"LoraConfig.init_lora_weights must be one of {allowed}; got {shown(init)}")
         if self.bias not in BIAS_CHOICES:
             raise ConfigError(f"LoraConfig.bias must be one of {BIAS_CHOICES}; got {shown(self.bias)}")
         if self.target_modules is None:
@@ -298,12 +302,12 @@ class LoraAdapter(Adapter):
             n_in, n_out = base.params[module + ".weight"].shape
             layer = LoraLayer(module, n_in, n_out)
             layers.append(layer)
-            if config.init_lora_weights == "pissa":
+            if splits_the_weight(config.init_lora_weights):
                 W = to_numpy(base.params[layer.weight])
-                A, B, residual = pissa_factors(W, config.r, s)
+                A, B, residual = residual_factors(W, config.init_lora_weights, config.r, s, len(layers) - 1)
                 residuals[module] = xp.asarray(residual.astype(dtype))
             else:
-                A, B = _init_factors(config, n_in, n_out, rng)
+                A, B = lora_init_factors(config, n_in, n_out, rng)
             params[layer.lora_A] = xp.asarray(A.astype(dtype))
             params[layer.lora_B] = xp.asarray(B.astype(dtype))
             if config.use_dora:
@@ -349,21 +353,6 @@ class LoraAdapter(Adapter):
         super().unmerge(base_params, originals)
         for layer in self.layers:
             base_params[layer.weight] = originals[layer.weight]
-
-
-def _init_factors(config: LoraConfig, n_in: int, n_out: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A (r, in) and B (out, r) as PEFT initialises them (PiSSA's are replaced by the caller).
-
-    True: A ~ U(±1/√in) (torch's kaiming_uniform_ with a = √5, nn.Linear's default), B = 0.
-    "gaussian": A ~ N(0, std 1/r), B = 0. False: both as nn.Linear leaves them, A ~ U(±1/√in), B ~ U(±1/√r).
-    """
-    r, init = config.r, config.init_lora_weights
-    if init == "gaussian":
-        A = rng.normal(0.0, 1.0 / r, size=(r, n_in))
-    else:
-        A = rng.uniform(-1 / math.sqrt(n_in), 1 / math.sqrt(n_in), size=(r, n_in))
-    B = rng.uniform(-1 / math.sqrt(r), 1 / math.sqrt(r), size=(n_out, r)) if init is False else np.zeros((n_out, r))
-    return A, B
 
 
 def _trained_biases(bias: str, base: GPT, layers: list[LoraLayer]) -> list[str]:
@@ -475,8 +464,8 @@ FLAGS = (
     Flag(("--lora_dropout",), {"type": float, "default": 0.0, "help": "dropout on the LoRA branch"}),
     Flag(("--use_rslora",), {"action": "store_true", "help": "scale by alpha / sqrt(r) (rsLoRA)"}),
     Flag(("--use_dora",), {"action": "store_true", "help": "weight-decomposed LoRA (DoRA)"}),
-    Flag(("--init_lora_weights",), {"choices": ["true", "false", "gaussian", "pissa"], "default": "true",
-         "help": "B = 0 with A uniform (true) or gaussian; false: both random; pissa: from the SVD of W"}),
+    Flag(("--init_lora_weights",), {"default": "true", "help": "true: B = 0, A uniform (gaussian: A normal); "
+         "false: both random; pissa, pissa_niter_K (randomised SVD, K iterations), olora (QR): split W"}),
     Flag(("--bias",), {"choices": ["none", "all", "lora_only"], "default": "none", "help": "which biases train"}),
 )  # fmt: skip
 
@@ -534,7 +523,9 @@ def _error_cases() -> list[ErrorCase]:
                 ("'wte'", "matches no module", "'attn.c_attn'")),
         refused("LoRA bias unknown", lambda: LoraConfig(bias="some"), ("'some'", "'none', 'all', 'lora_only'")),
         refused("LoRA init_lora_weights unknown", lambda: LoraConfig(init_lora_weights="xavier"),
-                ("'xavier'", "True, False, 'gaussian', 'pissa'")),
+                ("'xavier'", "True, False, 'gaussian', 'pissa', 'olora'", "'pissa_niter_K'")),
+        refused("LoRA fast PiSSA without a count", lambda: LoraConfig(init_lora_weights="pissa_niter_x"),
+                ("'pissa_niter_x'", "K = 0..999 iterations")),
         refused("LoRA use_dora not a bool", lambda: LoraConfig(use_dora="yes"), ("use_dora", "'yes'", "True or False")),
         refused("LoRA option of PEFT's that tinypeft lacks", lambda: LoraConfig(rank_pattern={"c_attn": 4}),
                 ("rank_pattern", "does not implement", "defaults")),

@@ -1,10 +1,14 @@
-"""The math of LoRA's variants: DoRA's magnitude and direction (Liu et al. 2024) and PiSSA's SVD start
-(Meng et al. 2024). `lora.py` holds LoRA itself, its config, adapter and site, and calls these when
-LoraConfig's use_dora or init_lora_weights="pissa" asks; docs/lora.md derives them.
+"""The math of LoRA's variants: DoRA's magnitude and direction (Liu et al. 2024), and the starts that
+split the base weight into a trained low-rank part and a frozen residual: PiSSA's SVD (Meng et al. 2024),
+exact or randomised ("pissa_niter_K"), and OLoRA's QR (Büyükakyüz 2024). `lora.py` holds LoRA itself,
+its config, adapter and site, and calls these when LoraConfig's use_dora or init_lora_weights asks;
+docs/lora.md derives them.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import numpy as np
@@ -112,12 +116,27 @@ def lora_estimated_parameters(config: Any, base: Any) -> int:
     """LoraConfig.estimated_parameters (here, since lora.py is at its length limit): per targeted layer
     A (r, in) and B (out, r), DoRA's m (out,) and PiSSA's frozen residual (in, out); and the trained
     copies of base biases (bias="all": every one; "lora_only": the targeted layers')."""
-    pissa = config.init_lora_weights == "pissa"
+    pissa = splits_the_weight(config.init_lora_weights)
     shapes = [base.params[module + ".weight"].shape for module in config.targets(base)]
     n = sum(config.r * (n_in + n_out) + config.use_dora * n_out + pissa * n_in * n_out for n_in, n_out in shapes)
     if config.bias == "all":
         return n + sum(int(p.size) for name, p in base.params.items() if name.endswith(".bias"))
     return n + (config.bias == "lora_only") * sum(n_out for _, n_out in shapes)
+
+
+def lora_init_factors(config: Any, n_in: int, n_out: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A (r, in) and B (out, r) as PEFT initialises them (PiSSA's are replaced by the caller).
+
+    True: A ~ U(±1/√in) (torch's kaiming_uniform_ with a = √5, nn.Linear's default), B = 0.
+    "gaussian": A ~ N(0, std 1/r), B = 0. False: both as nn.Linear leaves them, A ~ U(±1/√in), B ~ U(±1/√r).
+    """
+    r, init = config.r, config.init_lora_weights
+    if init == "gaussian":
+        A = rng.normal(0.0, 1.0 / r, size=(r, n_in))
+    else:
+        A = rng.uniform(-1 / math.sqrt(n_in), 1 / math.sqrt(n_in), size=(r, n_in))
+    B = rng.uniform(-1 / math.sqrt(r), 1 / math.sqrt(r), size=(n_out, r)) if init is False else np.zeros((n_out, r))
+    return A, B
 
 
 def pissa_factors(weight: np.ndarray, r: int, scaling: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,4 +151,68 @@ def pissa_factors(weight: np.ndarray, r: int, scaling: float) -> tuple[np.ndarra
     root = np.sqrt(S[:r] / scaling)  # [r]
     lora_A = root[:, None] * Vh[:r]  # [r, in]
     lora_B = U[:, :r] * root[None, :]  # [out, r]
+    return lora_A, lora_B, W - scaling * (lora_B @ lora_A).T
+
+
+def pissa_niter(init: object) -> int | None:
+    """K of init_lora_weights="pissa_niter_K" (PiSSA by the randomised SVD, K subspace iterations)."""
+    match = re.fullmatch(r"pissa_niter_(\d{1,3})", init) if isinstance(init, str) else None
+    return None if match is None else int(match.group(1))
+
+
+def splits_the_weight(init: object) -> bool:
+    """Whether this init replaces the base weight by a residual (PiSSA, fast PiSSA, OLoRA)."""
+    return init in ("pissa", "olora") or pissa_niter(init) is not None
+
+
+def randomized_svd(matrix: np.ndarray, q: int, niter: int, sketch: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(U, S, V) with U diag(S) Vᵀ ≈ `matrix` of rank q: Halko, Martinsson & Tropp (2009), Algorithm 5.1 with
+    their subspace iteration, step for step as torch.svd_lowrank, which PEFT's "pissa_niter_K" calls.
+
+    A tall (m ≥ n; else the transpose, and U and V swap at the end), sketch Ω (n, q) ~ N(0, 1):
+        Q = qr(A Ω);  K times: Q = qr(Aᵀ Q), Q = qr(A Q)          (m, q): a basis of A's top-q range
+        U_B S Vᵀ = svd(Qᵀ A);  U = Q U_B                             the SVD of A's projection onto it
+    Each iteration raises the singular values' ratios to a higher power, so the basis locks onto the top q.
+    """
+    A = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T  # [m, n], m >= n
+    Q = np.linalg.qr(A @ sketch)[0]  # [m, n] @ [n, q] -> [m, q]
+    for _ in range(niter):
+        Q = np.linalg.qr(A.T @ Q)[0]  # [n, m] @ [m, q] -> [n, q]
+        Q = np.linalg.qr(A @ Q)[0]  # [m, n] @ [n, q] -> [m, q]
+    U_B, S, Vh = np.linalg.svd(Q.T @ A, full_matrices=False)  # [q, n] = [q, q] [q] [q, n]
+    U, V = Q @ U_B, Vh.T  # [m, q], [n, q]
+    return (U, S, V) if matrix.shape[0] >= matrix.shape[1] else (V, S, U)
+
+
+def sketch_for(weight_shape: tuple[int, int], r: int, layer_index: int) -> np.ndarray:
+    """The random sketch of fast PiSSA for one layer: N(0, 1), (n, r) for the layer's (out, in) weight made
+    tall. From a fixed stream per layer, not the adapter's seed, so that loading a saved adapter draws
+    it again and recreates the residual it was trained on (exact PiSSA and OLoRA need no draw)."""
+    n_out, n_in = weight_shape
+    return np.random.default_rng((20240403, layer_index)).standard_normal((min(n_out, n_in), r))
+
+
+def residual_factors(
+    weight: np.ndarray, init: str, r: int, scaling: float, layer_index: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, residual) of the inits that split W (in, out) into s (B A)ᵀ and a frozen residual, in float64.
+
+    PiSSA, exact (`pissa_factors`) or by `randomized_svd` with K iterations ("pissa_niter_K", as PEFT:
+    rank q = r, no oversampling). OLoRA: the QR of the layer's (out, in) weight, Wᵀ = Q R; B = Q_r (out, r),
+    orthonormal columns, A = R_r (r, in), not divided by s (as PEFT). PEFT 0.21.2 takes that QR of the
+    weight as stored, which for GPT-2's Conv1D is (in, out): there its B has the wrong shape (non-square
+    layers fail) and on a square layer the adapter does not start as the base model. tinypeft takes it of
+    the (out, in) weight, the orientation PEFT uses for nn.Linear, where the two agree.
+    """
+    W = np.asarray(weight, dtype=np.float64)
+    if init == "olora":
+        Q, R = np.linalg.qr(W.T)  # [out, in] = [out, k] [k, in]
+        lora_A, lora_B = R[:r], Q[:, :r]  # [r, in], [out, r]
+        return lora_A, lora_B, W - scaling * (lora_B @ lora_A).T
+    niter = pissa_niter(init)
+    if niter is None:
+        return pissa_factors(W, r, scaling)
+    U, S, V = randomized_svd(W.T, r, niter, sketch_for(W.T.shape, r, layer_index))  # Wᵀ ≈ U diag(S) Vᵀ
+    root = np.sqrt(S / scaling)  # [r]
+    lora_A, lora_B = root[:, None] * V.T, U * root[None, :]  # [r, in], [out, r]
     return lora_A, lora_B, W - scaling * (lora_B @ lora_A).T

@@ -445,7 +445,7 @@ def test_dropout_masks_are_fixed_within_a_step_fresh_across_steps_and_off_in_eva
         ({"lora_alpha": float("nan")}, "lora_alpha"),
         ({"lora_dropout": 1.0}, r"\[0, 1\)"),
         ({"lora_dropout": -0.1}, r"\[0, 1\)"),
-        ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights must be one of"),
+        ({"init_lora_weights": "pissa_niter_four"}, "init_lora_weights must be one of"),
         ({"init_lora_weights": 1}, "init_lora_weights must be one of"),
         ({"bias": "some"}, "bias must be one of"),
         ({"use_dora": "yes"}, "use_dora must be True or False"),
