@@ -173,6 +173,48 @@ def add_prompt(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> N
         derived["prompt_embeddings"] = model.params["transformer.wte.weight"][ids].detach()
 
 
+# ================================================================ P-tuning (docs/ptuning.md)
+def lstm_direction(x: Tensor, p: dict[str, Tensor], head: str, suffix: str) -> Tensor:
+    """One direction of one LSTM layer over the rows of x (T, in), from h = c = 0; gates i, f, g, o."""
+    W_ih, W_hh = p[f"{head}.weight_ih{suffix}"], p[f"{head}.weight_hh{suffix}"]
+    b = p[f"{head}.bias_ih{suffix}"] + p[f"{head}.bias_hh{suffix}"]
+    H = W_hh.shape[1]
+    h = c = x.new_zeros(H)
+    steps = range(x.shape[0] - 1, -1, -1) if suffix.endswith("_reverse") else range(x.shape[0])
+    out = {}
+    for t in steps:
+        z = W_ih @ x[t] + W_hh @ h + b
+        i, f, g, o = (
+            torch.sigmoid(z[:H]),
+            torch.sigmoid(z[H : 2 * H]),
+            torch.tanh(z[2 * H : 3 * H]),
+            torch.sigmoid(z[3 * H :]),
+        )
+        c = f * c + i * g
+        h = out[t] = o * torch.tanh(c)
+    return torch.stack([out[t] for t in range(x.shape[0])])
+
+
+def add_ptuning(model: GPT, cfg: dict[str, Any]) -> None:
+    p, enc = model.params, "prompt_encoder"
+    if "prompt_embeddings" in p:  # a table alone: prompt tuning's
+        model.prompt = lambda: p["prompt_embeddings"]
+        return
+
+    def linear(x: Tensor, i: int) -> Tensor:
+        return x @ p[f"{enc}.mlp_head.{i}.weight"].T + p[f"{enc}.mlp_head.{i}.bias"]
+
+    def table() -> Tensor:  # (NV, C): the encoder over the rows of E, one sequence
+        x = p[f"{enc}.embedding.weight"]
+        if cfg["encoder_reparameterization_type"] == "MLP":
+            return linear(torch.relu(linear(torch.relu(linear(x, 0)), 2)), 4)
+        for layer in range(cfg["encoder_num_layers"]):  # bidirectional: [forward h, reverse h] per row
+            x = torch.cat([lstm_direction(x, p, f"{enc}.lstm_head", f"_l{layer}{rev}") for rev in ("", "_reverse")], 1)
+        return linear(torch.relu(linear(x, 0)), 2)
+
+    model.prompt = table
+
+
 # ================================================================ prefix tuning (docs/prefix_tuning.md)
 def add_prefix(model: GPT, cfg: dict[str, Any]) -> None:
     p, L, NH = model.params, model.config["n_layer"], model.config["n_head"]
@@ -252,6 +294,8 @@ def compute(case: dict[str, Any]) -> dict[str, Any]:
         add_prompt(model, cfg, derived)
     elif kind == "PREFIX_TUNING":
         add_prefix(model, cfg)
+    elif kind == "P_TUNING":
+        add_ptuning(model, cfg)
     elif kind == "IA3":
         add_ia3(model, cfg)
     elif kind == "BOTTLENECK_ADAPTER":

@@ -139,6 +139,15 @@ MUTATIONS = {
         and c.method_config["prefix_projection"]),
     "IA3 leaves the bias unscaled": Mutation(
         "(x @ W + b) * l", "(x @ W) * l + b", lambda c: c.method == "ia3"),
+    "P-tuning's reverse LSTM reads the rows in order": Mutation(
+        'range(x.shape[0] - 1, -1, -1) if suffix.endswith("_reverse") else range(x.shape[0])', "range(x.shape[0])",
+        lambda c: c.method == "ptuning" and c.method_config["encoder_reparameterization_type"] == "LSTM"),
+    "P-tuning's LSTM with the input and forget gates swapped": Mutation(
+        "c = f * c + i * g", "c = i * c + f * g",
+        lambda c: c.method == "ptuning" and c.method_config["encoder_reparameterization_type"] == "LSTM"),
+    "P-tuning's MLP without its second ReLU": Mutation(
+        "linear(torch.relu(linear(torch.relu(linear(x, 0)), 2)), 4)", "linear(linear(torch.relu(linear(x, 0)), 2), 4)",
+        lambda c: c.method == "ptuning" and c.method_config["encoder_reparameterization_type"] == "MLP"),
     "bottleneck adapter without its residual": Mutation(
         "return h + g @", "return g @", lambda c: c.method == "bottleneck_adapter"),
 }  # fmt: skip

@@ -12,6 +12,7 @@ from .prompt import PromptTuningConfig
 from .prefix import PrefixTuningConfig
 from .ia3 import IA3Config
 from .adapter import AdapterConfig
+from .ptuning import PromptEncoderConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -30,6 +31,7 @@ __all__ = [
     "MethodSpec",
     "PeftConfig",
     "PrefixTuningConfig",
+    "PromptEncoderConfig",
     "PromptTuningConfig",
     "SelectiveConfig",
     "freeze",
