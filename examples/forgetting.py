@@ -4,7 +4,7 @@
     python examples/forgetting.py --out docs/experiments   # rewrites the committed results
     python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
 
-Full fine-tuning, LoRA, prompt tuning, IA3, bottleneck adapters and BitFit, each as `tinypeft
+Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters and BitFit, each as `tinypeft
 finetune --method M` configures it (its default config and learning rate), train for the same steps on
 the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
 the original (prose) loss rose, both against the base model; the trainable parameters; the median time
@@ -25,11 +25,12 @@ METHODS = {  # label: `tinypeft finetune --method` name
     "full fine-tuning": "full",
     "LoRA r=8 (c_attn)": "lora",
     "prompt tuning (20 tokens)": "prompt",
+    "P-tuning (20 tokens, MLP)": "ptuning",
     "IA3": "ia3",
     "bottleneck adapters (16)": "adapter",
     "BitFit": "bitfit",
 }
-COLORS = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+COLORS = ("black", "tab:blue", "tab:orange", "tab:olive", "tab:green", "tab:purple", "tab:brown")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
