@@ -176,6 +176,28 @@ def test_peft_s_auto_class_loads_an_adapter_trained_on_a_gpt2_folder(gpt2_small,
     assert relative_error(ours(ids), theirs(input_ids=torch.tensor(ids)).logits.detach().numpy()) <= 1e-5
 
 
+def test_prompt_tuning_s_text_init_tokenizes_with_the_folder_s_tokenizer_as_peft_does(gpt2_small):
+    import peft
+
+    text = "Classify the sentiment: "
+    config = tp.PromptTuningConfig(num_virtual_tokens=20, prompt_tuning_init="TEXT", prompt_tuning_init_text=text)
+    ours = tp.get_peft_model(tp.GPT.from_pretrained(gpt2_small), config)
+    assert ours.peft_config["default"].tokenizer_name_or_path == os.path.abspath(gpt2_small)
+    theirs = peft.get_peft_model(
+        GPT2LMHeadModel.from_pretrained(gpt2_small),
+        peft.PromptTuningConfig(
+            task_type="CAUSAL_LM",
+            num_virtual_tokens=20,
+            prompt_tuning_init="TEXT",
+            prompt_tuning_init_text=text,
+            tokenizer_name_or_path=ours.peft_config["default"].tokenizer_name_or_path,  # PEFT loads it
+        ),
+    )
+    table = theirs.prompt_encoder["default"].embedding.weight.detach().numpy()
+    assert len(load_tokenizer(gpt2_small).encode(text)) == 12  # 12 tokens tiled to 20, as PEFT does
+    np.testing.assert_array_equal(ours.trainable_parameters()["prompt_embeddings"], table)
+
+
 @pytest.mark.slow
 def test_a_gpt2_124m_folder_fine_tunes_with_lora(gpt2_124m, tmp_path, capsys):
     """gpt2's own shape (12 layers, n_embd 768, 12 heads, 50,257 tokens, 1,024 positions): the folder
