@@ -42,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # thread counts must be fixed before numpy or torch is imported, here and in every worker
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    # (TINYPEFT_THREADS: tinypeft's row blocks, which otherwise take every core, whatever --threads says)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TINYPEFT_THREADS"):
         os.environ[var] = str(args.threads)
     from .run import run_all
 
