@@ -117,7 +117,7 @@ class BPETokenizer(Tokenizer):
         # tokenizers drops an id it does not hold; show where one was (a model's padding rows past the file's)
         pieces, run = [], []
         for i in ids:
-            if self.backend.id_to_token(i) is None:
+            if not 0 <= i < self.vocab_size or self.backend.id_to_token(i) is None:
                 pieces += [self.backend.decode(run, skip_special_tokens=False), "\ufffd"]
                 run = []
             else:
