@@ -8,7 +8,9 @@ backward + AdamW (lr 1e-4, no weight decay), float32, batches of random byte ids
 Sections: step times (full fine-tuning, LoRA r=8 on c_attn/c_proj/c_fc, prompt tuning NV=20) on two
 configs; tinypeft against HIPS autograd differentiating the same forward; peak memory of a training
 step (tracemalloc: every NumPy allocation, parameters included); achieved GFLOP/s against NumPy's own
-sgemm; scaling with T, n_embd and LoRA rank. Writes a JSON file and prints markdown tables.
+sgemm; scaling with T, n_embd and LoRA rank. Writes a JSON file and prints markdown tables. Apart:
+gpt2_124m, a LoRA step at gpt2's own shape (124M parameters, 50,257 tokens) with its step time and peak
+memory beside PyTorch + PEFT (benchmarks/gpt2_124m.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sections",
         default="steps,autograd,memory,gflops,scaling",
-        help="comma-separated subset of steps,autograd,memory,gflops,scaling",
+        help="comma-separated subset of steps,autograd,memory,gflops,scaling, or gpt2_124m (not in the default: "
+        "a LoRA fine-tune at gpt2's 124M shape, several minutes on 2 cores)",
     )
     p.add_argument("--out", default="benchmarks/results.json", help="where to write the JSON results")
     return p.parse_args(argv)
@@ -39,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # thread counts must be fixed before numpy or torch is imported, here and in every worker
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    # (TINYPEFT_THREADS: tinypeft's row blocks, which otherwise take every core, whatever --threads says)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TINYPEFT_THREADS"):
         os.environ[var] = str(args.threads)
     from .run import run_all
 

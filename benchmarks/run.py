@@ -29,6 +29,8 @@ class Setup:
     rank: int = 8
     threads: int = 2
     device: str = "cpu"  # "cuda": tinypeft on cupy, torch on CUDA
+    vocab_size: int = 256  # the byte vocabulary; 50257 for gpt2's shape
+    n_positions: int = 0  # 0: max(256, seq_len + the virtual tokens)
 
     @property
     def label(self) -> str:
@@ -42,15 +44,19 @@ def build_step(setup: Setup, seed: int = 0):
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 256, size=(setup.batch_size, setup.seq_len))
-    n_positions = max(256, setup.seq_len + NUM_VIRTUAL_TOKENS)
+    ids = rng.integers(0, setup.vocab_size, size=(setup.batch_size, setup.seq_len))
+    n_positions = setup.n_positions or max(256, setup.seq_len + NUM_VIRTUAL_TOKENS)
     if setup.library == "tinypeft":
         import tinypeft as tp
         from tinypeft.optim import AdamW
 
         base = tp.GPT(
             tp.GPTConfig(
-                vocab_size=256, n_positions=n_positions, n_embd=setup.n_embd, n_layer=setup.n_layer, n_head=setup.n_head
+                vocab_size=setup.vocab_size,
+                n_positions=n_positions,
+                n_embd=setup.n_embd,
+                n_layer=setup.n_layer,
+                n_head=setup.n_head,
             ),
             seed=seed,
         )
@@ -77,7 +83,7 @@ def build_step(setup: Setup, seed: int = 0):
     torch.set_num_threads(setup.threads)
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=256,
+        vocab_size=setup.vocab_size,
         n_positions=n_positions,
         n_embd=setup.n_embd,
         n_layer=setup.n_layer,
@@ -147,13 +153,16 @@ def worker(setup: Setup, conn: Any) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def race(setups: list[Setup], steps: int, warmup: int) -> dict[str, dict[str, Any]]:
-    """Median step time of each setup, timed round-robin one step at a time, each in its own process."""
+def race(
+    setups: list[Setup], steps: int, warmup: int, target: Any = worker, memory: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Median step time of each setup, timed round-robin one step at a time, each in its own process
+    (`target`; with `memory`, a worker that also answers "memory" with what it measured)."""
     ctx = mp.get_context("spawn")
     procs = []
     for s in setups:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=worker, args=(s, child), daemon=True)
+        proc = ctx.Process(target=target, args=(s, child), daemon=True)
         proc.start()
         procs.append((s, proc, parent))
     times: dict[Setup, list[float]] = {s: [] for s in setups}
@@ -171,6 +180,10 @@ def race(setups: list[Setup], steps: int, warmup: int) -> dict[str, dict[str, An
                 raise RuntimeError(f"{s.label}: {value}")
             if i >= warmup:
                 times[s].append(value)
+    measured = {}
+    for s, _, conn in live if memory else []:
+        conn.send("memory")
+        measured[s] = conn.recv()[1]
     for _, proc, conn in procs:
         if proc.is_alive():
             conn.send("stop")
@@ -181,6 +194,8 @@ def race(setups: list[Setup], steps: int, warmup: int) -> dict[str, dict[str, An
             out[s.label] = {"error": errors[s]}
         else:
             out[s.label] = {"median_s": statistics.median(times[s]), "times_s": times[s]}
+            if s in measured:
+                out[s.label]["memory"] = measured[s]
     return out
 
 
@@ -440,6 +455,10 @@ def run_all(args) -> int:
         results["gflops"] = section_gflops(args, configs)
     if "scaling" in sections:
         results["scaling"] = section_scaling(args)
+    if "gpt2_124m" in sections:
+        from .gpt2_124m import section_gpt2_124m
+
+        results["gpt2_124m"] = section_gpt2_124m(args)
     results["seconds"] = time.perf_counter() - t0
     print(f"\n(total {results['seconds']:.0f} s)")
     from tinypeft.io import save_json

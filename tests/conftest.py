@@ -37,3 +37,23 @@ def cases(vectors: Path) -> list:
     from tinypeft.vectors import load_vectors
 
     return load_vectors(vectors)
+
+
+# Hugging Face GPT-2 folders made offline (tests/gpt2_folders.py): a small one for the command-line
+# tests, and one of gpt2's own shape (124M parameters) for a step or two
+@pytest.fixture(scope="session")
+def gpt2_small(tmp_path_factory) -> Path:
+    from gpt2_folders import make_gpt2_folder
+
+    folder = tmp_path_factory.mktemp("gpt2-small")
+    return make_gpt2_folder(folder, n_layer=2, n_embd=32, n_head=4, n_positions=128, tokenizer_size=512)
+
+
+@pytest.fixture(scope="session")
+def gpt2_124m(tmp_path_factory) -> Path:
+    from gpt2_folders import make_gpt2_folder
+
+    folder = tmp_path_factory.mktemp("gpt2-124m")
+    return make_gpt2_folder(
+        folder, n_layer=12, n_embd=768, n_head=12, n_positions=1024, tokenizer_size=50257, vocab_size=50257
+    )

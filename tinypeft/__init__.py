@@ -31,6 +31,7 @@ from .model import GPT, GPTConfig
 from .optim import SGD, AdamW
 from .peft_model import PeftModel, get_peft_model
 from .sites import Sites
+from .tokenizer import Tokenizer, load_tokenizer
 from .train import TrainConfig, TrainResult, evaluate, train
 
 __version__ = "0.1.0"
@@ -60,6 +61,7 @@ __all__ = [
     "SelectiveConfig",
     "Sites",
     "TinyPeftError",
+    "Tokenizer",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
@@ -67,6 +69,7 @@ __all__ = [
     "freeze",
     "get_peft_model",
     "load_corpus",
+    "load_tokenizer",
     "train",
     "trainable_only",
     "unfreeze",

@@ -39,7 +39,7 @@ def load_state(config: GPTConfig, state: Mapping[str, Any]) -> dict[str, np.ndar
     expected = parameter_shapes(config)
     loaded: dict[str, np.ndarray] = {}
     lm_head = None
-    for key, value in state.items():
+    for key, value in sorted(state.items(), key=lambda item: str(item[0])):  # a message names the first, always
         name = full_names[key]
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # causal-mask buffers old transformers versions saved; not parameters

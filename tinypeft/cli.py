@@ -6,10 +6,12 @@ as a full disk or a folder that cannot be written, into one line and status 1). 
 cli_args.py; `finetune`'s methods, their options and defaults come from the method registry
 (tinypeft/methods/registry.py), so nothing here names a method.
 
-Text is bytes: the model's vocabulary is bytes, and a command line is bytes too (Python hands it over
-decoded as UTF-8, with each byte that is not UTF-8 kept as a lone surrogate), so `generate` takes its
-prompt as the bytes typed (os.fsencode) and writes the model's bytes to stdout as they are, and a file
-name that is not UTF-8 is printed back as the same bytes.
+Text is bytes: the shipped model's vocabulary is bytes, and a command line is bytes too (Python hands it
+over decoded as UTF-8, with each byte that is not UTF-8 kept as a lone surrogate), so `generate` takes
+its prompt as the bytes typed (os.fsencode) and writes the model's bytes to stdout as they are, and a
+file name that is not UTF-8 is printed back as the same bytes. A model folder holding tokenizer.json
+(a Hugging Face GPT-2 folder) has its text tokenized by that file instead (tinypeft/tokenizer.py):
+corpora and prompts must then be UTF-8 text, and losses are per token.
 """
 
 from __future__ import annotations
@@ -60,12 +62,20 @@ def _train_config(args: argparse.Namespace, lr: float):
 
 def load_model(base: str | None, adapter: str | None, device: str | None = None, dtype: str | None = None):
     """A GPT from a model folder (default: the shipped base), wrapped with the adapter in `adapter` if given."""
+    return load_model_and_tokenizer(base, adapter, device, dtype)[0]
+
+
+def load_model_and_tokenizer(base: str | None, adapter: str | None, device: str | None = None, dtype=None):
+    """(model, tokenizer): `load_model`'s model and the folder's tokenizer (its tokenizer.json, else bytes)."""
     from .experiment import base_dir
     from .model import GPT
     from .peft_model import PeftModel
+    from .tokenizer import load_tokenizer
 
-    model = GPT.from_pretrained(base_dir(base), device=device, dtype=dtype)
-    return PeftModel.from_pretrained(model, adapter) if adapter else model
+    folder = base_dir(base)
+    model = GPT.from_pretrained(folder, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(folder, model.config)
+    return (PeftModel.from_pretrained(model, adapter) if adapter else model), tokenizer
 
 
 # ------------------------------------------------------------------ commands
@@ -152,6 +162,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .data import load_corpus
     from .experiment import base_dir, finetune, report
     from .model import GPT
+    from .tokenizer import load_tokenizer
 
     spec = method(args.method)
     lr = spec.default_lr if args.lr is None else args.lr
@@ -166,8 +177,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)  # an unusable --out fails now, not after training
     base_folder = base_dir(args.base)
     base = GPT.from_pretrained(base_folder, device=args.device)
+    tokenizer = load_tokenizer(base_folder, base.config)
     method_config = spec.build(args)
-    task, prose = load_corpus(args.corpus), load_corpus(args.prose_corpus)
+    task, prose = load_corpus(args.corpus, tokenizer), load_corpus(args.prose_corpus, tokenizer)
     run = finetune(
         base,
         method_config,
@@ -184,6 +196,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         sample_bytes=args.sample_bytes,
         base_name=base_folder,
         command="tinypeft " + " ".join(sys.argv[1:]),
+        tokenizer=tokenizer,
     )
     summary = run.summary
     print()
@@ -199,35 +212,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .experiment import bits
     from .train import evaluate
 
-    model = load_model(args.model, args.adapter, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.device)
+    unit = tokenizer.unit
     for name in args.corpus:
-        corpus = load_corpus(name)
+        corpus = load_corpus(name, tokenizer)
         loss = evaluate(model, corpus.val, args.seq_len, args.eval_windows, args.batch_size)
-        print(f"{name}: validation loss {loss:.4f} nats/byte = {bits(loss):.4f} bits/byte")
+        print(f"{name}: validation loss {loss:.4f} nats/{unit} = {bits(loss):.4f} bits/{unit}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    prompt = np.frombuffer(_argv_bytes(args.prompt, "--prompt"), dtype=np.uint8).astype(np.int64)
-    if prompt.size == 0:
+    text = _argv_bytes(args.prompt, "--prompt")
+    if not text:
         raise ConfigError("--prompt must not be empty")
-    model = load_model(args.model, args.adapter, args.device)
-    out = model.generate(prompt[None, :], args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    if out.max() > 255:
-        raise ConfigError(
-            f"the model generated token id {int(out.max())}, which is no byte: generate writes bytes, so it needs "
-            "a model of the byte vocabulary (ids 0..255)"
-        )
-    _write_stdout(out[0].astype(np.uint8).tobytes() + b"\n")
+    model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.device)
+    prompt = tokenizer.encode(text, "--prompt")
+    if prompt.size == 0:  # a tokenizer that reads a non-empty text as no token at all
+        raise ConfigError(f"--prompt {text!r} is no token of {tokenizer.name}")
+    out = model.generate(prompt[None, :], args.max_new_tokens, args.temperature, args.top_k, args.seed)[0]
+    new = out[prompt.size :]
+    if tokenizer.eos_token_id is not None and (new == tokenizer.eos_token_id).any():
+        out = out[: prompt.size + int(np.argmax(new == tokenizer.eos_token_id))]  # the text ends at eos
+    _write_stdout(tokenizer.decode_bytes(out) + b"\n")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.adapter, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.adapter, args.device)
     merged = model.merge_and_unload(safe_merge=True)
     merged.save_pretrained(args.out)
+    tokenizer.save(args.out)  # its tokenizer files, if the base has them
     print(f"merged model saved to {args.out} (loads with tinypeft and with transformers' GPT2LMHeadModel)")
     return 0
 
@@ -307,7 +323,7 @@ def _utf8_text(text: str, option: str) -> str:
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"{option} {data!r} is not UTF-8 (byte {data[e.start]:#04x} at {e.start}): finetune's prompt must be "
-            "text; `tinypeft generate --prompt` takes any bytes"
+            "text; `tinypeft generate --prompt` takes any bytes (on a byte-level model)"
         ) from None
 
 

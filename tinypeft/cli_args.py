@@ -83,7 +83,7 @@ def _add_train_args(
     eval_every: int = 100,
     batch_size: int = 16,
     seq_len: int | None = 128,
-    seq_len_help: str = "bytes per sequence",
+    seq_len_help: str = "bytes per sequence (tokens for a model folder with a tokenizer.json)",
 ) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
@@ -97,7 +97,7 @@ def _add_train_args(
     g.add_argument(
         "--eval_every", type=int, default=eval_every, help="evaluate every N steps; 0 = only at start and end"
     )
-    g.add_argument("--eval_windows", type=int, default=32, help="validation windows of seq_len bytes per corpus")
+    g.add_argument("--eval_windows", type=int, default=32, help="validation windows of seq_len per corpus")
     g.add_argument("--checkpoint_every", type=int, default=100, help="resumable checkpoint every N steps; 0 = end")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation and batches")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -144,15 +144,19 @@ def _finetune(sub: argparse._SubParsersAction) -> None:
         description="Fine-tune a base model (default: the one shipped in the package) on a task corpus "
         "(default: the standard library's sources) with a PEFT method, measuring the task loss and the loss "
         "on the original prose corpus before and after (forgetting). Writes OUT/adapter (PEFT format; "
-        "OUT/model for full fine-tuning), OUT/summary.json, OUT/loss.png and resumable OUT/checkpoints.",
+        "OUT/model for full fine-tuning), OUT/summary.json, OUT/loss.png and resumable OUT/checkpoints. A base "
+        "folder holding tokenizer.json (a Hugging Face GPT-2 folder) tokenizes text with it: corpora must then be "
+        "UTF-8, lengths count its tokens and losses are per token.",
     )
     f.add_argument("--base", default=None, help="base model folder (default: tinypeft/assets/base)")
     f.add_argument("--corpus", default=DEFAULT_TASK_CORPUS, help="task corpus: 'code', 'prose' or a path")
     f.add_argument("--prose_corpus", default=DEFAULT_PROSE_CORPUS, help="corpus to measure forgetting on")
     f.add_argument("--out", default="runs/finetune", help="run folder")
     f.add_argument("--prompt", default=None, help="sample prompt (default: the start of the task validation text)")
-    f.add_argument("--prompt_bytes", type=int, default=48, help="length of the default prompt")
-    f.add_argument("--sample_bytes", type=int, default=120, help="greedy sample length before and after")
+    f.add_argument("--prompt_bytes", type=int, default=48, help="length of the default prompt, in bytes or tokens")
+    f.add_argument(
+        "--sample_bytes", type=int, default=120, help="greedy sample length before and after, in bytes or tokens"
+    )
     _add_method_args(f)
     _add_train_args(
         f,
@@ -168,13 +172,19 @@ def _eval(sub: argparse._SubParsersAction) -> None:
         "eval",
         formatter_class=_DefaultsHelpFormatter,
         help="validation loss of a model (and adapter) on corpora",
-        description="Print the validation loss, in nats and bits per byte, of a model (optionally with an "
-        "adapter) on each corpus: a fixed set of windows, the same one finetune reports.",
+        description="Print the validation loss, in nats and bits per byte (per token for a model folder with "
+        "a tokenizer.json), of a model (optionally with an adapter) on each corpus: a fixed set of windows, the "
+        "same one finetune reports.",
     )
     e.add_argument("--model", default=None, help="model folder (default: the shipped base)")
     e.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply")
     e.add_argument("--corpus", nargs="+", default=[DEFAULT_TASK_CORPUS, DEFAULT_PROSE_CORPUS], help="corpora")
-    e.add_argument("--seq_len", type=int, default=128, help="bytes per validation window")
+    e.add_argument(
+        "--seq_len",
+        type=int,
+        default=128,
+        help="bytes per validation window (tokens for a model folder with a tokenizer.json)",
+    )
     e.add_argument("--eval_windows", type=int, default=32, help="validation windows per corpus")
     e.add_argument("--batch_size", type=int, default=16, help="windows per forward pass")
     e.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
@@ -185,15 +195,21 @@ def _generate(sub: argparse._SubParsersAction) -> None:
         "generate",
         formatter_class=_DefaultsHelpFormatter,
         help="continue a prompt with a model (and adapter)",
-        description="Continue a text prompt byte by byte with a model saved by tinypeft or transformers, "
-        "optionally with an adapter (PEFT format): greedy by default, or sampled with --temperature/--top_k.",
+        description="Continue a text prompt byte by byte (token by token with a model folder's tokenizer.json, "
+        "ending at its eos token) with a model saved by tinypeft or transformers, optionally with an adapter "
+        "(PEFT format): greedy by default, or sampled with --temperature/--top_k.",
     )
     g.add_argument("--model", default=None, help="model folder (default: the shipped base)")
     g.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply")
     g.add_argument("--prompt", default="The ", help="text to continue")
-    g.add_argument("--max_new_tokens", type=int, default=200, help="bytes to generate")
+    g.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=200,
+        help="bytes to generate (tokens for a model folder with a tokenizer.json)",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely bytes")
+    g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
 

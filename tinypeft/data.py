@@ -10,6 +10,10 @@ A path to a text file, or to a folder of .txt/.md/.py/.rst files, is a corpus to
 raw bytes, so a Latin-1 or binary corpus is trained on exactly as it is (the vocabulary is bytes);
 only regular files are read, up to MAX_CORPUS_FILE_BYTES each and MAX_CORPUS_BYTES in all.
 
+With a model folder's own tokenizer (tinypeft/tokenizer.py: a GPT-2 folder's tokenizer.json), each
+document is tokenized on its own and the documents are joined by the separator the tokenizer gives
+(its eos token, as GPT-2 was trained); such a tokenizer reads text, so a file must then be UTF-8.
+
 Documents are split into train/validation by a hash of their name (one in ten to validation), so
 the split is deterministic and does not move when a document is added elsewhere. When that leaves
 one side empty (a single file, or a folder whose every name hashes alike), the joined text is split
@@ -23,10 +27,14 @@ import sysconfig
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 VOCAB_SIZE = 256
 BUILTIN_CORPORA = ("prose", "code")
@@ -54,15 +62,18 @@ def decode(ids: Iterable[int]) -> str:
 
 @dataclass(frozen=True)
 class Corpus:
-    """Training and validation bytes of one corpus."""
+    """Training and validation tokens of one corpus: bytes (uint8), or a tokenizer's ids (int64, unit "token")."""
 
     name: str
-    train: np.ndarray  # uint8
-    val: np.ndarray  # uint8
+    train: np.ndarray  # uint8 bytes, or int64 token ids
+    val: np.ndarray
     documents: int
+    unit: str = "byte"
 
     def describe(self) -> str:
-        return f"{self.name}: {self.documents} documents, {len(self.train):,d} train / {len(self.val):,d} val bytes"
+        return (
+            f"{self.name}: {self.documents} documents, {len(self.train):,d} train / {len(self.val):,d} val {self.unit}s"
+        )
 
 
 def prose_documents() -> list[tuple[str, bytes]]:
@@ -125,15 +136,18 @@ def is_validation(name: str) -> bool:
     return zlib.crc32(name.encode("utf-8")) % 10 == 0
 
 
-def load_corpus(name: str) -> Corpus:
+def load_corpus(name: str, tokenizer: Tokenizer | None = None) -> Corpus:
     """ "prose", "code", or a path; documents joined by blank lines, split by `is_validation` (or by
-    content, when that leaves a side empty)."""
+    content, when that leaves a side empty). With a tokenizer other than the byte tokenizer, the
+    documents are its ids joined by its separator (see the module's docstring)."""
     if name == "prose":
         docs = prose_documents()
     elif name == "code":
         docs = code_documents()
     else:
         docs = folder_documents(name)
+    if tokenizer is not None and tokenizer.unit != "byte":
+        return _tokenized_corpus(name, docs, tokenizer)
     train = SEPARATOR.join(data for doc, data in docs if not is_validation(doc))
     val = SEPARATOR.join(data for doc, data in docs if is_validation(doc))
     if not train or not val:  # a single file, or names that all hash alike: hold out the last tenth
@@ -145,6 +159,28 @@ def load_corpus(name: str) -> Corpus:
             f"corpus {name!r} holds {len(train) + len(val)} bytes; too few to split into train and validation"
         )
     return Corpus(name, np.frombuffer(train, dtype=np.uint8), np.frombuffer(val, dtype=np.uint8), len(docs))
+
+
+def _tokenized_corpus(name: str, docs: list[tuple[str, bytes]], tokenizer: Tokenizer) -> Corpus:
+    """The corpus of `load_corpus` in a tokenizer's ids: the same documents on each side of the split."""
+    ids = tokenizer.encode_documents(docs, f"corpus {name!r}")
+    sep = tokenizer.separator()
+
+    def joined(validation: bool | None) -> np.ndarray:
+        chosen = [i for (doc, _), i in zip(docs, ids, strict=True) if validation in (None, is_validation(doc))]
+        parts = [part for doc_ids in chosen for part in (sep, doc_ids)][1:]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+
+    train, val = joined(False), joined(True)
+    if not train.size or not val.size:  # as for bytes: hold out the last tenth
+        everything = joined(None)
+        cut = int(len(everything) * 0.9)
+        train, val = everything[:cut], everything[cut:]
+    if not train.size or not val.size:
+        raise ConfigError(
+            f"corpus {name!r} holds {len(train) + len(val)} tokens; too few to split into train and validation"
+        )
+    return Corpus(name, train, val, len(docs), "token")
 
 
 def random_batch(data: np.ndarray, batch_size: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:

@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from .data import Corpus, decode, encode
+from .data import Corpus
 from .errors import ConfigError
 from .io import save_json
 from .methods import PeftConfig
 from .methods.virtual_tokens import VirtualTokenConfig
 from .model import GPT
 from .peft_model import PeftModel, get_peft_model
+from .tokenizer import BYTES, Tokenizer
 from .train import Trainable, TrainConfig, TrainResult, evaluate, train
 from .train_checkpoints import run_lock
 
@@ -86,12 +87,12 @@ def validation_losses(model: Trainable, eval_sets: Mapping[str, np.ndarray], con
     }
 
 
-def greedy_sample(model: Any, prompt: str, n_bytes: int) -> str:
-    """The model's greedy continuation of prompt, n_bytes long ("" for n_bytes 0)."""
+def greedy_sample(model: Any, prompt: str, n_bytes: int, tokenizer: Tokenizer = BYTES) -> str:
+    """The model's greedy continuation of prompt, n_bytes tokens long ("" for n_bytes 0)."""
     if n_bytes <= 0:
         return ""
-    ids = encode(prompt)[None, :]
-    return decode(model.generate(ids, n_bytes)[0, ids.shape[1] :])
+    ids = tokenizer.encode(prompt)[None, :]
+    return tokenizer.decode(model.generate(ids, n_bytes)[0, ids.shape[1] :])
 
 
 @dataclass
@@ -122,6 +123,7 @@ def finetune(
     base_name: str = "",
     command: str | None = None,
     base_losses: Mapping[str, float] | None = None,
+    tokenizer: Tokenizer = BYTES,
 ) -> FinetuneRun:
     """Fine-tune `base` with `method_config` (None: full fine-tuning, which trains `base` itself) on
     task.train, and measure it on task.val and prose.val before and after.
@@ -138,6 +140,10 @@ def finetune(
     as the identity (prompt tuning's random soft prompt) is measured against the model it changes;
     base_losses, if given, are those numbers already measured on the same windows (a grid of runs
     measures the base once). The evaluations in "evals" are of the model being trained, from step 0.
+
+    tokenizer is the base's (`tinypeft.tokenizer.load_tokenizer`), which made the corpora's ids: it
+    turns the prompt and samples into text, prompt_bytes and sample_bytes count its tokens, and losses
+    are per token (per byte for the byte tokenizer). A full fine-tune's model/ gets its files.
     """
     check_fits(base, config.seq_len, method_config)
     if out is not None:
@@ -146,17 +152,18 @@ def finetune(
         model = build_model(base, method_config, seed=config.seed)
         if not quiet:
             base_line = [f"base model: {base_name}"] if base_name else []
+            base_line += [f"tokenizer: {tokenizer.name}"] if tokenizer.unit != "byte" else []
             print("\n".join([*base_line, f"task corpus   {task.describe()}", f"prose corpus  {prose.describe()}"]))
             print(f"method: {method} (learning rate {config.lr:g})\n{model.trainable_parameters_line()}")
         if prompt is None:
-            prompt = decode(task.val[:prompt_bytes])
+            prompt = tokenizer.decode(task.val[:prompt_bytes])
         # a sample longer than the positions left after the virtual tokens and the prompt is cut short
-        room = base.config.n_positions - virtual_tokens(method_config) - len(encode(prompt)) + 1
+        room = base.config.n_positions - virtual_tokens(method_config) - len(tokenizer.encode(prompt)) + 1
         sample_bytes = min(sample_bytes, max(room, 0))
         eval_sets = {"task": task.val, "prose": prose.val}
         with base_only(model):
             before = dict(base_losses) if base_losses is not None else validation_losses(model, eval_sets, config)
-            samples = [greedy_sample(model, prompt, sample_bytes)]
+            samples = [greedy_sample(model, prompt, sample_bytes, tokenizer)]
         t0 = time.perf_counter()
         quiet_log = (lambda line: None) if quiet else None
         result = train(
@@ -164,11 +171,13 @@ def finetune(
         )
         seconds = time.perf_counter() - t0
         after = {k: v for k, v in result.evals[-1].items() if k != "step"}
-        samples.append(greedy_sample(model, prompt, sample_bytes))
-        saved, plot = _save_run(out, model, method_config is None, result, f"{method} fine-tuning", task, prose, config)
+        samples.append(greedy_sample(model, prompt, sample_bytes, tokenizer))
+        saved, plot = _save_run(out, model, tokenizer, result, f"{method} fine-tuning", task, prose, config)
+        bits_key = f"bits_per_{tokenizer.unit}"
         summary = {
             "command": command,
             "base": base_name,
+            **({} if tokenizer.unit == "byte" else {"tokenizer": tokenizer.name, "unit": tokenizer.unit}),
             "method": method,
             "method_config": None if method_config is None else method_config.to_dict(),
             "train_config": asdict(config),
@@ -177,8 +186,8 @@ def finetune(
             "trainable_parameters": sum(int(v.size) for v in model.trainable_parameters().values()),
             "trainable_line": model.trainable_parameters_line(),
             **_timings(seconds, result),
-            "before": {k: {"loss": v, "bits_per_byte": bits(v)} for k, v in before.items()},
-            "after": {k: {"loss": v, "bits_per_byte": bits(v)} for k, v in after.items()},
+            "before": {k: {"loss": v, bits_key: bits(v)} for k, v in before.items()},
+            "after": {k: {"loss": v, bits_key: bits(v)} for k, v in after.items()},
             "task_gain": before["task"] - after["task"],
             "prose_forgetting": after["prose"] - before["prose"],
             "prompt": prompt,
@@ -205,7 +214,7 @@ def _timings(seconds: float, result: TrainResult) -> dict[str, float]:
 def _save_run(
     out: str | None,
     model: Trainable,
-    full: bool,
+    tokenizer: Tokenizer,
     result: TrainResult,
     what: str,
     task: Corpus,
@@ -215,14 +224,18 @@ def _save_run(
     """(where the adapter, or for full fine-tuning the model, was saved; the loss plot), both None without `out`."""
     if out is None:
         return None, None
+    full = not isinstance(model, PeftModel)
     saved = os.path.join(out, "model" if full else "adapter")
     model.save_pretrained(saved)
+    if full:  # a model folder that loads with its tokenizer, here and in transformers
+        tokenizer.save(saved)
     trainable = sum(int(v.size) for v in model.trainable_parameters().values())
     plot = maybe_plot_run(
         result,
         os.path.join(out, "loss.png"),
         f"{what} on {task.name}, learning rate {config.lr:g}\n{trainable:,d} trainable parameters",
         {"task": f"task ({task.name}) validation loss", "prose": f"original ({prose.name}) validation loss"},
+        tokenizer.unit,
     )
     return saved, plot
 
@@ -231,9 +244,12 @@ def report(summary: dict[str, Any], task_name: str, prose_name: str) -> str:
     """The before/after table, the change in each loss, and the samples, as `tinypeft finetune` prints them."""
     before = {k: v["loss"] for k, v in summary["before"].items()}
     after = {k: v["loss"] for k, v in summary["after"].items()}
+    per_token = summary.get("unit", "byte") == "token"  # nats and bits per token: bpt
     lines = [f"{'':8s}{'task (' + task_name + ')':>24s}{'prose (' + prose_name + ')':>24s}"]
     for label, row in (("before", before), ("after", after)):
-        cells = "".join(f"{row[k]:10.4f} nats {bits(row[k]):6.3f} bpb" for k in ("task", "prose"))
+        cells = "".join(
+            f"{row[k]:10.4f} nats {bits(row[k]):6.3f} {'bpt' if per_token else 'bpb'}" for k in ("task", "prose")
+        )
         lines.append(f"{label:8s}{cells}")
     lines.append(
         f"task loss {before['task']:.4f} -> {after['task']:.4f} ({-summary['task_gain']:+.4f}); "
@@ -245,10 +261,12 @@ def report(summary: dict[str, Any], task_name: str, prose_name: str) -> str:
     return "\n".join(lines)
 
 
-def maybe_plot_run(result: TrainResult, path: str, title: str, labels: dict[str, str]) -> str | None:
+def maybe_plot_run(
+    result: TrainResult, path: str, title: str, labels: dict[str, str], unit: str = "byte"
+) -> str | None:
     """The run's loss curves as a PNG at path, or None without matplotlib."""
     from .plots import have_matplotlib, plot_training
 
     if not have_matplotlib():
         return None
-    return plot_training(result.train_losses, result.evals, path, title, labels)
+    return plot_training(result.train_losses, result.evals, path, title, labels, unit)

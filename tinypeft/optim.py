@@ -80,7 +80,7 @@ class Optimizer:
         if t.size != 1 or not np.issubdtype(t.dtype, np.integer) or int(t.reshape(-1)[0]) < 0:
             raise CheckpointError(f"{kind} state 't' must be one integer >= 0 (the steps taken); got {t!r}")
         new: dict[str, dict[str, Array]] = {}
-        for key, value in state.items():
+        for key, value in sorted(state.items(), key=lambda item: str(item[0])):  # a message names the first, always
             if key == "t":
                 continue
             if not isinstance(key, str):

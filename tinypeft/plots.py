@@ -25,10 +25,10 @@ def pyplot():
     return plt
 
 
-def add_bits_axis(ax: Any) -> Any:
-    """A right-hand axis in bits per byte for an axis whose y is nats per byte."""
+def add_bits_axis(ax: Any, unit: str = "byte") -> Any:
+    """A right-hand axis in bits per byte for an axis whose y is nats per byte (or per token)."""
     right = ax.secondary_yaxis("right", functions=(lambda n: n / math.log(2), lambda b: b * math.log(2)))
-    right.set_ylabel("bits per byte")
+    right.set_ylabel(f"bits per {unit}")
     return right
 
 
@@ -56,9 +56,10 @@ def plot_training(
     path: str,
     title: str,
     eval_labels: Mapping[str, str] | None = None,
+    unit: str = "byte",
 ) -> str:
-    """Loss curves in nats per byte (bits per byte on the right axis): the smoothed training loss and
-    every evaluation set. Writes a PNG to path and returns it."""
+    """Loss curves in nats per byte (bits per byte on the right axis; per token for a model with its own
+    tokenizer): the smoothed training loss and every evaluation set. Writes a PNG to path and returns it."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
     steps = [row["step"] for row in train_losses]
@@ -77,11 +78,11 @@ def plot_training(
             xs, ys, "o-", color=color, linewidth=2, markersize=5, label=eval_labels.get(name, f"{name} validation loss")
         )
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per byte)")
+    ax.set_ylabel(f"loss (nats per {unit})")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    add_bits_axis(ax)
+    add_bits_axis(ax, unit)
     fig.tight_layout()
     return save_figure(fig, path)
 

@@ -43,3 +43,30 @@ def test_reading_path_counts_the_reference_step():
     files = [line.split(")")[1].split()[0] for line in done.stdout.splitlines()[1:]]
     assert {"tinypeft/ops.py", "tinypeft/gpt.py", "tinypeft/methods/lora.py"} <= set(files)
     assert not {"tinypeft/engine.py", "tinypeft/checks.py", "tinypeft/runtime.py"} & set(files)  # no plumbing
+
+
+@pytest.mark.slow
+def test_the_gpt2_124m_section_smoke_run(tmp_path):
+    """`--sections gpt2_124m` (README's 124M figures) runs, here at a tiny shape: both contenders time
+    their steps and report their peak memory above the library they import."""
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--quick",
+        "--threads",
+        "1",
+        "--sections",
+        "gpt2_124m",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    section = json.loads(out.read_text())["gpt2_124m"]
+    assert set(section["raw"]) == {"tinypeft lora", "torch+peft lora"}
+    for label, row in section["raw"].items():
+        assert row["median_s"] > 0, label
+        assert row["memory"]["peak_kib"] >= row["memory"]["built_kib"] > row["memory"]["library_kib"] > 0, label
+    assert set(section["ratios"]) == {"step: tinypeft / torch+peft", "peak memory: tinypeft / torch+peft"}

@@ -552,6 +552,41 @@ def run_folder_in_use(w: World) -> object:
         os.close(fd)
 
 
+def bpe_folder(w: World, vocab_size: int = 300, edits: Mapping[str, object] | None = None) -> Path:
+    """A model folder with a GPT-2-style tokenizer.json of 300 ids (the last, 299, <|endoftext|>), the
+    model's vocab_size given, config.json's eos and bos that token; `edits` as `World.variant` takes them."""
+    from gpt2_folders import trained_bpe
+
+    folder = Path(tempfile.mkdtemp(dir=w.root, prefix="bpe-"))
+    tokenizer = trained_bpe(300)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    special = eos if eos < vocab_size else None
+    tp.GPT(CFG.replace(vocab_size=vocab_size, bos_token_id=special, eos_token_id=special)).save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return w.variant(folder, edits or {})
+
+
+def load_tokenizer_of(edits: Mapping[str, object], vocab_size: int = 300) -> Callable[[World], object]:
+    from tinypeft.tokenizer import load_tokenizer
+
+    return lambda w: load_tokenizer(bpe_folder(w, vocab_size, edits))
+
+
+def without_tokenizers(w: World) -> object:
+    """A folder with tokenizer.json on a machine without the `tokenizers` library, whatever this one has."""
+    from tinypeft.tokenizer import load_tokenizer
+
+    folder = bpe_folder(w)
+    with mock.patch.dict(sys.modules, {"tokenizers": None}):  # `import tokenizers` raises ImportError
+        return load_tokenizer(folder)
+
+
+def latin1_corpus(w: World) -> Path:
+    path = Path(tempfile.mkdtemp(dir=w.root, prefix="corpus-")) / "latin1.txt"
+    path.write_bytes("Un café à Paris, où l'on parle.\n".encode("latin-1") * 20)
+    return path
+
+
 # ------------------------------------------------------------------ call-time inputs
 INPUT_CASES = [
     Bad(
@@ -718,6 +753,36 @@ FILE_CASES = [
         ("config.json is not a folder",),
     ),
     Bad("config.json missing", load_model({"config.json": None}), CheckpointError, ("config.json does not exist",)),
+    Bad(
+        "tokenizer.json with ids beyond the model's vocab_size",
+        load_tokenizer_of({}, vocab_size=256),
+        ConfigError,
+        ("tokenizer.json has token ids up to 299 ('<|endoftext|>')", "vocab_size is 256", "rows for ids 0..255"),
+    ),
+    Bad(
+        "tokenizer.json without the tokenizers library",
+        without_tokenizers,
+        ConfigError,
+        ("tokenizer.json needs the `tokenizers` library", "pip install 'tinypeft[tokenizer]'"),
+    ),
+    Bad(
+        "tokenizer.json truncated",
+        load_tokenizer_of({"tokenizer.json": Raw(lambda b: b[: len(b) // 2])}),
+        CheckpointError,
+        ("tokenizer.json is not a tokenizer the `tokenizers` library can read",),
+    ),
+    Bad(
+        "tokenizer.json of no known model",
+        load_tokenizer_of({"tokenizer.json": lambda t: t | {"model": {"type": "Nope"}}}),
+        CheckpointError,
+        ("tokenizer.json is not a tokenizer the `tokenizers` library can read",),
+    ),
+    Bad(
+        "config.json's eos_token_id no token of tokenizer.json",
+        load_tokenizer_of({"config.json": lambda c: c | {"eos_token_id": 310}}, vocab_size=320),
+        ConfigError,
+        ("config.json's eos_token_id 310 is no token of", "its ids: 0..299", "must belong to one model"),
+    ),
     Bad(
         "model.safetensors missing",
         load_model({"model.safetensors": None}),
@@ -1422,6 +1487,18 @@ COMMAND_LINE_CASES = [
         )(w),
         ConfigError,
         ("the model generated token id 300, which is no byte", "ids 0..255"),
+    ),
+    Bad(
+        "eval on a folder with tokenizer.json: a corpus that is not UTF-8",
+        lambda w: command("eval", "--model", str(bpe_folder(w)), "--corpus", str(latin1_corpus(w)))(w),
+        ConfigError,
+        ("corpus", "latin1.txt is not UTF-8 (byte 0xe9 at offset 6)", "UTF-8 text only", "byte-level base"),
+    ),
+    Bad(
+        "generate on a folder with tokenizer.json: a --prompt that is not UTF-8",
+        lambda w: command("generate", "--model", str(bpe_folder(w)), "--prompt", "caf\udce9")(w),
+        ConfigError,
+        ("--prompt is not UTF-8 (byte 0xe9 at offset 3)", "tokenizer.json tokenizes text"),
     ),
     Bad(
         "check-vectors --impl that calls sys.exit at import",

@@ -6,6 +6,7 @@ from .files import (
     check_write_target,
     load_json,
     load_safetensors,
+    read_file,
     save_json,
     save_safetensors,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "check_write_target",
     "load_json",
     "load_safetensors",
+    "read_file",
     "save_json",
     "save_safetensors",
 ]

@@ -197,6 +197,11 @@ def _described_data_length(header: bytes) -> int | None:
         return None
 
 
+def read_file(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> bytes:
+    """A regular file's bytes, up to `limit`, or a CheckpointError naming the file."""
+    return _read(path, limit)
+
+
 def _read(path: str | os.PathLike, limit: int) -> bytes:
     path = os.fspath(path)
     size = check_regular_file(path, limit)

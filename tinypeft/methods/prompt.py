@@ -15,7 +15,8 @@ Initialisations (PEFT's PromptTuningInit):
 - RANDOM: N(0, 1) entries (torch.nn.Embedding's default);
 - SAMPLE_VOCAB: NV rows of wte at ids drawn uniformly from the vocabulary;
 - TEXT: the wte rows of the init text's tokens, the token list repeated until it is long enough and
-  truncated to NV. The tokenizer is tinypeft's UTF-8 byte tokenizer (`tinypeft.data.encode`).
+  truncated to NV. The tokenizer is the base folder's own (its tokenizer.json, as PEFT tokenizes with
+  the model's tokenizer), else tinypeft's UTF-8 byte tokenizer (`tinypeft.data.encode`).
 PEFT casts SAMPLE_VOCAB and TEXT copies to float32; tinypeft keeps the model's dtype (an exact copy
 of the rows in float64). In float32 the two are identical. See docs/prompt_tuning.md.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,6 +42,7 @@ from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig
 
 if TYPE_CHECKING:
     from ..model import GPT
+    from ..tokenizer import Tokenizer
 
 
 PROMPT_EMBEDDINGS = "prompt_embeddings"  # the one tensor PEFT writes for prompt tuning
@@ -111,7 +114,8 @@ class PromptTuningConfig(VirtualTokenConfig):
 
     prompt_tuning_init: "RANDOM" (N(0, 1)), "SAMPLE_VOCAB" (rows of wte at random ids) or "TEXT"
     (rows of wte for prompt_tuning_init_text's bytes, repeated/truncated to num_virtual_tokens).
-    tokenizer_name_or_path is written for PEFT's sake; tinypeft always tokenizes into UTF-8 bytes.
+    tokenizer_name_or_path is written for PEFT's sake: the base's folder where it holds a tokenizer.json,
+    which TEXT init tokenizes with, else "tinypeft-utf8-bytes" (UTF-8 bytes).
     """
 
     peft_type = "PROMPT_TUNING"
@@ -140,11 +144,20 @@ class PromptTuningConfig(VirtualTokenConfig):
                     "(a byte of the command line that is not UTF-8)"
                 ) from None
 
-    def init_token_ids(self, vocab_size: int) -> np.ndarray:
-        """TEXT init: the text's byte ids, repeated then truncated to num_virtual_tokens (PEFT's rule)."""
+    def init_token_ids(self, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.ndarray:
+        """TEXT init: the text's token ids (byte ids without a tokenizer), repeated then truncated to
+        num_virtual_tokens (PEFT's rule)."""
         from ..data import encode
 
-        ids = encode(self.prompt_tuning_init_text)
+        ids = (
+            encode(self.prompt_tuning_init_text)
+            if tokenizer is None
+            else tokenizer.encode(self.prompt_tuning_init_text)
+        )
+        if not ids.size:  # a tokenizer may read a text as no token at all
+            raise ConfigError(
+                f"prompt_tuning_init_text {self.prompt_tuning_init_text!r} is no token of {tokenizer.name}"
+            )
         too_big = ids[ids >= vocab_size]
         if too_big.size:
             raise ConfigError(
@@ -157,7 +170,7 @@ class PromptTuningConfig(VirtualTokenConfig):
     def validate(self, base: GPT) -> None:
         super().validate(base)
         if self.prompt_tuning_init == "TEXT":
-            self.init_token_ids(base.config.vocab_size)
+            self.init_token_ids(base.config.vocab_size, base_tokenizer(base))
 
     def estimated_parameters(self, base: GPT) -> int:
         return self.num_virtual_tokens * base.config.n_embd  # the table (NV, C)
@@ -171,12 +184,22 @@ class PromptTuningConfig(VirtualTokenConfig):
         elif self.prompt_tuning_init == "SAMPLE_VOCAB":
             table = wte[rng.integers(0, V, size=NV)]
         else:
-            table = wte[self.init_token_ids(V)]
+            table = wte[self.init_token_ids(V, base_tokenizer(base))]
         tokenizer = self.tokenizer_name_or_path
         if self.prompt_tuning_init == "TEXT" and not tokenizer:
-            tokenizer = BYTE_TOKENIZER
+            tokenizer = BYTE_TOKENIZER if base_tokenizer(base) is None else base.config.name_or_path
         config = self.filled(base, tokenizer_name_or_path=tokenizer)
         return PromptTuningAdapter(config, base, {PROMPT_EMBEDDINGS: base.xp.asarray(table.astype(base.config.dtype))})
+
+
+def base_tokenizer(base: GPT) -> Tokenizer | None:
+    """The tokenizer of the folder `base` was loaded from where it holds a tokenizer.json, else None (bytes)."""
+    from ..tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    folder = base.config.name_or_path
+    if folder is None or not os.path.lexists(os.path.join(folder, TOKENIZER_FILE)):
+        return None
+    return load_tokenizer(folder, base.config)
 
 
 class PromptTuningAdapter(Adapter):
@@ -270,7 +293,7 @@ register_method(MethodSpec(
     ),
     error_cases=_error_cases,
     peft_files="PEFT's PROMPT_TUNING: the (NV, C) table as prompt_embeddings and PEFT's adapter_config.json fields "
-    "(TEXT init writes tokenizer_name_or_path 'tinypeft-utf8-bytes', which PEFT requires and never reads on "
-    "loading), so an adapter loads in PEFT and back",
+    "(TEXT init writes tokenizer_name_or_path, which PEFT requires and never reads on loading: the base's folder "
+    "where its tokenizer.json tokenized the text, else 'tinypeft-utf8-bytes'), so an adapter loads in PEFT and back",
     loads_in_peft=True,
 ))  # fmt: skip
