@@ -44,6 +44,7 @@ METHODS = {
     "prefix_projection": lambda cfg: tp.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True),
     "ia3": lambda cfg: tp.IA3Config(init_ia3_weights=False),
     "adapter": lambda cfg: tp.AdapterConfig(bottleneck_size=2, init_weights=False),
+    "vera": lambda cfg: tp.VeraConfig(r=2, target_modules=["c_attn", "mlp.c_proj"], init_weights=False),
 }
 
 

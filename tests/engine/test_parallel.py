@@ -24,6 +24,7 @@ METHODS = {
     "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True),
     "ia3": lambda: tp.IA3Config(init_ia3_weights=False),
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=3, init_weights=False),
+    "vera": lambda: tp.VeraConfig(r=4, target_modules=["c_attn", "c_fc"], bias="all", init_weights=False),
 }
 
 

@@ -21,6 +21,7 @@ METHODS = {
     "ia3": lambda: tp.IA3Config(),
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4),
     "bitfit": lambda: tp.BitFitConfig(),
+    "vera": lambda: tp.VeraConfig(r=5, target_modules=["c_attn", "c_fc"], vera_dropout=0.1, bias="vera_only"),
 }
 
 

@@ -12,6 +12,7 @@ from .prompt import PromptTuningConfig
 from .prefix import PrefixTuningConfig
 from .ia3 import IA3Config
 from .adapter import AdapterConfig
+from .vera import VeraConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -32,6 +33,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "SelectiveConfig",
+    "VeraConfig",
     "freeze",
     "match_modules",
     "match_parameters",
