@@ -474,7 +474,7 @@ def _error_cases() -> list[ErrorCase]:
 register_method(MethodSpec(
     name="vera",
     help="VeRA: frozen shared random A and B, trained scaling vectors d and b per layer on --target_modules",
-    default_lr=1e-2,
+    default_lr=1e-1,  # the best of 1e-2, 3e-2, 1e-1, 3e-1 at finetune's 200 steps (docs/vera.md)
     build=_build,
     example=lambda cfg: VeraConfig(r=3, target_modules=ALL_LINEAR, init_weights=False),
     flags=(

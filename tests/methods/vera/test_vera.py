@@ -123,8 +123,8 @@ def test_dlambdas_are_what_the_effective_weight_gradient_implies(case, data):
 
 # ------------------------------------------------------------------ the shared projections
 def test_every_layer_uses_the_top_left_block_of_one_shared_pair():
-    """A (r, max in) and B (max out, r) over the targets; c_attn (8 -> 24) reads A[:, :8] and B[:24]; the pair
-    is PEFT's draw from the key (kaiming-uniform bounds sqrt(6 / fan_in))."""
+    """A (r, max in) and B (max out, r) over the targets; c_attn (8 -> 24) reads A[:, :8] and all of B, mlp.c_proj
+    (32 -> 8) all of A and B[:8]; the pair is PEFT's draw from the key (kaiming-uniform bounds sqrt(6 / fan_in))."""
     base = small_model(n_layer=1)
     model = random_vera(base, r=3, target_modules=["c_attn", "mlp.c_proj"], projection_prng_key=11)
     adapter = model.active
@@ -133,14 +133,15 @@ def test_every_layer_uses_the_top_left_block_of_one_shared_pair():
     np.testing.assert_array_equal(adapter.vera_A, A)
     np.testing.assert_array_equal(adapter.vera_B, B)
     assert np.abs(A).max() <= np.sqrt(6 / 32) and np.abs(B).max() <= np.sqrt(6 / 3)
-    x = np.random.default_rng(0).standard_normal((2, 5, 8))
-    module = "transformer.h.0.attn.c_attn"
-    layer = next(layer for layer in adapter.layers if layer.module == module)
-    d, b = adapter.params[layer.lambda_d], adapter.params[layer.lambda_b]
-    W, bias = base.params[module + ".weight"], base.params[module + ".bias"]
-    y, _ = model.view().sites.linear[module].forward(model.view().params, module, x)
-    expected = x @ W + bias + b * ((d * (x @ A[:, :8].T)) @ B[:24].T)
-    assert relative_error(y, expected) <= 1e-15
+    view = model.view()
+    for module, n_in, n_out in (("transformer.h.0.attn.c_attn", 8, 24), ("transformer.h.0.mlp.c_proj", 32, 8)):
+        x = np.random.default_rng(0).standard_normal((2, 5, n_in))
+        layer = next(layer for layer in adapter.layers if layer.module == module)
+        d, b = adapter.params[layer.lambda_d], adapter.params[layer.lambda_b]
+        W, bias = base.params[module + ".weight"], base.params[module + ".bias"]
+        y, _ = view.sites.linear[module].forward(view.params, module, x)
+        expected = x @ W + bias + b * ((d * (x @ A[:, :n_in].T)) @ B[:n_out].T)
+        assert relative_error(y, expected) <= 1e-15, module
 
 
 def test_the_key_alone_sets_the_projections():
