@@ -112,6 +112,7 @@ PEFT_METHODS = {
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4),
     "lora": lambda: tp.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], lora_dropout=0.1),
     "dora": lambda: tp.LoraConfig(r=4, use_dora=True, use_rslora=True),
+    "vera": lambda: tp.VeraConfig(r=16, target_modules=["c_attn", "c_fc"], vera_dropout=0.1, projection_prng_key=5),
 }
 
 
