@@ -1,10 +1,10 @@
-"""Catastrophic forgetting: six ways to fine-tune the shipped base on code, at matched steps.
+"""Catastrophic forgetting: seven ways to fine-tune the shipped base on code, at matched steps.
 
     python examples/forgetting.py            # writes runs/experiments/forgetting.{json,png}
     python examples/forgetting.py --out docs/experiments   # rewrites the committed results
     python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
 
-Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters and BitFit, each as `tinypeft
+Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters, BitFit and VeRA, each as `tinypeft
 finetune --method M` configures it (its default config and learning rate), train for the same steps on
 the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
 the original (prose) loss rose, both against the base model; the trainable parameters; the median time
@@ -29,8 +29,9 @@ METHODS = {  # label: `tinypeft finetune --method` name
     "IA3": "ia3",
     "bottleneck adapters (16)": "adapter",
     "BitFit": "bitfit",
+    "VeRA r=256 (c_attn)": "vera",
 }
-COLORS = ("black", "tab:blue", "tab:orange", "tab:olive", "tab:green", "tab:purple", "tab:brown")
+COLORS = ("black", "tab:blue", "tab:orange", "tab:olive", "tab:green", "tab:purple", "tab:brown", "tab:cyan")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

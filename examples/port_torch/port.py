@@ -269,6 +269,29 @@ def add_bottleneck(model: GPT, cfg: dict[str, Any]) -> None:
             model.linear[module] = adapted
 
 
+# ================================================================ VeRA (docs/vera.md)
+def add_vera(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> None:
+    """vera.md: one frozen pair A (r, max in) then B (max out, r), drawn by one torch.Generator seeded with
+    projection_prng_key, each uniform in +-sqrt(3) sqrt(2) / sqrt(fan_in), fan_in its second size, in float32;
+    each layer reads the top-left block it needs, and y = x W + b + l_b * ((l_d * (x A^T)) B^T)."""
+    p, r, dtype = model.params, cfg["r"], model.params["transformer.wte.weight"].dtype
+    modules = [m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])]
+    n_in = max(p[m + ".weight"].shape[0] for m in modules)
+    n_out = max(p[m + ".weight"].shape[1] for m in modules)
+    generator = torch.Generator().manual_seed(cfg["projection_prng_key"])
+    bound = [math.sqrt(3.0) * (math.sqrt(2.0) / math.sqrt(shape[1])) for shape in ((r, n_in), (n_out, r))]
+    A = torch.empty(r, n_in).uniform_(-bound[0], bound[0], generator=generator).to(dtype)  # A first, then B
+    B = torch.empty(n_out, r).uniform_(-bound[1], bound[1], generator=generator).to(dtype)
+    derived["base_model.vera_A"], derived["base_model.vera_B"] = A, B
+    for module in modules:
+        W, b = p[module + ".weight"], p[module + ".bias"]
+        l_d, l_b = p[f"{PEFT}{module}.vera_lambda_d"], p[f"{PEFT}{module}.vera_lambda_b"]
+        A_s, B_s = A[:, : W.shape[0]], B[: W.shape[1]]  # (r, in), (out, r)
+        model.linear[module] = lambda x, W=W, b=b, A=A_s, B=B_s, l_d=l_d, l_b=l_b: (
+            x @ W + b + l_b * ((l_d * (x @ A.T)) @ B.T)
+        )
+
+
 # ================================================================ the interface (VECTORS.md)
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """logits, loss, the gradient of every trainable tensor, and the tensors the init derives."""
@@ -300,6 +323,8 @@ def compute(case: dict[str, Any]) -> dict[str, Any]:
         add_ia3(model, cfg)
     elif kind == "BOTTLENECK_ADAPTER":
         add_bottleneck(model, cfg)
+    elif kind == "VERA":
+        add_vera(model, cfg, derived)
     # None (full fine-tuning), BITFIT, LN_TUNING: the base model, with the trainable tensors the case names
     ids = torch.from_numpy(case["input_ids"])
     mask = None if case["attention_mask"] is None else torch.from_numpy(case["attention_mask"])

@@ -78,10 +78,11 @@ def test_rank_sweep(tmp_path):
 def test_forgetting(tmp_path):
     results = run_quick("forgetting", tmp_path)
     runs = by(results, "method")
-    assert sorted(runs) == ["adapter", "bitfit", "full", "ia3", "lora", "prompt", "ptuning"]
+    assert sorted(runs) == ["adapter", "bitfit", "full", "ia3", "lora", "prompt", "ptuning", "vera"]
     assert runs["full"]["trainable_parameters"] == results["base_parameters"]
     assert runs["prompt"]["trainable_parameters"] == 20 * 128
     assert runs["lora"]["trainable_parameters"] == 16_384
+    assert runs["vera"]["trainable_parameters"] == 4 * (256 + 384)  # λ_d and λ_b of each c_attn; A, B frozen
     # full fine-tuning keeps a gradient and two AdamW moments for every weight; the others for a few
     peaks = {method: run["peak_memory_bytes"] for method, run in runs.items()}
     assert max(peaks, key=peaks.get) == "full"

@@ -41,9 +41,13 @@ METHODS = {
     "pissa": lambda cfg: tp.LoraConfig(r=1, init_lora_weights="pissa", target_modules=["attn.c_proj"]),
     "prompt": lambda cfg: tp.PromptTuningConfig(num_virtual_tokens=2),
     "prefix": lambda cfg: tp.PrefixTuningConfig(num_virtual_tokens=2),
+    "ptuning_lstm": lambda cfg: tp.PromptEncoderConfig(
+        num_virtual_tokens=2, encoder_hidden_size=3, encoder_reparameterization_type="LSTM"
+    ),
     "prefix_projection": lambda cfg: tp.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True),
     "ia3": lambda cfg: tp.IA3Config(init_ia3_weights=False),
     "adapter": lambda cfg: tp.AdapterConfig(bottleneck_size=2, init_weights=False),
+    "vera": lambda cfg: tp.VeraConfig(r=2, target_modules=["c_attn", "mlp.c_proj"], init_weights=False),
 }
 
 

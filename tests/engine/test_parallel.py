@@ -21,9 +21,11 @@ METHODS = {
     "lora": lambda: tp.LoraConfig(r=2, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False),
     "dora": lambda: tp.LoraConfig(r=2, use_dora=True, init_lora_weights=False),
     "prompt": lambda: tp.PromptTuningConfig(num_virtual_tokens=4),
+    "ptuning": lambda: tp.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=5),
     "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True),
     "ia3": lambda: tp.IA3Config(init_ia3_weights=False),
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=3, init_weights=False),
+    "vera": lambda: tp.VeraConfig(r=4, target_modules=["c_attn", "c_fc"], bias="all", init_weights=False),
 }
 
 

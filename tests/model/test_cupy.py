@@ -33,11 +33,13 @@ METHODS = {
     "pissa": lambda: tp.LoraConfig(r=4, init_lora_weights="pissa", bias="all"),
     "lora-dropout": lambda: tp.LoraConfig(r=4, lora_dropout=0.2, init_lora_weights=False),
     "prompt": lambda: tp.PromptTuningConfig(num_virtual_tokens=5),
+    "ptuning": lambda: tp.PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="LSTM"),
     "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True),
     "ia3": lambda: tp.IA3Config(init_ia3_weights=False),
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4, init_weights=False),
+    "vera": lambda: tp.VeraConfig(r=6, target_modules=["c_attn", "c_proj"], vera_dropout=0.2, init_weights=False),
 }
-MERGEABLE = ["bitfit", "lora", "dora", "pissa", "ia3"]
+MERGEABLE = ["bitfit", "lora", "dora", "pissa", "ia3", "vera"]
 # how far the device's numbers may be from the CPU's (relative): the stand-in's not at all
 TOLERANCE = {"stand-in": {"float64": 0.0, "float32": 0.0}, "cupy": {"float64": 1e-12, "float32": 1e-4}}
 

@@ -17,10 +17,12 @@ METHODS = {
     "rslora+dora": lambda: tp.LoraConfig(r=2, use_rslora=True, use_dora=True, init_lora_weights="gaussian"),
     "pissa": lambda: tp.LoraConfig(r=2, init_lora_weights="pissa"),
     "prompt": lambda: tp.PromptTuningConfig(num_virtual_tokens=3),
+    "ptuning": lambda: tp.PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type="LSTM"),
     "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True),
     "ia3": lambda: tp.IA3Config(),
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4),
     "bitfit": lambda: tp.BitFitConfig(),
+    "vera": lambda: tp.VeraConfig(r=5, target_modules=["c_attn", "c_fc"], vera_dropout=0.1, bias="vera_only"),
 }
 
 

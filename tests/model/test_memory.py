@@ -84,17 +84,23 @@ def test_a_huge_n_layer_is_counted_at_once():
 
 
 def adapter_configs():
-    """Every registered method's example, and the LoRA and prefix options that add tensors."""
+    """Every registered method's example, and the LoRA, prefix and VeRA options that add tensors."""
     configs = {name: spec.example for name, spec in METHODS.items()}
     configs |= {
         "lora-pissa-dora-bias-all": lambda cfg: tp.LoraConfig(
             r=2, use_dora=True, init_lora_weights="pissa", bias="all", target_modules=["c_attn", "c_fc"]
         ),
         "lora-bias-lora-only": lambda cfg: tp.LoraConfig(r=3, bias="lora_only"),
+        "ptuning-mlp": lambda cfg: tp.PromptEncoderConfig(num_virtual_tokens=5, encoder_hidden_size=7),
+        "ptuning-lstm-2": lambda cfg: tp.PromptEncoderConfig(
+            num_virtual_tokens=5, encoder_reparameterization_type="LSTM", encoder_num_layers=2
+        ),
         "prefix-projection-hidden-7": lambda cfg: tp.PrefixTuningConfig(
             num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=7
         ),
         "adapter-mlp": lambda cfg: tp.AdapterConfig(bottleneck_size=5, placement="mlp"),
+        "vera-bias-all": lambda cfg: tp.VeraConfig(r=30, bias="all", target_modules=["c_proj", "mlp.c_fc"]),
+        "vera-bias-vera-only": lambda cfg: tp.VeraConfig(bias="vera_only"),
     }
     return configs
 
@@ -102,13 +108,15 @@ def adapter_configs():
 @pytest.mark.parametrize("name", sorted(adapter_configs()))
 def test_each_method_counts_the_tensors_it_builds(name):
     """estimated_parameters, from the config alone, is exactly what the adapter holds (PiSSA's frozen
-    residual included): the count is checked before building, so it must not be a guess."""
+    residual and VeRA's frozen projections included): the count is checked before building, so it must not be
+    a guess."""
     base = tp.GPT(tp.GPTConfig(**ODD))
     config = adapter_configs()[name](base.config)
     if config is None:  # full fine-tuning: no adapter
         return
     adapter = tp.get_peft_model(base, config).active
     held = [*adapter.params.values(), *getattr(adapter, "residual_weights", {}).values()]
+    held += [getattr(adapter, frozen) for frozen in ("vera_A", "vera_B") if hasattr(adapter, frozen)]
     assert config.estimated_parameters(base) == sum(int(a.size) for a in held)
 
 

@@ -26,6 +26,11 @@ LONGER_MODULES = {
         "LoRA, rsLoRA, DoRA and PiSSA share one config, adapter and site, and the method's registry entry "
         "(principle 9) holds their 14 golden cases and their error cases; the variants' math is in lora_variants.py",
     ),
+    "vera.py": (
+        500,
+        "besides VeRA's math, config, adapter, site and registry entry, the one file holds PEFT's torch draw of the "
+        "shared projections reproduced in NumPy, and their save_projection file rules, in PEFT's names",
+    ),
 }
 
 MODULES = sorted(p for p in PACKAGE.rglob("*.py"))

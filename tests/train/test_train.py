@@ -107,11 +107,13 @@ PEFT_METHODS = {
     "bitfit": tp.BitFitConfig,
     "lntuning": tp.LNTuningConfig,
     "prompt": lambda: tp.PromptTuningConfig(num_virtual_tokens=4),
+    "ptuning": lambda: tp.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=6),
     "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True),
     "ia3": tp.IA3Config,
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4),
     "lora": lambda: tp.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], lora_dropout=0.1),
     "dora": lambda: tp.LoraConfig(r=4, use_dora=True, use_rslora=True),
+    "vera": lambda: tp.VeraConfig(r=16, target_modules=["c_attn", "c_fc"], vera_dropout=0.1, projection_prng_key=5),
 }
 
 

@@ -77,6 +77,19 @@ def is_lora(case: Case, **fields: object) -> bool:
     return cfg.get("peft_type") == "LORA" and all(cfg.get(k) == v for k, v in fields.items())
 
 
+def vera_sliced(case: Case, which: str) -> bool:
+    """A VeRA case with a target narrower than the shared A (which="A": in < max in) or shorter than B ("B")."""
+    cfg, model = case.method_config or {}, case.model_config
+    if cfg.get("peft_type") != "VERA":
+        return False
+    C, inner = model["n_embd"], model["n_inner"] or 4 * model["n_embd"]
+    sizes = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, inner), "mlp.c_proj": (inner, C)}
+    targets = cfg["target_modules"]
+    hit = [size for module, size in sizes.items() if any(module == t or module.endswith("." + t) for t in targets)]
+    axis = 0 if which == "A" else 1
+    return len({size[axis] for size in hit}) > 1
+
+
 def loss_reads_a_query_that_sees_nothing(case: Case) -> bool:
     """A left-padded row whose last pad predicts its first token, with no virtual token in front to see."""
     virtual = "num_virtual_tokens" in (case.method_config or {})
@@ -150,6 +163,27 @@ MUTATIONS = {
         lambda c: c.method == "ptuning" and c.method_config["encoder_reparameterization_type"] == "MLP"),
     "bottleneck adapter without its residual": Mutation(
         "return h + g @", "return g @", lambda c: c.method == "bottleneck_adapter"),
+    "VeRA without its b vector": Mutation(
+        "x @ W + b + l_b * ((l_d * (x @ A.T)) @ B.T)", "x @ W + b + ((l_d * (x @ A.T)) @ B.T)",
+        lambda c: c.method == "vera"),
+    "VeRA's d scales the output, not the rank": Mutation(
+        "l_b * ((l_d * (x @ A.T)) @ B.T)", "l_b * ((x @ A.T) @ B.T) * l_d.sum()",
+        lambda c: c.method == "vera" and c.method_config["r"] > 1),  # at r = 1 the two are the same
+    "VeRA's A sliced from the right": Mutation(
+        "A[:, : W.shape[0]]", "A[:, A.shape[1] - W.shape[0] :]", lambda c: vera_sliced(c, "A")),
+    "VeRA's B sliced from the bottom": Mutation(
+        "B[: W.shape[1]]", "B[B.shape[0] - W.shape[1] :]", lambda c: vera_sliced(c, "B")),
+    "VeRA's B drawn before A": Mutation(
+        "A = torch.empty(r, n_in).uniform_(-bound[0], bound[0], generator=generator)",
+        "B0 = torch.empty(n_out, r).uniform_(-bound[1], bound[1], generator=generator)\n"
+        "    A = torch.empty(r, n_in).uniform_(-bound[0], bound[0], generator=generator)",
+        lambda c: c.method == "vera"),
+    "VeRA's kaiming bound without its gain": Mutation(
+        "math.sqrt(3.0) * (math.sqrt(2.0) / math.sqrt(shape[1]))", "math.sqrt(3.0) / math.sqrt(shape[1])",
+        lambda c: c.method == "vera"),
+    "VeRA's projections seeded with the key plus one": Mutation(
+        'manual_seed(cfg["projection_prng_key"])', 'manual_seed(cfg["projection_prng_key"] + 1)',
+        lambda c: c.method == "vera"),
 }  # fmt: skip
 
 

@@ -82,13 +82,13 @@ def test_every_method_in_every_dtype_with_the_variants_a_port_gets_wrong(cases):
 
 
 def test_the_numbers_are_informative(cases):
-    """Away from every init where a formula's term vanishes: LoRA's B != 0, DoRA's m differs from the norm it
-    divides by (k != 1), IA3's vectors differ from 1, the adapters' up-projections from 0; no gradient is
-    negligible next to the case's largest."""
+    """Away from every init where a formula's term vanishes: LoRA's B != 0 (and VeRA's λ_b), DoRA's m differs from
+    the norm it divides by (k != 1), IA3's vectors differ from 1, the adapters' up-projections from 0; no gradient
+    is negligible next to the case's largest."""
     for case in cases:
         w = case.weights
         for name, value in w.items():
-            if name.endswith(("lora_B.weight", "adapter_up.weight")):
+            if name.endswith(("lora_B.weight", "adapter_up.weight", "vera_lambda_b")):
                 assert np.abs(value).min() > 0, name
             if name.endswith("ia3_l"):
                 assert not np.allclose(value, 1), name

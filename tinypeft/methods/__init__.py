@@ -13,6 +13,7 @@ from .prefix import PrefixTuningConfig
 from .ia3 import IA3Config
 from .adapter import AdapterConfig
 from .ptuning import PromptEncoderConfig
+from .vera import VeraConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -34,6 +35,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "SelectiveConfig",
+    "VeraConfig",
     "freeze",
     "match_modules",
     "match_parameters",

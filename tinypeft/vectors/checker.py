@@ -220,6 +220,10 @@ def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
                 state[name] = weights.pop(name)
             else:
                 raise CheckpointError(f"case {case['name']}: the weights lack the adapter tensor {name!r}")
+        saved = adapter.state_dict()
+        for name, value in derived.items():  # a derived tensor the adapter saves but never trains (frozen
+            if name in saved and name not in adapter.params:  # random projections) is not in the weights: as drawn
+                state[name] = value
         adapter.load_state_dict(state)
     if weights:
         raise CheckpointError(f"case {case['name']}: weights this method does not use: {sorted(weights)[:3]}")
