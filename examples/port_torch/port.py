@@ -227,6 +227,20 @@ def add_bottleneck(model: GPT, cfg: dict[str, Any]) -> None:
             model.linear[module] = adapted
 
 
+# ================================================================ LoHa (docs/loha.md)
+def add_loha(model: GPT, cfg: dict[str, Any]) -> None:
+    p, s = model.params, cfg["alpha"] / cfg["r"]
+    for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
+        w1a, w1b, w2a, w2b = (p[f"{PEFT}{module}.hada_{w}"] for w in ("w1_a", "w1_b", "w2_a", "w2_b"))
+        W, b = p[module + ".weight"], p[module + ".bias"]
+
+        def loha(x: Tensor, W=W, b=b, w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b) -> Tensor:
+            delta = s * (w1a @ w1b) * (w2a @ w2b)  # (out, in): PEFT's nn.Linear layout, so it enters transposed
+            return x @ W + b + x @ delta.T
+
+        model.linear[module] = loha
+
+
 # ================================================================ the interface (VECTORS.md)
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """logits, loss, the gradient of every trainable tensor, and the tensors the init derives."""
@@ -256,6 +270,8 @@ def compute(case: dict[str, Any]) -> dict[str, Any]:
         add_ia3(model, cfg)
     elif kind == "BOTTLENECK_ADAPTER":
         add_bottleneck(model, cfg)
+    elif kind == "LOHA":
+        add_loha(model, cfg)
     # None (full fine-tuning), BITFIT, LN_TUNING: the base model, with the trainable tensors the case names
     ids = torch.from_numpy(case["input_ids"])
     mask = None if case["attention_mask"] is None else torch.from_numpy(case["attention_mask"])

@@ -141,6 +141,14 @@ MUTATIONS = {
         "(x @ W + b) * l", "(x @ W) * l + b", lambda c: c.method == "ia3"),
     "bottleneck adapter without its residual": Mutation(
         "return h + g @", "return g @", lambda c: c.method == "bottleneck_adapter"),
+    "LoHa: the sum of the two products, not their Hadamard product": Mutation(
+        "s * (w1a @ w1b) * (w2a @ w2b)", "s * ((w1a @ w1b) + (w2a @ w2b))", lambda c: c.method == "loha"),
+    "LoHa's (out, in) delta reshaped, not transposed, to GPT-2's (in, out)": Mutation(
+        "return x @ W + b + x @ delta.T", "return x @ W + b + x @ delta.reshape(delta.shape[::-1])",
+        lambda c: c.method == "loha"),
+    "LoHa scaled by alpha, not alpha / r": Mutation(
+        'p, s = model.params, cfg["alpha"] / cfg["r"]', 'p, s = model.params, cfg["alpha"]',
+        lambda c: c.method == "loha" and c.method_config["r"] > 1),
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from .prompt import PromptTuningConfig
 from .prefix import PrefixTuningConfig
 from .ia3 import IA3Config
 from .adapter import AdapterConfig
+from .loha import LoHaConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -26,6 +27,7 @@ __all__ = [
     "IA3Config",
     "LNTuningConfig",
     "LastBlocksConfig",
+    "LoHaConfig",
     "LoraConfig",
     "MethodSpec",
     "PeftConfig",
