@@ -4,7 +4,7 @@
     python examples/forgetting.py --out docs/experiments   # rewrites the committed results
     python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
 
-Full fine-tuning, LoRA, prompt tuning, IA3, bottleneck adapters, BitFit and LoHa, each as `tinypeft
+Full fine-tuning, LoRA, prompt tuning, IA3, bottleneck adapters, BitFit, LoHa and LoKr, each as `tinypeft
 finetune --method M` configures it (its default config and learning rate), train for the same steps on
 the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
 the original (prose) loss rose, both against the base model; the trainable parameters; the median time
@@ -29,8 +29,9 @@ METHODS = {  # label: `tinypeft finetune --method` name
     "bottleneck adapters (16)": "adapter",
     "BitFit": "bitfit",
     "LoHa r=8 (c_attn)": "loha",
+    "LoKr r=8 (c_attn)": "lokr",
 }
-COLORS = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:red")
+COLORS = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:red", "tab:olive")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -87,3 +87,17 @@ class FixedRand:
 
     def __getattr__(self, name: str):
         return getattr(torch, name)
+
+
+@st.composite
+def lokr_configs(draw, dropout: bool = False, inits=(False, True, "lycoris")) -> tp.LoKrConfig:
+    """A LoKrConfig: r in 1..6 (small r: W2 (and with decompose_both W1) low-rank; large r: full matrices),
+    s = alpha / r in 1/2..2, targets, decompose_both, a decompose_factor (-1, one that divides many sizes, or
+    one that divides few), an init, maybe dropouts and rank_dropout_scale."""
+    r = draw(st.integers(1, 6))
+    s = draw(st.sampled_from([0.5, 1.0, 5 / 3, 2.0]))
+    return tp.LoKrConfig(
+        r=r, alpha=s * r, target_modules=draw(targets()), init_weights=draw(st.sampled_from(inits)),
+        decompose_both=draw(st.booleans()), decompose_factor=draw(st.sampled_from([-1, -1, 1, 2, 3, 4, 5])),
+        rank_dropout_scale=draw(st.booleans()), **draw(dropouts(dropout)),
+    )  # fmt: skip

@@ -22,17 +22,18 @@ import torch
 from hf_utils import hf_causal_lm_loss, hf_twin, linear_twin
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from lycoris_strategies import FixedRand, loha_configs, peft_draws, perturb_adapter
+from lycoris_strategies import FixedRand, loha_configs, lokr_configs, peft_draws, perturb_adapter
 from strategies import cases, perturbed_model
 
 import tinypeft as tp
 from tinypeft import engine
 from tinypeft.gradcheck import relative_error
+from tinypeft.methods.lokr import factorization
 
 TOL = 1e-10  # the same float64 formulas on both sides; measured differences are ~1e-15
 MERGE_TOL = 1e-12
-PEFT_CONFIGS = {"LOHA": peft.LoHaConfig}
-LAYER_MODULES = {"LOHA": peft.tuners.loha.layer}
+PEFT_CONFIGS = {"LOHA": peft.LoHaConfig, "LOKR": peft.LoKrConfig}
+LAYER_MODULES = {"LOHA": peft.tuners.loha.layer, "LOKR": peft.tuners.lokr.layer}
 
 
 @contextlib.contextmanager
@@ -86,12 +87,30 @@ def visible_labels(labels: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return labels
 
 
+def peft_rounds_rescaled_rows(config) -> bool:
+    """PEFT's LoKr makes its rank-dropout mask with `.float()`, so the kept rows' 1/fraction is float32 even in
+    a float64 model (LoHa's mask takes the weight's dtype)."""
+    return config.peft_type == "LOKR" and config.rank_dropout > 0 and config.rank_dropout_scale
+
+
+def rounded_to_float32(draw):
+    """A site's `draw` whose rank-dropout multiplier is rounded to float32 as PEFT's LoKr computes it."""
+
+    def rounded(module):
+        applied, keep = draw(module)
+        return applied, None if keep is None else keep.astype(np.float32).astype(keep.dtype)
+
+    return rounded
+
+
 def compare(model: tp.PeftModel, twin, ids, labels, mask) -> dict[str, float]:
     """Relative differences of logits (rows that see something), loss and every factor's gradient, with
     the model in whichever mode it is: in training mode PEFT draws what our one view drew."""
     view = model.view()
-    site = next(iter(view.sites.linear.values()))
+    site = next(iter(view.sites.linear.values()))  # one site object serves every targeted layer
     draws = peft_draws(site) if model.training else iter(())
+    if model.training and peft_rounds_rescaled_rows(model.active.config):
+        site.draw = rounded_to_float32(site.draw)
     twin.train(model.training)
     with torch_float64(), peft_rand(model.active.config.peft_type, draws) as rand:
         out = twin(input_ids=torch.tensor(ids), attention_mask=None if mask is None else torch.tensor(mask))
@@ -160,8 +179,14 @@ def test_loha_matches_peft(case, config, training):
     matches_peft(case, config, training)
 
 
+@settings(max_examples=20)
+@given(cases(min_len=2, min_embd=3), lokr_configs(dropout=True), st.booleans())
+def test_lokr_matches_peft(case, config, training):
+    matches_peft(case, config, training)
+
+
 @settings(max_examples=10)
-@given(cases(min_len=2, min_embd=3), loha_configs())
+@given(cases(min_len=2, min_embd=3), st.one_of(loha_configs(), lokr_configs()))
 def test_merge_matches_peft(case, config):
     model = tp.get_peft_model(case.model, config, seed=case.seed)
     perturb_adapter(model, case.seed)
@@ -208,9 +233,61 @@ def test_peft_s_loha_rounds_its_scale_to_torch_s_default_dtype():
     assert relative_error(model(IDS), peft_logits(twin, IDS)) <= 1e-14
 
 
+def test_peft_s_lokr_rescales_dropped_rows_in_float32():
+    """PEFT's LoKr divides its rank-dropout mask by the fraction kept in float32 (the mask is `.float()`), even
+    in a float64 model: its delta is then off by float32's rounding (~1e-8). tinypeft divides in the model's
+    dtype; with its multiplier rounded the same way, the two agree to 1e-15 (test_lokr_matches_peft)."""
+    config = tp.LoKrConfig(r=2, rank_dropout=0.3, rank_dropout_scale=True, init_weights=False, target_modules=["c_fc"])
+    model = tp.get_peft_model(small_base(), config).train()
+    perturb_adapter(model, 0)
+    twin = peft_twin(model)
+    view = model.view()
+    site = next(iter(view.sites.linear.values()))
+    keeps = [site.draw(layer.module)[1] for layer in model.active.layers]
+    assert any(k.max() != np.float32(k.max()) for k in keeps)  # a multiplier float32 cannot hold
+    twin.train()
+    with torch_float64(), peft_rand("LOKR", peft_draws(site)), torch.no_grad():
+        theirs = twin(input_ids=torch.tensor(IDS)).logits.numpy()
+    assert 1e-12 < relative_error(engine.logits(view, IDS, None), theirs) < 1e-6
+
+
+@pytest.mark.parametrize("init_weights", [True, "lycoris", False])
+@pytest.mark.parametrize("shape", [{"r": 1, "decompose_both": True}, {"r": 8}, {"r": 2, "decompose_factor": 4}])
+def test_lokr_init_matches_peft_s_rule(init_weights, shape):
+    """The same tensors (which factors are low-rank), shapes and zeros as PEFT's init, values inside the same
+    kaiming bounds."""
+    base = small_base()
+    config = tp.LoKrConfig(target_modules=["c_attn", "c_fc"], init_weights=init_weights, **shape)
+    ours = tp.get_peft_model(base, config).adapter_state_dict()
+    torch.manual_seed(0)
+    with torch_float64():
+        theirs = peft.get_peft_model_state_dict(peft.get_peft_model(linear_twin(base), peft_config(config)))
+    assert {k: v.shape for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    for name, value in ours.items():
+        reference = theirs[name].numpy()
+        assert (not value.any()) == (not reference.any()), name
+        bound = 1 / math.sqrt(value.shape[1])
+        assert np.abs(value).max() <= bound and np.abs(reference).max() <= bound, name
+
+
+def test_factorization_is_peft_s():
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    for factor in (-1, 1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 64, 1000):
+        for dimension in range(1, 1025):
+            assert factorization(dimension, factor) == peft_factorization(dimension, factor), (dimension, factor)
+
+
 # ------------------------------------------------------------------ files, both ways
 def file_cases() -> dict[str, tp.PeftConfig]:
     return {
+        "lokr": tp.LoKrConfig(r=2, alpha=3, init_weights=False),
+        "lokr_both_factor": tp.LoKrConfig(
+            r=1, decompose_both=True, decompose_factor=2, target_modules=["c_proj", "c_fc"]
+        ),
+        "lokr_full_lycoris": tp.LoKrConfig(
+            r=6, alpha=2, init_weights="lycoris", rank_dropout=0.2, rank_dropout_scale=True
+        ),
         "loha": tp.LoHaConfig(r=3, alpha=5, init_weights=False),
         "loha_all_linear": tp.LoHaConfig(r=2, alpha=1, target_modules=["c_attn", "c_proj", "c_fc"], rank_dropout=0.1),
         "loha_regex": tp.LoHaConfig(r=5, target_modules=r"transformer\.h\.1\.mlp\.c_\w+", module_dropout=0.2),

@@ -13,6 +13,7 @@ from .prefix import PrefixTuningConfig
 from .ia3 import IA3Config
 from .adapter import AdapterConfig
 from .loha import LoHaConfig
+from .lokr import LoKrConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -28,6 +29,7 @@ __all__ = [
     "LNTuningConfig",
     "LastBlocksConfig",
     "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MethodSpec",
     "PeftConfig",
