@@ -1,11 +1,11 @@
-"""Catastrophic forgetting: seven ways to fine-tune the shipped base on code, at matched steps.
+"""Catastrophic forgetting: ways to fine-tune the shipped base on code, at matched steps.
 
     python examples/forgetting.py            # writes runs/experiments/forgetting.{json,png}
     python examples/forgetting.py --out docs/experiments   # rewrites the committed results
     python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
 
-Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters, BitFit and VeRA, each as `tinypeft
-finetune --method M` configures it (its default config and learning rate), train for the same steps on
+Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters, BitFit, VeRA, LoHa and LoKr, each as
+`tinypeft finetune --method M` configures it (its default config and learning rate), train for the same steps on
 the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
 the original (prose) loss rose, both against the base model; the trainable parameters; the median time
 of a training step; and the peak memory of building the model and running two steps (tracemalloc, as
@@ -30,8 +30,11 @@ METHODS = {  # label: `tinypeft finetune --method` name
     "bottleneck adapters (16)": "adapter",
     "BitFit": "bitfit",
     "VeRA r=256 (c_attn)": "vera",
+    "LoHa r=8 (c_attn)": "loha",
+    "LoKr r=8 (c_attn)": "lokr",
 }
-COLORS = ("black", "tab:blue", "tab:orange", "tab:olive", "tab:green", "tab:purple", "tab:brown", "tab:cyan")
+COLORS = ("black", "tab:blue", "tab:orange", "tab:olive", "tab:green", "tab:purple", "tab:brown", "tab:cyan", "tab:red")
+COLORS += ("tab:pink",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 import tinypeft as tp
 
@@ -46,3 +47,21 @@ def hf_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100
     )
+
+
+def linear_twin(model: tp.GPT) -> GPT2LMHeadModel:
+    """`hf_twin(model)` with every Conv1D replaced by the torch.nn.Linear that computes the same thing: its
+    weight (out, in) is Conv1D's (in, out) transposed, its bias the same. Module names do not change
+    (`transformer.h.0.attn.c_attn`). PEFT's LoHa, LoKr, OFT and BOFT accept only nn.Linear, not Conv1D:
+    they are cross-checked on this model."""
+    hf = hf_twin(model)
+    for name, module in list(hf.named_modules()):
+        if isinstance(module, Conv1D):
+            n_in, n_out = module.weight.shape
+            linear = torch.nn.Linear(n_in, n_out, dtype=module.weight.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight.T)
+                linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(hf.get_submodule(parent), child, linear)
+    return hf.eval()

@@ -292,6 +292,50 @@ def add_vera(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> Non
         )
 
 
+# ================================================================ LoHa (docs/loha.md)
+def add_loha(model: GPT, cfg: dict[str, Any]) -> None:
+    p, s = model.params, cfg["alpha"] / cfg["r"]
+    for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
+        w1a, w1b, w2a, w2b = (p[f"{PEFT}{module}.hada_{w}"] for w in ("w1_a", "w1_b", "w2_a", "w2_b"))
+        W, b = p[module + ".weight"], p[module + ".bias"]
+
+        def loha(x: Tensor, W=W, b=b, w1a=w1a, w1b=w1b, w2a=w2a, w2b=w2b) -> Tensor:
+            delta = s * (w1a @ w1b) * (w2a @ w2b)  # (out, in): PEFT's nn.Linear layout, so it enters transposed
+            return x @ W + b + x @ delta.T
+
+        model.linear[module] = loha
+
+
+# ================================================================ LoKr (docs/lokr.md)
+def split(dimension: int, factor: int) -> tuple[int, int]:
+    """lokr.md, factorization: (f, dim / f) if f > 0 divides dim; else (m, dim / m) with m the largest divisor of
+    dim with m <= sqrt(dim), and m <= f when f > 0."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = math.isqrt(dimension) if factor == -1 else min(math.isqrt(dimension), factor)
+    m = max(k for k in range(1, limit + 1) if dimension % k == 0)
+    return m, dimension // m
+
+
+def add_lokr(model: GPT, cfg: dict[str, Any]) -> None:
+    p, r, scale = model.params, cfg["r"], cfg["alpha"] / cfg["r"]
+    for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
+        W, b = p[module + ".weight"], p[module + ".bias"]
+        c, d = split(W.shape[0], cfg["decompose_factor"])  # in = c d
+        a, bb = split(W.shape[1], cfg["decompose_factor"])  # out = a bb
+        name = f"{PEFT}{module}.lokr_"
+        low_rank_w1 = cfg["decompose_both"] and r < max(a, c) / 2
+        low_rank_w2 = r < max(bb, d) / 2
+
+        def lokr(x: Tensor, W=W, b=b, name=name, low_rank_w1=low_rank_w1, low_rank_w2=low_rank_w2) -> Tensor:
+            w1 = p[name + "w1_a"] @ p[name + "w1_b"] if low_rank_w1 else p[name + "w1"]  # (a, c)
+            w2 = p[name + "w2_a"] @ p[name + "w2_b"] if low_rank_w2 else p[name + "w2"]  # (bb, d)
+            delta = scale * torch.kron(w1, w2)  # (a bb, c d) = (out, in), PEFT's nn.Linear layout
+            return x @ W + x @ delta.T + b
+
+        model.linear[module] = lokr
+
+
 # ================================================================ the interface (VECTORS.md)
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """logits, loss, the gradient of every trainable tensor, and the tensors the init derives."""
@@ -325,6 +369,10 @@ def compute(case: dict[str, Any]) -> dict[str, Any]:
         add_bottleneck(model, cfg)
     elif kind == "VERA":
         add_vera(model, cfg, derived)
+    elif kind == "LOHA":
+        add_loha(model, cfg)
+    elif kind == "LOKR":
+        add_lokr(model, cfg)
     # None (full fine-tuning), BITFIT, LN_TUNING: the base model, with the trainable tensors the case names
     ids = torch.from_numpy(case["input_ids"])
     mask = None if case["attention_mask"] is None else torch.from_numpy(case["attention_mask"])

@@ -184,6 +184,24 @@ MUTATIONS = {
     "VeRA's projections seeded with the key plus one": Mutation(
         'manual_seed(cfg["projection_prng_key"])', 'manual_seed(cfg["projection_prng_key"] + 1)',
         lambda c: c.method == "vera"),
+    "LoHa: the sum of the two products, not their Hadamard product": Mutation(
+        "s * (w1a @ w1b) * (w2a @ w2b)", "s * ((w1a @ w1b) + (w2a @ w2b))", lambda c: c.method == "loha"),
+    "LoHa's (out, in) delta reshaped, not transposed, to GPT-2's (in, out)": Mutation(
+        "return x @ W + b + x @ delta.T", "return x @ W + b + x @ delta.reshape(delta.shape[::-1])",
+        lambda c: c.method == "loha"),
+    "LoHa scaled by alpha, not alpha / r": Mutation(
+        'p, s = model.params, cfg["alpha"] / cfg["r"]', 'p, s = model.params, cfg["alpha"]',
+        lambda c: c.method == "loha" and c.method_config["r"] > 1),
+    "LoKr's Kronecker factors in the other order": Mutation(
+        "torch.kron(w1, w2)", "torch.kron(w2, w1)", lambda c: c.method == "lokr" and c.variant != "factor2_odd"),
+    "LoKr's (out, in) delta reshaped, not transposed, to GPT-2's (in, out)": Mutation(
+        "x @ delta.T + b", "x @ delta.reshape(delta.shape[::-1]) + b", lambda c: c.method == "lokr"),
+    "LoKr scaled by alpha, not alpha / r": Mutation(
+        'cfg["r"], cfg["alpha"] / cfg["r"]', 'cfg["r"], cfg["alpha"]',
+        lambda c: c.method == "lokr" and c.method_config["r"] > 1),
+    "LoKr makes W1 low-rank without decompose_both": Mutation(
+        'low_rank_w1 = cfg["decompose_both"] and r', "low_rank_w1 = r",
+        lambda c: c.method == "lokr" and c.variant == "odd"),
 }  # fmt: skip
 
 

@@ -14,6 +14,8 @@ from .ia3 import IA3Config
 from .adapter import AdapterConfig
 from .ptuning import PromptEncoderConfig
 from .vera import VeraConfig
+from .loha import LoHaConfig
+from .lokr import LoKrConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -28,6 +30,8 @@ __all__ = [
     "IA3Config",
     "LNTuningConfig",
     "LastBlocksConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "MethodSpec",
     "PeftConfig",

@@ -10,7 +10,7 @@ from .format import Case
 FLOAT64_TOLERANCE = 1e-10
 # float32, per kind of tensor: the unit roundoff is 6e-8, and what a correct float32 implementation loses
 # grows with the depth of the computation and with sums of many terms that cancel. Measured on these cases
-# (tinypeft in float32 and the torch port, VECTORS.md): loss and logits <= 4e-7, gradients <= 2.1e-6, LayerNorm
+# (tinypeft in float32 and the torch port, VECTORS.md): loss and logits <= 4e-7, gradients <= 2.8e-6, LayerNorm
 # weight gradients <= 1.9e-6 (few rows here: their error grows with B*T). The tolerances are 25 to 150 times
 # that. Telling a wrong formula from rounding is the float64 cases' job (1e-10).
 FLOAT32_TOLERANCES = {
