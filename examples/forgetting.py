@@ -1,10 +1,10 @@
-"""Catastrophic forgetting: six ways to fine-tune the shipped base on code, at matched steps.
+"""Catastrophic forgetting: eight ways to fine-tune the shipped base on code, at matched steps.
 
     python examples/forgetting.py            # writes runs/experiments/forgetting.{json,png}
     python examples/forgetting.py --out docs/experiments   # rewrites the committed results
     python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
 
-Full fine-tuning, LoRA, prompt tuning, IA3, bottleneck adapters and BitFit, each as `tinypeft
+Full fine-tuning, LoRA, prompt tuning, IA3, bottleneck adapters, BitFit, OFT and BOFT, each as `tinypeft
 finetune --method M` configures it (its default config and learning rate), train for the same steps on
 the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
 the original (prose) loss rose, both against the base model; the trainable parameters; the median time
@@ -28,8 +28,10 @@ METHODS = {  # label: `tinypeft finetune --method` name
     "IA3": "ia3",
     "bottleneck adapters (16)": "adapter",
     "BitFit": "bitfit",
+    "OFT (blocks of 32, c_attn)": "oft",
+    "BOFT (blocks of 4, c_attn)": "boft",
 }
-COLORS = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+COLORS = ("black", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:red", "tab:olive")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

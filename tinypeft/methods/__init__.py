@@ -12,6 +12,8 @@ from .prompt import PromptTuningConfig
 from .prefix import PrefixTuningConfig
 from .ia3 import IA3Config
 from .adapter import AdapterConfig
+from .oft import OFTConfig
+from .boft import BOFTConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -22,12 +24,14 @@ __all__ = [
     "PEFT_PREFIX",
     "Adapter",
     "AdapterConfig",
+    "BOFTConfig",
     "BitFitConfig",
     "IA3Config",
     "LNTuningConfig",
     "LastBlocksConfig",
     "LoraConfig",
     "MethodSpec",
+    "OFTConfig",
     "PeftConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
