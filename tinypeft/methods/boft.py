@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +36,10 @@ from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
 from .orthogonal import (
     TARGET_FLAG,
     UNSUPPORTED,
+    Gather,
     butterfly_backward,
     butterfly_forward,
+    butterfly_gathers,
     butterfly_matrix,
     butterfly_permutations,
     cayley_backward,
@@ -80,18 +82,18 @@ def boft_rotations_backward(dR: Array, cache: tuple) -> Array:
 
 
 def boft_forward(
-    x: Array, weight: Array, bias: Array, R: Array, perms: list[np.ndarray], s: Array
+    x: Array, weight: Array, bias: Array, R: Array, gathers: Sequence[Gather], s: Array
 ) -> tuple[Array, tuple]:
     """y = ((x M) W) ⊙ s + b: x (..., in), W (in, out), b (out,), R (F, D, H, H), s (out, 1) -> y (..., out).
     Cache: the butterfly's caches, the linear layer's (x M, W), z = (x M) W (for ds) and s."""
-    rotated, butterfly_cache = butterfly_forward(x, R, perms)  # [..., in]
+    rotated, butterfly_cache = butterfly_forward(x, R, gathers)  # [..., in]
     z, linear_cache = linear_forward(rotated, weight, None)  # [..., out]
     scale = s[:, 0]  # [out, 1] -> [out]
     return z * scale + bias, (butterfly_cache, linear_cache, z, scale)
 
 
 def boft_backward(
-    dy: Array, cache: tuple, perms: list[np.ndarray], need_dx: bool = True, need_dparams: bool = True,
+    dy: Array, cache: tuple, gathers: Sequence[Gather], need_dx: bool = True, need_dparams: bool = True,
     need_dbias: bool = False,
 ) -> tuple[Array | None, Array | None, Array | None, Array | None]:  # fmt: skip
     """(dx, dR (F, D, H, H), ds, db). In the forward pass this was z = x' W, y = z ⊙ s + b, so:
@@ -104,7 +106,7 @@ def boft_backward(
     dx = dR = None
     if need_dx or need_dparams:
         drotated, _, _ = linear_backward(dy * scale, linear_cache, True, False, False)  # [..., in]
-        dx, dR = butterfly_backward(drotated, butterfly_cache, perms, len(perms), need_dx, need_dparams)
+        dx, dR = butterfly_backward(drotated, butterfly_cache, gathers, need_dx, need_dparams)
     return dx, dR, ds, db
 
 
@@ -208,7 +210,7 @@ class BOFTLayer:
     n_factors: int
     block_num: int
     block_size: int
-    perms: tuple[np.ndarray, ...]
+    gathers: tuple[Gather, ...]  # per factor, (perm_f, inv_f) or None (orthogonal.butterfly_gathers)
 
     @property
     def weight(self) -> str:
@@ -247,7 +249,9 @@ class BOFTAdapter(Adapter):
         for module in config.targets(base):
             n_in, n_out = base.params[module + ".weight"].shape
             D, H = config.layer_shape(module, n_in)
-            layer = BOFTLayer(module, n_in, n_out, F, D, H, tuple(butterfly_permutations(n_in, D, H, F)))
+            layer = BOFTLayer(
+                module, n_in, n_out, F, D, H, tuple(butterfly_gathers(butterfly_permutations(n_in, D, H, F)))
+            )
             X = np.zeros((F, D, H, H)) if config.init_weights else rng.normal(0.0, 0.1, size=(F, D, H, H))
             s = np.ones((n_out, 1)) if config.init_weights else rng.normal(1.0, 0.1, size=(n_out, 1))
             params[layer.boft_R] = xp.asarray(X.astype(dtype))
@@ -269,7 +273,7 @@ class BOFTAdapter(Adapter):
         super().merge(base_params)
         for layer in self.layers:
             R, _ = boft_rotations_forward(self.params[layer.boft_R])
-            M = butterfly_matrix(R, list(layer.perms), layer.in_features)
+            M = butterfly_matrix(R, layer.gathers, layer.in_features)
             base_params[layer.weight] = (M @ base_params[layer.weight]) * self.params[layer.boft_s][:, 0]
 
     def unmerge(self, base_params: dict[str, Array], originals: Mapping[str, Array]) -> None:
@@ -308,7 +312,7 @@ class BOFTSite:
                                   adapter.config.boft_dropout, adapter.dtype)  # fmt: skip
             drop = adapter.xp.asarray(mask)
         R, rotation_cache = boft_rotations_forward(params[layer.boft_R], drop)
-        y, cache = boft_forward(x, params[layer.weight], params[layer.bias], R, list(layer.perms), params[layer.boft_s])
+        y, cache = boft_forward(x, params[layer.weight], params[layer.bias], R, layer.gathers, params[layer.boft_s])
         return y, (layer, rotation_cache, cache)
 
     def backward(
@@ -318,7 +322,7 @@ class BOFTSite:
         if layer.weight in trainable:
             raise ConfigError(f"{layer.weight} is trainable, but BOFT keeps the base weight frozen")
         need_dparams = not {layer.boft_R, layer.boft_s}.isdisjoint(trainable)
-        dx, dR, ds, db = boft_backward(dy, inner, list(layer.perms), need_dx, need_dparams, layer.bias in trainable)
+        dx, dR, ds, db = boft_backward(dy, inner, layer.gathers, need_dx, need_dparams, layer.bias in trainable)
         grads = {layer.bias: db} if db is not None else {}
         if need_dparams:
             grads[layer.boft_R] = boft_rotations_backward(dR, rotation_cache)

@@ -19,7 +19,7 @@ and its Neumann form (`use_cayley_neumann`), PEFT's truncated series with the op
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -66,8 +66,14 @@ def skew_from_upper_backward(dS: Array) -> Array:
     """dq[t] = dS[i, j] − dS[j, i]: q[t] enters S twice, at (i, j) with sign + and at (j, i) with sign −.
 
     dS: (k, b, b) -> dq: (k, b(b−1)/2)."""
-    rows, cols = np.triu_indices(dS.shape[-1], 1)
+    xp = namespace(dS)
+    rows, cols = (xp.asarray(i) for i in upper_triangle(dS.shape[-1]))
     return dS[:, rows, cols] - dS[:, cols, rows]
+
+
+def upper_triangle(b: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the strict upper triangle of a b x b matrix, row by row: torch.triu_indices(b, b, 1)."""
+    return np.triu_indices(b, 1)
 
 
 def skew_part_forward(X: Array) -> Array:
@@ -234,25 +240,33 @@ def butterfly_permutations(n_in: int, block_num: int, block_size: int, n_factors
     ]
 
 
-def butterfly_forward(x: Array, R: Array, perms: list[np.ndarray]) -> tuple[Array, list]:
+# per factor, the gathers x P_f = x[..., inv_f] and x P_fᵀ = x[..., perm_f] as (perm_f, inv_f), or None for P_f = I
+Gather = "tuple[np.ndarray, np.ndarray] | None"
+
+
+def butterfly_gathers(perms: Sequence[np.ndarray]) -> list[Gather]:
+    """(perm_f, inv_f) for each factor, None where perm_f is the identity (P_0 always; every P_f when F = 1)."""
+    return [None if np.array_equal(p, np.arange(p.size)) else (p, np.argsort(p)) for p in perms]
+
+
+def butterfly_forward(x: Array, R: Array, gathers: Sequence[Gather]) -> tuple[Array, list]:
     """x' = x M_{F−1} ⋯ M_0 with x M_f = ((x P_f) B_f) P_fᵀ: gather by inv_f, rotate the blocks, gather by perm_f.
 
     x: (..., in), R: (F, D, H, H) -> x': (..., in). Cache: each factor's block-rotation cache, in the order applied.
     """
     xp = namespace(x, R)
     caches = []
-    for f in reversed(range(len(perms))):
-        perm = perms[f]
-        permuted = not np.array_equal(perm, np.arange(perm.size))
-        u = x[..., xp.asarray(np.argsort(perm))] if permuted else x  # x P_f
+    for f in reversed(range(len(gathers))):
+        gather = gathers[f]
+        u = x if gather is None else x[..., xp.asarray(gather[1])]  # x P_f
         v, cache = block_rotate_forward(u, R[f])  # (x P_f) B_f
-        x = v[..., xp.asarray(perm)] if permuted else v  # ... P_fᵀ
-        caches.append((f, permuted, cache))
+        x = v if gather is None else v[..., xp.asarray(gather[0])]  # ... P_fᵀ
+        caches.append((f, cache))
     return x, caches
 
 
 def butterfly_backward(
-    dxr: Array, caches: list, perms: list[np.ndarray], n_factors: int, need_dx: bool = True, need_dR: bool = True
+    dxr: Array, caches: list, gathers: Sequence[Gather], need_dx: bool = True, need_dR: bool = True
 ) -> tuple[Array | None, Array | None]:
     """(dx, dR (F, D, H, H)), back through the factors in the reverse of the order they were applied.
 
@@ -261,21 +275,20 @@ def butterfly_backward(
     rotation, and dx = du[..., perm]. The first factor applied needs no dx unless asked for.
     """
     xp = namespace(dxr)
-    dR: list[Array | None] = [None] * n_factors
+    dR: list[Array | None] = [None] * len(gathers)
     d = dxr
-    for position, (f, permuted, cache) in reversed(list(enumerate(caches))):
-        inverse = xp.asarray(np.argsort(perms[f]))
-        dv = d[..., inverse] if permuted else d
-        need_du = need_dx or position > 0
-        du, dR[f] = block_rotate_backward(dv, cache, need_du, need_dR)
-        d = (du[..., xp.asarray(perms[f])] if permuted else du) if du is not None else None
+    for position, (f, cache) in reversed(list(enumerate(caches))):
+        gather = gathers[f]
+        dv = d if gather is None else d[..., xp.asarray(gather[1])]
+        du, dR[f] = block_rotate_backward(dv, cache, need_dx or position > 0, need_dR)
+        d = du if du is None or gather is None else du[..., xp.asarray(gather[0])]
     return d, (xp.stack(dR) if need_dR else None)
 
 
-def butterfly_matrix(R: Array, perms: list[np.ndarray], n_in: int) -> Array:
+def butterfly_matrix(R: Array, gathers: Sequence[Gather], n_in: int) -> Array:
     """M (in, in): the identity's rows through the butterfly, as the forward turns x."""
     xp = namespace(R)
-    return butterfly_forward(xp.eye(n_in, dtype=R.dtype), R, perms)[0]
+    return butterfly_forward(xp.eye(n_in, dtype=R.dtype), R, gathers)[0]
 
 
 # ===================================================================== config checks both methods share

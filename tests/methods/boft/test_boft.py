@@ -55,7 +55,7 @@ def test_the_butterfly_is_a_rotation_mixing_blocks_2_to_the_f_apart(F):
     model = small_boft(boft_n_butterfly_factor=F)
     layer = model.active.layers[0]
     R, _ = boft_module.boft_rotations_forward(model.active.params[layer.boft_R])
-    M = orthogonal.butterfly_matrix(R, list(layer.perms), layer.in_features)
+    M = orthogonal.butterfly_matrix(R, layer.gathers, layer.in_features)
     assert np.abs(M.T @ M - np.eye(16)).max() <= 1e-14
     # F factors of blocks of 2 couple features in groups of 2^F: M is block-diagonal at that size, and dense in it
     size = 2**F
@@ -114,7 +114,7 @@ def test_dropout_turns_blocks_of_one_factor_into_the_identity_and_its_gradient_c
     held = np.where(drop.astype(bool), 0.0, X)  # a dropped block: X = 0, whose Cayley transform is I
     R, _ = boft_module.boft_rotations_forward(held)
     expected, _ = boft_module.boft_forward(x, view.params[layer.weight], view.params[layer.bias], R,
-                                           list(layer.perms), view.params[layer.boft_s])  # fmt: skip
+                                           layer.gathers, view.params[layer.boft_s])  # fmt: skip
     assert relative_error(y, expected) <= 1e-14
     np.testing.assert_array_equal(model.eval()(ids), model.eval()(ids))  # no dropout in evaluation
 
