@@ -4,9 +4,9 @@
     python examples/forgetting.py --out docs/experiments   # rewrites the committed results
     python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
 
-Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters, BitFit, VeRA, LoHa and LoKr, each as
-`tinypeft finetune --method M` configures it (its default config and learning rate), train for the same steps on
-the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
+Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters, BitFit, VeRA, LoHa, LoKr, OFT and
+BOFT, each as `tinypeft finetune --method M` configures it (its default config and learning rate), train for the
+same steps on the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
 the original (prose) loss rose, both against the base model; the trainable parameters; the median time
 of a training step; and the peak memory of building the model and running two steps (tracemalloc, as
 benchmarks/run.py measures it).
@@ -32,9 +32,11 @@ METHODS = {  # label: `tinypeft finetune --method` name
     "VeRA r=256 (c_attn)": "vera",
     "LoHa r=8 (c_attn)": "loha",
     "LoKr r=8 (c_attn)": "lokr",
+    "OFT (blocks of 32, c_attn)": "oft",
+    "BOFT (blocks of 4, c_attn)": "boft",
 }
 COLORS = ("black", "tab:blue", "tab:orange", "tab:olive", "tab:green", "tab:purple", "tab:brown", "tab:cyan", "tab:red")
-COLORS += ("tab:pink",)
+COLORS += ("tab:pink", "tab:gray", "gold")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -336,6 +336,80 @@ def add_lokr(model: GPT, cfg: dict[str, Any]) -> None:
         model.linear[module] = lokr
 
 
+# ================================================================ OFT and BOFT (docs/oft.md)
+def cayley(S: Tensor) -> Tensor:
+    """oft.md, Cayley: R = (I - S)(I + S)^-1 per block, PEFT's solve X (I + S) = I - S."""
+    eye = torch.eye(S.shape[-1], dtype=S.dtype)
+    return torch.linalg.solve(eye + S, eye - S, left=False)
+
+
+def neumann(S: Tensor, terms: int) -> Tensor:
+    """oft.md, Neumann: I + 2S for 2 terms; I + 2S + ... + 2S^(m-1) + S^m with m = max(terms - 1, 3) beyond."""
+    m = max(terms - 1, 3)
+    coefficients = [1, 2] if terms == 2 else [1] + [2] * (m - 1) + [1]
+    R, power = torch.zeros_like(S), torch.eye(S.shape[-1], dtype=S.dtype).expand_as(S)
+    for c in coefficients:
+        R, power = R + c * power, power @ S
+    return R
+
+
+def coft(q: Tensor, eps: float) -> Tensor:
+    """oft.md, COFT: each block's S (Frobenius norm sqrt(2) |q|) pulled onto the ball of radius eps / sqrt(k) (float32
+    arithmetic, k the blocks stored) if outside it; the gradient passes straight through."""
+    radius = float(np.float32(eps) * (np.float32(1) / np.sqrt(np.float32(q.shape[0]))))
+    norm = math.sqrt(2) * q.detach().norm(dim=1, keepdim=True)
+    projected = torch.where(norm <= radius, q.detach(), q.detach() * radius / norm)
+    return q + (projected - q.detach())
+
+
+def rotate_blocks(x: Tensor, R: Tensor) -> Tensor:
+    """oft.md: x' = x diag(R_1..R_r), each group of b input features a row vector times its block."""
+    r, b = x.shape[-1] // R.shape[-1], R.shape[-1]
+    return torch.einsum("...rk,rkc->...rc", x.reshape(*x.shape[:-1], r, b), R.expand(r, b, b)).reshape(x.shape)
+
+
+def add_oft(model: GPT, cfg: dict[str, Any]) -> None:
+    p = model.params
+    for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
+        W, b, q = p[module + ".weight"], p[module + ".bias"], p[f"{PEFT}{module}.oft_R.weight"]
+        n_in = W.shape[0]
+        block = cfg["oft_block_size"] or n_in // cfg["r"]  # r x oft_block_size = in_features
+        if cfg["coft"]:
+            q = coft(q, cfg["eps"])
+        rows, cols = torch.triu_indices(block, block, 1)
+        S = torch.zeros(q.shape[0], block, block, dtype=q.dtype)
+        S[:, rows, cols] = q
+        S = S - S.transpose(1, 2)  # skew-symmetric from the strict upper triangle, row by row
+        R = neumann(S, cfg["num_cayley_neumann_terms"]) if cfg["use_cayley_neumann"] else cayley(S)
+        model.linear[module] = lambda x, W=W, b=b, R=R: rotate_blocks(x, R) @ W + b
+
+
+def butterfly_perm(n: int, blocks: int, r: int, n_factors: int) -> list[int]:
+    """oft.md, BOFT's permutations: the identity for one factor; else, in each stretch of n / blocks features,
+    the groups of r taken evens first, then odds."""
+    if n_factors == 1:
+        return list(range(n))
+    size = n // blocks
+    step = size // r
+    order = list(range(0, step, 2)) + list(range(1, step, 2))
+    within = [k for pos in order for k in range(pos * r, pos * r + r)]
+    return [start + k for start in range(0, n, size) for k in within]
+
+
+def add_boft(model: GPT, cfg: dict[str, Any]) -> None:
+    p = model.params
+    for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
+        W, b = p[module + ".weight"], p[module + ".bias"]
+        X, s = p[f"{PEFT}{module}.boft_R"], p[f"{PEFT}{module}.boft_s"]  # (F, D, H, H), (out, 1)
+        F, D, H, _ = X.shape
+        R = cayley(0.5 * (X - X.transpose(-1, -2)))  # the skew part of each block, then Cayley
+        M = torch.eye(W.shape[0], dtype=W.dtype)
+        for f in range(F):  # M = M_{F-1} ... M_0, M_f = P_f diag(R_f) P_f^T with P_f[i, perm_f[i]] = 1
+            P = torch.eye(W.shape[0], dtype=W.dtype)[butterfly_perm(W.shape[0], D // 2**f, H // 2, F)]
+            M = P @ torch.block_diag(*R[f]) @ P.T @ M
+        model.linear[module] = lambda x, W=W, b=b, M=M, s=s: (x @ M @ W) * s[:, 0] + b
+
+
 # ================================================================ the interface (VECTORS.md)
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """logits, loss, the gradient of every trainable tensor, and the tensors the init derives."""
@@ -373,6 +447,10 @@ def compute(case: dict[str, Any]) -> dict[str, Any]:
         add_loha(model, cfg)
     elif kind == "LOKR":
         add_lokr(model, cfg)
+    elif kind == "OFT":
+        add_oft(model, cfg)
+    elif kind == "BOFT":
+        add_boft(model, cfg)
     # None (full fine-tuning), BITFIT, LN_TUNING: the base model, with the trainable tensors the case names
     ids = torch.from_numpy(case["input_ids"])
     mask = None if case["attention_mask"] is None else torch.from_numpy(case["attention_mask"])

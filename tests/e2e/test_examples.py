@@ -78,7 +78,20 @@ def test_rank_sweep(tmp_path):
 def test_forgetting(tmp_path):
     results = run_quick("forgetting", tmp_path)
     runs = by(results, "method")
-    assert sorted(runs) == ["adapter", "bitfit", "full", "ia3", "loha", "lokr", "lora", "prompt", "ptuning", "vera"]
+    assert sorted(runs) == [
+        "adapter",
+        "bitfit",
+        "boft",
+        "full",
+        "ia3",
+        "loha",
+        "lokr",
+        "lora",
+        "oft",
+        "prompt",
+        "ptuning",
+        "vera",
+    ]
     assert runs["full"]["trainable_parameters"] == results["base_parameters"]
     assert runs["prompt"]["trainable_parameters"] == 20 * 128
     assert runs["lora"]["trainable_parameters"] == 16_384

@@ -38,8 +38,10 @@ METHODS = {
     "ia3": lambda: tp.IA3Config(init_ia3_weights=False),
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4, init_weights=False),
     "vera": lambda: tp.VeraConfig(r=6, target_modules=["c_attn", "c_proj"], vera_dropout=0.2, init_weights=False),
+    "oft": lambda: tp.OFTConfig(oft_block_size=8, coft=True, eps=0.5, init_weights=False),
+    "boft": lambda: tp.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, boft_dropout=0.25, init_weights=False),
 }
-MERGEABLE = ["bitfit", "lora", "dora", "pissa", "ia3", "vera"]
+MERGEABLE = ["bitfit", "lora", "dora", "pissa", "ia3", "vera", "oft", "boft"]
 # how far the device's numbers may be from the CPU's (relative): the stand-in's not at all
 TOLERANCE = {"stand-in": {"float64": 0.0, "float32": 0.0}, "cupy": {"float64": 1e-12, "float32": 1e-4}}
 

@@ -23,6 +23,9 @@ METHODS = {
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4),
     "bitfit": lambda: tp.BitFitConfig(),
     "vera": lambda: tp.VeraConfig(r=5, target_modules=["c_attn", "c_fc"], vera_dropout=0.1, bias="vera_only"),
+    "oft": lambda: tp.OFTConfig(oft_block_size=4, coft=True, eps=0.1, block_share=True, init_weights=False),
+    "oft-exact": lambda: tp.OFTConfig(r=2, oft_block_size=0, use_cayley_neumann=False, bias="oft_only"),
+    "boft": lambda: tp.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, boft_dropout=0.5, init_weights=False),
 }
 
 

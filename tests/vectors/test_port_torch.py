@@ -90,6 +90,11 @@ def vera_sliced(case: Case, which: str) -> bool:
     return len({size[axis] for size in hit}) > 1
 
 
+def is_peft_type(case: Case, peft_type: str, **fields: object) -> bool:
+    cfg = case.method_config or {}
+    return cfg.get("peft_type") == peft_type and all(cfg.get(k) == v for k, v in fields.items())
+
+
 def loss_reads_a_query_that_sees_nothing(case: Case) -> bool:
     """A left-padded row whose last pad predicts its first token, with no virtual token in front to see."""
     virtual = "num_virtual_tokens" in (case.method_config or {})
@@ -202,6 +207,35 @@ MUTATIONS = {
     "LoKr makes W1 low-rank without decompose_both": Mutation(
         'low_rank_w1 = cfg["decompose_both"] and r', "low_rank_w1 = r",
         lambda c: c.method == "lokr" and c.variant == "odd"),
+    "OFT's Cayley transform the other way round, (I + S)(I - S)^-1": Mutation(
+        "torch.linalg.solve(eye + S, eye - S, left=False)", "torch.linalg.solve(eye - S, eye + S, left=False)",
+        lambda c: is_peft_type(c, "OFT", use_cayley_neumann=False)),
+    "Neumann series with its last term weighted 2": Mutation(
+        "[1] + [2] * (m - 1) + [1]", "[1] + [2] * m", lambda c: is_peft_type(c, "OFT", use_cayley_neumann=True)),
+    "OFT's S symmetric, not skew": Mutation(
+        "S = S - S.transpose(1, 2)", "S = S + S.transpose(1, 2)", lambda c: is_peft_type(c, "OFT")),
+    "OFT's blocks applied transposed": Mutation(
+        '"...rk,rkc->...rc"', '"...rk,rck->...rc"', lambda c: is_peft_type(c, "OFT")),
+    "COFT's radius not divided by sqrt(blocks)": Mutation(
+        "np.float32(eps) * (np.float32(1) / np.sqrt(np.float32(q.shape[0])))", "np.float32(eps)",
+        lambda c: is_peft_type(c, "OFT", coft=True)),
+    "COFT's projection differentiated, not straight through": Mutation(
+        "return q + (projected - q.detach())", "return torch.where(norm <= radius, q, q * radius / norm)",
+        lambda c: is_peft_type(c, "OFT", coft=True)),
+    "BOFT's skew part without its 1/2": Mutation(
+        "cayley(0.5 * (X - X.transpose(-1, -2)))", "cayley(X - X.transpose(-1, -2))",
+        lambda c: is_peft_type(c, "BOFT")),
+    "BOFT's factors multiplied the other way round": Mutation(
+        "M = P @ torch.block_diag(*R[f]) @ P.T @ M", "M = M @ P @ torch.block_diag(*R[f]) @ P.T",
+        lambda c: is_peft_type(c, "BOFT") and c.method_config["boft_n_butterfly_factor"] > 1),
+    "BOFT's permutation matrices transposed": Mutation(
+        "[butterfly_perm(W.shape[0], D // 2**f, H // 2, F)]", "[butterfly_perm(W.shape[0], D // 2**f, H // 2, F)].T",
+        lambda c: is_peft_type(c, "BOFT") and c.method_config["boft_n_butterfly_factor"] > 2),
+    "butterfly permutation with the odd groups first": Mutation(
+        "list(range(0, step, 2)) + list(range(1, step, 2))", "list(range(1, step, 2)) + list(range(0, step, 2))",
+        lambda c: is_peft_type(c, "BOFT") and c.method_config["boft_n_butterfly_factor"] > 1),
+    "BOFT scales the bias too": Mutation(
+        "(x @ M @ W) * s[:, 0] + b", "(x @ M @ W + b) * s[:, 0]", lambda c: is_peft_type(c, "BOFT")),
 }  # fmt: skip
 
 

@@ -16,6 +16,8 @@ from .ptuning import PromptEncoderConfig
 from .vera import VeraConfig
 from .loha import LoHaConfig
 from .lokr import LoKrConfig
+from .oft import OFTConfig
+from .boft import BOFTConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -26,6 +28,7 @@ __all__ = [
     "PEFT_PREFIX",
     "Adapter",
     "AdapterConfig",
+    "BOFTConfig",
     "BitFitConfig",
     "IA3Config",
     "LNTuningConfig",
@@ -34,6 +37,7 @@ __all__ = [
     "LoKrConfig",
     "LoraConfig",
     "MethodSpec",
+    "OFTConfig",
     "PeftConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",

@@ -246,9 +246,9 @@ def get_array_module(*args: Any):
 
 
 # ------------------------------------------------------------------ functions and ufuncs
-def _function(name: str):
+def _function(name: str, numpy_module: Any = _np):
     """cupy.<name>: NumPy's function, arguments and results through the device rules."""
-    numpy_function = getattr(_np, name)
+    numpy_function = getattr(numpy_module, name)
 
     def function(*args: Any, **kwargs: Any) -> Any:
         out = kwargs.pop("out", None)
@@ -300,6 +300,15 @@ for _name in _FUNCTIONS:
 for _name in _UFUNCS:
     globals()[_name] = ufunc(getattr(_np, _name))
 del _name
+
+
+class _Linalg:
+    """cupy.linalg: the functions tinypeft calls (OFT's Cayley transform solves a stack of systems)."""
+
+    solve = staticmethod(_function("solve", _np.linalg))
+
+
+linalg = _Linalg()
 
 # dtypes and constants are NumPy's, as CuPy re-exports them
 bool_, int8, int16, int32, int64, uint8 = _np.bool_, _np.int8, _np.int16, _np.int32, _np.int64, _np.uint8
