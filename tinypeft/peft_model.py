@@ -20,9 +20,11 @@ from . import memory
 from .backend import Array
 from .checkpoint import pickle_hint
 from .checks import check_seed
+from .config import linear_module_names
 from .errors import CheckpointError, ConfigError, MergeError
 from .io import load_json, load_safetensors, save_json, save_safetensors
 from .methods.base import Adapter, PeftConfig
+from .methods.lora_combine import CombineOptions, check_adapters, combine
 from .model import GPT, ComputeView, LanguageModel, trainable_parameters_line
 from .sites import NO_SITES
 
@@ -73,6 +75,41 @@ class PeftModel(LanguageModel):
         config.validate(self.base_model)
         memory.check_adapter(config, self.base_model)  # before building: an adapter that cannot fit is refused
         self.adapters[adapter_name] = config.build(self.base_model, seed)
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        seed: int = 0,
+    ) -> None:
+        """Add `adapter_name`, a LoRA adapter combining the LoRA `adapters` with `weights` (not made active), as
+        PEFT's add_weighted_adapter: `combination_type` is one of lora_combine.COMBINATIONS, defined there and in
+        docs/combining.md. `seed` seeds DARE's random drop (PEFT draws from torch's global generator).
+
+        Unlike PEFT, a name in use is an error (PEFT returns silently), the new adapter's scaling is 1 whatever
+        the first adapter's use_rslora (peft #3761), and DoRA, PiSSA and bias-training adapters are refused."""
+        options = CombineOptions(combination_type, svd_rank, svd_clamp, density, majority_sign_method, seed)
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+            raise ConfigError(f"adapters must be a non-empty list of adapter names; got {adapters!r}")
+        named = {name: self._adapter(name) for name in adapters}
+        if len(named) < len(adapters):
+            raise ConfigError(f"adapters lists a name twice: {list(adapters)}; give each adapter once, its weight once")
+        if isinstance(adapter_name, str) and adapter_name in self.adapters:
+            raise ConfigError(f"an adapter named {adapter_name!r} exists; names in use: {sorted(self.adapters)}")
+        values = check_adapters(named, weights, combination_type)
+        config, tensors = combine(named, values, linear_module_names(self.base_model.config), options)
+        self.add_adapter(adapter_name, config)
+        try:
+            self.adapters[adapter_name].load_state_dict(tensors)
+        except BaseException:
+            del self.adapters[adapter_name]
+            raise
 
     def set_adapter(self, adapter_name: str) -> None:
         self._require_unmerged("switch adapters")

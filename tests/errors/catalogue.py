@@ -1431,9 +1431,111 @@ COMMAND_LINE_CASES = [
     ),
 ]
 
+
+# ------------------------------------------------------------------ several adapters at once (issue 14)
+def two_loras(second: tp.PeftConfig | None = None) -> tp.PeftModel:
+    """LoRA adapters "first" (r 2 on c_attn) and "second" (r 4 on c_proj, or `second`)."""
+    model = tp.get_peft_model(tp.GPT(CFG, seed=0), tp.LoraConfig(r=2), adapter_name="first")
+    model.add_adapter("second", second or tp.LoraConfig(r=4, target_modules=["c_proj"]))
+    return model
+
+
+def combine(second: tp.PeftConfig | None = None, **kwargs) -> Callable[[World], object]:
+    kwargs = {"adapters": ["first", "second"], "weights": [1.0, 0.5], "adapter_name": "mix"} | kwargs
+    return lambda w: two_loras(second).add_weighted_adapter(**kwargs)
+
+
+SEVERAL_ADAPTER_CASES = [
+    Bad(
+        "add_weighted_adapter: an unknown adapter",
+        combine(adapters=["first", "third"]),
+        ConfigError,
+        ("'third'", "['first', 'second']"),
+    ),
+    Bad(
+        "add_weighted_adapter: weights of the wrong length",
+        combine(weights=[1.0]),
+        ConfigError,
+        ("weights has 1 value(s) for 2 adapters", "one weight each"),
+    ),
+    Bad(
+        "add_weighted_adapter: a weight that is not a finite number",
+        combine(weights=[1.0, float("nan")]),
+        ConfigError,
+        ("[1.0, nan]", "finite numbers"),
+    ),
+    Bad(
+        "add_weighted_adapter: an unknown combination_type",
+        combine(combination_type="average"),
+        ConfigError,
+        ("'average'", "'svd'", "'cat'", "'dare_ties_svd'"),
+    ),
+    Bad(
+        "add_weighted_adapter: adapters of different ranks combined linearly",
+        combine(combination_type="linear"),
+        ConfigError,
+        ("'linear'", "one rank", "{'first': 2, 'second': 4}", "'cat' or an svd type"),
+    ),
+    Bad(
+        "add_weighted_adapter: a LoRA and an IA3 adapter",
+        combine(tp.IA3Config()),
+        ConfigError,
+        ("combines LoRA adapters", "'second' is IA3"),
+    ),
+    Bad(
+        "add_weighted_adapter: a DoRA adapter",
+        combine(tp.LoraConfig(r=2, use_dora=True)),
+        ConfigError,
+        ("'second' is DoRA", "not a low-rank product", "#3761"),
+    ),
+    Bad(
+        "add_weighted_adapter: cat past min(in, out)",
+        combine(tp.LoraConfig(r=8), combination_type="cat"),
+        ConfigError,
+        ("'cat' gives rank 10", "min(in, out) = 8", "svd_rank"),
+    ),
+    Bad(
+        "add_weighted_adapter: a pruning type without density",
+        combine(combination_type="ties"),
+        ConfigError,
+        ("'ties' needs density", "(0, 1]", "None"),
+    ),
+    Bad(
+        "add_weighted_adapter: density for a type that does not prune",
+        combine(combination_type="svd", density=0.5),
+        ConfigError,
+        ("density=0.5", "applies only to the ties, dare and magnitude_prune types", "not to 'svd'"),
+    ),
+    Bad(
+        "add_weighted_adapter: svd_rank for a type without an SVD",
+        combine(combination_type="cat", svd_rank=2),
+        ConfigError,
+        ("svd_rank=2", "applies only to the svd types"),
+    ),
+    Bad(
+        "add_weighted_adapter: svd_clamp outside [0, 1]",
+        combine(svd_clamp=1.5),
+        ConfigError,
+        ("svd_clamp", "1.5", "[0, 1]"),
+    ),
+    Bad(
+        "add_weighted_adapter: an unknown majority_sign_method",
+        combine(combination_type="ties", density=0.5, majority_sign_method="mean"),
+        ConfigError,
+        ("'mean'", "'total'", "'frequency'"),
+    ),
+    Bad(
+        "add_weighted_adapter: a name in use",
+        combine(adapter_name="first"),
+        ConfigError,
+        ("'first'", "names in use"),
+    ),
+]
+
 SECTIONS = {
     "Configurations": CONFIG_CASES,
     "Method configurations": METHOD_CASES,
+    "Several adapters": SEVERAL_ADAPTER_CASES,
     "Call-time inputs": INPUT_CASES,
     "Model and adapter files": FILE_CASES,
     "Training checkpoints (resume)": CHECKPOINT_CASES,
@@ -1443,7 +1545,7 @@ SECTIONS = {
 CASES = [case for cases in SECTIONS.values() for case in cases]
 # which test module checks which sections (test_catalogue.py: every section exactly once)
 AREAS = {
-    "config": ["Configurations", "Method configurations"],
+    "config": ["Configurations", "Method configurations", "Several adapters"],
     "input": ["Call-time inputs", "Non-finite numbers", "Command line"],
     "file": ["Model and adapter files"],
     "checkpoint": ["Training checkpoints (resume)"],
