@@ -28,7 +28,7 @@ def perturb(model: tp.PeftModel, name: str, seed: int, scale: float = 0.3) -> No
     """Move every tensor of adapter `name` off its init (B != 0), keeping s B A about the size of W's entries."""
     adapter = model.adapters[name]
     rng = np.random.default_rng(seed)
-    shrink = max(1.0, adapter.config.scaling)
+    shrink = max(1.0, getattr(adapter.config, "scaling", 1.0))
     for key, value in adapter.params.items():
         noise = scale * rng.standard_normal(value.shape)
         if key.endswith("lora_magnitude_vector"):

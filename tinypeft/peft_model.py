@@ -16,15 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from . import memory
+from . import engine, generation, memory
 from .backend import Array
 from .checkpoint import pickle_hint
-from .checks import check_seed
+from .checks import check_seed, check_token_ids
 from .config import linear_module_names
 from .errors import CheckpointError, ConfigError, MergeError
 from .io import load_json, load_safetensors, save_json, save_safetensors
 from .methods.base import Adapter, PeftConfig
 from .methods.lora_combine import CombineOptions, check_adapters, combine
+from .mixed_batch import mixed_view
 from .model import GPT, ComputeView, LanguageModel, trainable_parameters_line
 from .sites import NO_SITES
 
@@ -159,6 +160,35 @@ class PeftModel(LanguageModel):
         stand_ins = set(a.overrides.values())
         trainable = frozenset((set(a.params) - stand_ins) | set(a.overrides))
         return ComputeView(base.config, base.xp, params, a.sites(self.training), trainable, dict(a.overrides))
+
+    def __call__(self, input_ids: Any, attention_mask: Any = None, adapter_names: list[str] | None = None) -> Array:
+        """logits (B, T', V). adapter_names: a mixed batch, row b computed with adapter adapter_names[b] (or the
+        base, for "__base__"), as PEFT's `adapter_names` (tinypeft/mixed_batch.py)."""
+        if adapter_names is None:
+            return super().__call__(input_ids, attention_mask)
+        return engine.logits(self._mixed_view(adapter_names, input_ids), input_ids, attention_mask)
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        adapter_names: list[str] | None = None,
+    ) -> np.ndarray:
+        """`LanguageModel.generate`; with adapter_names, each row continued by its own adapter (a mixed batch)."""
+        view = self.view() if adapter_names is None else self._mixed_view(adapter_names, input_ids)
+        return generation.generate(view, input_ids, max_new_tokens, temperature, top_k, seed)
+
+    def _mixed_view(self, adapter_names: Any, input_ids: Any) -> ComputeView:
+        self._require_unmerged("run a mixed batch (adapter_names)")
+        if self.training:
+            raise ConfigError("adapter_names (a mixed batch) is for inference, as in PEFT; call model.eval() first")
+        if self._disabled:
+            raise ConfigError("adapter_names inside disable_adapter(): the adapters are off; leave the block first")
+        rows = check_token_ids(input_ids, self.base_model.config.vocab_size).shape[0]
+        return mixed_view(self.base_model.view(), self.adapters, adapter_names, rows)
 
     def _check_can_train(self) -> None:
         self._require_unmerged("compute adapter gradients")

@@ -1530,6 +1530,36 @@ SEVERAL_ADAPTER_CASES = [
         ConfigError,
         ("'first'", "names in use"),
     ),
+    Bad(
+        "mixed batch: adapter_names of the wrong length",
+        lambda w: two_loras()(IDS, adapter_names=["first"]),
+        InputError,
+        ("adapter_names has 1 name(s) for a batch of 2 row(s)", "'__base__'"),
+    ),
+    Bad(
+        "mixed batch: an unknown adapter name",
+        lambda w: two_loras().generate(IDS, 2, adapter_names=["first", "third"]),
+        InputError,
+        ("unknown adapter(s) ['third']", "['first', 'second']", "'__base__'"),
+    ),
+    Bad(
+        "mixed batch: adapter_names not a list",
+        lambda w: two_loras()(IDS, adapter_names="first"),
+        InputError,
+        ("adapter_names must be a list", "'first'"),
+    ),
+    Bad(
+        "mixed batch in training mode",
+        lambda w: two_loras().train()(IDS, adapter_names=["first", "second"]),
+        ConfigError,
+        ("for inference", "model.eval()"),
+    ),
+    Bad(
+        "mixed batch with a prompt-tuning adapter",
+        lambda w: two_loras(tp.PromptTuningConfig(num_virtual_tokens=2))(IDS, adapter_names=["first", "second"]),
+        ConfigError,
+        ("'second' (PROMPT_TUNING)", "linear layers only"),
+    ),
 ]
 
 SECTIONS = {
