@@ -25,6 +25,7 @@ from .errors import CheckpointError, ConfigError, MergeError
 from .io import load_json, load_safetensors, save_json, save_safetensors
 from .methods.base import Adapter, PeftConfig
 from .methods.lora_combine import CombineOptions, check_adapters, combine
+from .methods.lora_multi import check_several, in_memory_name, several_lora_parts
 from .mixed_batch import mixed_view
 from .model import GPT, ComputeView, LanguageModel, trainable_parameters_line
 from .sites import NO_SITES
@@ -42,14 +43,16 @@ class PeftModel(LanguageModel):
     """A base GPT and its adapters. Call it like the base; train what `trainable_parameters()` returns.
 
     Calling, loss, loss_and_grad and generate are the GPT's (`LanguageModel`), on what `view()` gives:
-    gradients are keyed by the active adapter's tensor names (PEFT's file names)."""
+    gradients are keyed by the active adapter's tensor names (PEFT's file names). Several LoRA adapters may be
+    active at once (`set_adapter([...])`): their updates add, and their tensors take PEFT's in-memory names,
+    which hold the adapter's name (tinypeft/methods/lora_multi.py)."""
 
     def __init__(self, base: GPT, config: PeftConfig, adapter_name: str = "default", seed: int = 0) -> None:
         if not isinstance(base, GPT):
             raise ConfigError(f"get_peft_model needs a tinypeft GPT as its base; got {type(base).__name__}")
         self.base_model = base
         self.adapters: dict[str, Adapter] = {}
-        self.active_adapter = adapter_name
+        self.active_adapters: list[str] = [adapter_name]
         self._disabled = False
         self._merged: dict[str, Array] | None = None  # the base arrays a merge replaced
         self.training = False  # dropout only in training mode, as torch modules after .train()
@@ -61,8 +64,21 @@ class PeftModel(LanguageModel):
         return {name: a.config for name, a in self.adapters.items()}
 
     @property
+    def active_adapter(self) -> str:
+        """The active adapter's name (the first, when several are active: PEFT's `active_adapter`)."""
+        return self.active_adapters[0]
+
+    @property
     def active(self) -> Adapter:
+        """The active adapter (an error when several are active: name the one you mean)."""
+        if len(self.active_adapters) > 1:
+            raise ConfigError(
+                f"several adapters are active ({self.active_adapters}); take one from model.adapters by name"
+            )
         return self.adapters[self.active_adapter]
+
+    def _actives(self) -> list[Adapter]:
+        return [self.adapters[n] for n in self.active_adapters]
 
     def add_adapter(self, adapter_name: str, config: PeftConfig, seed: int = 0) -> None:
         """Add a new adapter (not made active, as in PEFT, unless it is the first)."""
@@ -112,20 +128,27 @@ class PeftModel(LanguageModel):
             del self.adapters[adapter_name]
             raise
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make `adapter_name` the active adapter, or a list of LoRA adapters active together (their updates add)."""
         self._require_unmerged("switch adapters")
-        self._adapter(adapter_name)
-        self.active_adapter = adapter_name
+        names = adapter_name if isinstance(adapter_name, (list, tuple)) else [adapter_name]
+        if not names or len(set(map(repr, names))) < len(names):
+            raise ConfigError(f"set_adapter needs a name or a list of distinct names; got {adapter_name!r}")
+        chosen = {name: self._adapter(name) for name in names}
+        if len(names) > 1:
+            check_several(chosen)
+        self.active_adapters = list(names)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._adapter(adapter_name)
         if len(self.adapters) == 1:
             raise ConfigError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back")
-        if adapter_name == self.active_adapter:
+        if adapter_name in self.active_adapters:
             self._require_unmerged("delete the active adapter")
         del self.adapters[adapter_name]
-        if adapter_name == self.active_adapter:
-            self.active_adapter = next(iter(self.adapters))
+        if adapter_name in self.active_adapters:
+            rest = [n for n in self.active_adapters if n != adapter_name]
+            self.active_adapters = rest or [next(iter(self.adapters))]
 
     def train(self, mode: bool = True) -> PeftModel:
         """Training mode: methods with dropout apply it (a fresh mask per forward)."""
@@ -153,6 +176,11 @@ class PeftModel(LanguageModel):
         base = self.base_model
         if self._disabled or self._merged is not None:
             return ComputeView(base.config, base.xp, base.params, NO_SITES, frozenset())
+        if len(self.active_adapters) > 1:
+            tensors, sites = several_lora_parts(
+                dict(zip(self.active_adapters, self._actives(), strict=True)), self.training
+            )
+            return ComputeView(base.config, base.xp, {**base.params, **tensors}, sites, frozenset(tensors))
         a = self.active
         params = {**base.params, **a.params}
         for base_name, name in a.overrides.items():
@@ -196,15 +224,28 @@ class PeftModel(LanguageModel):
             raise ConfigError("the adapter is disabled (inside disable_adapter()); there is nothing to train")
 
     def trainable_parameters(self) -> dict[str, Array]:
-        """The active adapter's tensors by name: what an optimizer updates (in place)."""
+        """The active adapter's tensors by name: what an optimizer updates (in place). With several active, every
+        active adapter's tensors under their in-memory names (the same arrays)."""
+        if len(self.active_adapters) > 1:
+            return {in_memory_name(k, n): v for n, a in zip(self.active_adapters, self._actives(), strict=True)
+                    for k, v in a.params.items()}  # fmt: skip
         return self.active.params
 
     def random_state(self) -> dict[str, Any]:
-        """The active adapter's random-generator states (dropout), which a training checkpoint saves."""
+        """The active adapter's random-generator states (dropout), which a training checkpoint saves (with
+        several active, each adapter's under its name)."""
+        if len(self.active_adapters) > 1:
+            return {n: a.random_state() for n, a in zip(self.active_adapters, self._actives(), strict=True)}
         return self.active.random_state()
 
     def set_random_state(self, state: Any) -> None:
-        self.active.set_random_state(state)
+        if len(self.active_adapters) == 1:
+            return self.active.set_random_state(state)
+        if not isinstance(state, Mapping) or set(state) != set(self.active_adapters):
+            raise CheckpointError(f"random state for {state!r}; the active adapters are {self.active_adapters}")
+        for n in self.active_adapters:
+            self.adapters[n].set_random_state(state[n])
+        return None
 
     def trainable_parameters_line(self) -> str:
         """A tensor that stands in for a base parameter (a selective method's trained copy) counts
@@ -213,9 +254,10 @@ class PeftModel(LanguageModel):
         for name, adapter in self.adapters.items():
             stand_ins = set(adapter.overrides.values())
             everything |= {f"{name}/{k}": v for k, v in adapter.params.items() if k not in stand_ins}
-        active = self.active
-        stand_ins = set(active.overrides.values())
-        trainable = set(active.overrides) | {f"{self.active_adapter}/{k}" for k in active.params if k not in stand_ins}
+        trainable = set()
+        for name, active in zip(self.active_adapters, self._actives(), strict=True):
+            stand_ins = set(active.overrides.values())
+            trainable |= set(active.overrides) | {f"{name}/{k}" for k in active.params if k not in stand_ins}
         return trainable_parameters_line(everything, trainable)
 
     # ----------------------------------------------------------- merging
@@ -242,15 +284,18 @@ class PeftModel(LanguageModel):
         if self._merged is None:
             warnings.warn("the adapter is not merged; nothing to do", UserWarning, stacklevel=2)
             return
-        self.active.unmerge(self.base_model.params, self._merged)
+        for a in self._actives():
+            a.unmerge(self.base_model.params, self._merged)
         self._merged = None
 
     def _merged_params(self, safe_merge: bool) -> dict[str, Array]:
-        a = self.active
-        if not a.can_merge():
-            raise a.merge_error()
+        """The base's parameters with the active adapter merged in (several: one after the other, so their
+        updates add)."""
         merged = dict(self.base_model.params)
-        a.merge(merged)
+        for a in self._actives():
+            if not a.can_merge():
+                raise a.merge_error()
+            a.merge(merged)
         if safe_merge:
             xp = self.base_model.xp
             for name, value in merged.items():

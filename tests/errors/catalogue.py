@@ -457,9 +457,9 @@ CONFIG_CASES = [
     ),
     Bad(
         "set_adapter to a non-string",
-        lambda w: w.peft().set_adapter(["default"]),
+        lambda w: w.peft().set_adapter(7),
         ConfigError,
-        ("['default']", "the adapters are"),
+        ("no adapter named 7", "the adapters are ['default']"),
     ),
     Bad(
         "deleting the only adapter",
@@ -1529,6 +1529,30 @@ SEVERAL_ADAPTER_CASES = [
         combine(adapter_name="first"),
         ConfigError,
         ("'first'", "names in use"),
+    ),
+    Bad(
+        "set_adapter: several adapters, one of them DoRA",
+        lambda w: two_loras(tp.LoraConfig(r=2, use_dora=True)).set_adapter(["first", "second"]),
+        ConfigError,
+        ("several active adapters add their updates", "'second' cannot", "DoRA"),
+    ),
+    Bad(
+        "set_adapter: several adapters, one of them IA3",
+        lambda w: two_loras(tp.IA3Config()).set_adapter(["first", "second"]),
+        ConfigError,
+        ("'second' cannot: it is IA3", "['first', 'second']"),
+    ),
+    Bad(
+        "set_adapter: a name twice",
+        lambda w: two_loras().set_adapter(["first", "first"]),
+        ConfigError,
+        ("distinct names", "['first', 'first']"),
+    ),
+    Bad(
+        "model.active with several adapters active",
+        lambda w: (m := two_loras(), m.set_adapter(["first", "second"]), m.active),
+        ConfigError,
+        ("several adapters are active", "by name"),
     ),
     Bad(
         "mixed batch: adapter_names of the wrong length",
