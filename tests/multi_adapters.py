@@ -30,7 +30,7 @@ def perturb(model: tp.PeftModel, name: str, seed: int, scale: float = 0.3) -> No
     rng = np.random.default_rng(seed)
     shrink = max(1.0, getattr(adapter.config, "scaling", 1.0))
     for key, value in adapter.params.items():
-        noise = scale * rng.standard_normal(value.shape)
+        noise = scale * rng.standard_normal(value.shape).astype(value.dtype)
         if key.endswith("lora_magnitude_vector"):
             adapter.params[key] = value * (1 + noise)
         elif key.endswith("lora_B.weight"):

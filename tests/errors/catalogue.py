@@ -49,6 +49,7 @@ from tinypeft.errors import (
 from tinypeft.methods import METHODS
 from tinypeft.methods.registry import ERROR_MODEL, ErrorCase
 from tinypeft.optim import SGD, AdamW
+from tinypeft.optim_lora import LoraFA, create_loraplus_optimizer
 from tinypeft.train import TrainConfig, evaluate, train
 from tinypeft.vectors import load_impl
 
@@ -1445,6 +1446,11 @@ def combine(second: tp.PeftConfig | None = None, **kwargs) -> Callable[[World], 
     return lambda w: two_loras(second).add_weighted_adapter(**kwargs)
 
 
+def lorafa_over(model: tp.PeftModel, adapter: str) -> LoraFA:
+    model.set_adapter(adapter)
+    return LoraFA(model)
+
+
 SEVERAL_ADAPTER_CASES = [
     Bad(
         "add_weighted_adapter: an unknown adapter",
@@ -1555,6 +1561,24 @@ SEVERAL_ADAPTER_CASES = [
         ("several adapters are active", "by name"),
     ),
     Bad(
+        "LoRA-FA over a DoRA adapter",
+        lambda w: lorafa_over(two_loras(tp.LoraConfig(r=2, use_dora=True)), "second"),
+        ConfigError,
+        ("LoRA-FA", "A frozen", "'second' is DoRA"),
+    ),
+    Bad(
+        "LoRA+ with an optimizer class that is not tinypeft's",
+        lambda w: create_loraplus_optimizer(two_loras(), dict, lr=1e-3, loraplus_lr_ratio=16),
+        ConfigError,
+        ("optimizer_cls", "tinypeft optimizer class", "AdamW, SGD"),
+    ),
+    Bad(
+        "LoRA+ with a negative loraplus_lr_ratio",
+        lambda w: create_loraplus_optimizer(two_loras(), AdamW, lr=1e-3, loraplus_lr_ratio=-2),
+        ConfigError,
+        ("loraplus_lr_ratio", "-2", ">= 0"),
+    ),
+    Bad(
         "mixed batch: adapter_names of the wrong length",
         lambda w: two_loras()(IDS, adapter_names=["first"]),
         InputError,
@@ -1589,7 +1613,7 @@ SEVERAL_ADAPTER_CASES = [
 SECTIONS = {
     "Configurations": CONFIG_CASES,
     "Method configurations": METHOD_CASES,
-    "Several adapters": SEVERAL_ADAPTER_CASES,
+    "Several adapters, LoRA+ and LoRA-FA": SEVERAL_ADAPTER_CASES,
     "Call-time inputs": INPUT_CASES,
     "Model and adapter files": FILE_CASES,
     "Training checkpoints (resume)": CHECKPOINT_CASES,
@@ -1599,7 +1623,7 @@ SECTIONS = {
 CASES = [case for cases in SECTIONS.values() for case in cases]
 # which test module checks which sections (test_catalogue.py: every section exactly once)
 AREAS = {
-    "config": ["Configurations", "Method configurations", "Several adapters"],
+    "config": ["Configurations", "Method configurations", "Several adapters, LoRA+ and LoRA-FA"],
     "input": ["Call-time inputs", "Non-finite numbers", "Command line"],
     "file": ["Model and adapter files"],
     "checkpoint": ["Training checkpoints (resume)"],
