@@ -50,6 +50,7 @@ from tinypeft.methods import METHODS
 from tinypeft.methods.registry import ERROR_MODEL, ErrorCase
 from tinypeft.optim import SGD, AdamW
 from tinypeft.optim_lora import LoraFA, create_loraplus_optimizer
+from tinypeft.precision import round_to
 from tinypeft.train import TrainConfig, evaluate, train
 from tinypeft.vectors import load_impl
 
@@ -1577,6 +1578,12 @@ SEVERAL_ADAPTER_CASES = [
         lambda w: create_loraplus_optimizer(two_loras(), AdamW, lr=1e-3, loraplus_lr_ratio=-2),
         ConfigError,
         ("loraplus_lr_ratio", "-2", ">= 0"),
+    ),
+    Bad(
+        "a storage dtype the precision model does not know",
+        lambda w: round_to(np.ones(3), "int8"),
+        ConfigError,
+        ("storage dtype", "'float16'", "'bfloat16'", "'int8'"),
     ),
     Bad(
         "mixed batch: adapter_names of the wrong length",
