@@ -1,18 +1,17 @@
 """Mixed-batch inference (`model(ids, adapter_names=[...])`, `model.generate(..., adapter_names=[...])`,
 tinypeft/mixed_batch.py): each row computes what its adapter alone computes for it, over drawn models, padding,
 adapters (LoRA, rsLoRA, DoRA, PiSSA, IA3, bottleneck adapters) and row assignments, to <= 1e-12 in float64
-(measured: 0, bitwise); LoRA and rsLoRA rows equal PEFT 0.21.2's mixed batch, logits and greedy generation.
+(measured: 0, bitwise); LoRA and rsLoRA rows equal PEFT 0.21.2's mixed batch, logits and greedy generation
+(PEFT's `generate(..., adapter_names=...)` and the argmax of its mixed forward, token by token).
 
-transformers 5.24's own `generate` disagrees with its own forward on these small float64 models (greedy tokens
-differ, with or without PEFT, with or without adapter_names: `test_transformers_generate_disagrees_with_its_forward`),
-so generation is compared with the argmax of PEFT's mixed-batch forward, token by token."""
+PEFT's generate is given an explicit attention mask: with `pad_token_id` set and no mask, transformers infers the
+mask from the ids and drops every input token equal to the pad id (`test_generate_without_a_mask_drops_pad_ids`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from hf_utils import hf_twin
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multi_adapters import peft_twin, perturb, small_base, with_adapters
@@ -93,9 +92,19 @@ def peft_greedy(twin, ids: np.ndarray, n_new: int, adapter_names) -> np.ndarray:
     return ids.numpy()
 
 
+def peft_generate(twin, ids: np.ndarray, n_new: int, adapter_names, pad_token_id: int = 0, mask: bool = True):
+    twin.generation_config.eos_token_id = twin.generation_config.bos_token_id = None
+    twin.generation_config.pad_token_id = pad_token_id
+    kwargs = {"attention_mask": torch.ones(ids.shape, dtype=torch.long)} if mask else {}
+    with torch.no_grad():
+        out = twin.generate(input_ids=torch.tensor(ids), max_new_tokens=n_new, do_sample=False,
+                            adapter_names=adapter_names, **kwargs)  # fmt: skip
+    return out.numpy()
+
+
 def test_mixed_generation_continues_each_row_with_its_adapter():
-    """KV-cached greedy generation: each row equals its adapter's generation alone, and the argmax of PEFT's
-    mixed-batch forward step by step."""
+    """KV-cached greedy generation: each row equals its adapter's generation alone, PEFT's mixed-batch generate,
+    and the argmax of PEFT's mixed-batch forward step by step."""
     model = lora_pair()
     out = model.generate(IDS, 6, adapter_names=NAMES)
     for b, name in enumerate(NAMES):
@@ -104,27 +113,26 @@ def test_mixed_generation_continues_each_row_with_its_adapter():
             model.set_adapter(name)
             expected = model.generate(IDS[b : b + 1], 6)
         np.testing.assert_array_equal(out[b : b + 1], expected)
-    np.testing.assert_array_equal(out, peft_greedy(peft_twin(model), IDS, 6, NAMES))
+    twin = peft_twin(model)
+    np.testing.assert_array_equal(out, peft_greedy(twin, IDS, 6, NAMES))
+    np.testing.assert_array_equal(out, peft_generate(twin, IDS, 6, NAMES))
     sampled = model.generate(IDS, 4, temperature=0.8, seed=3, adapter_names=NAMES)  # sampling runs too
     assert sampled.shape == (len(NAMES), IDS.shape[1] + 4)
 
 
-def test_transformers_generate_disagrees_with_its_forward():
-    """Why the generation test above uses PEFT's forward: transformers' own generate on the base model, with
-    no PEFT at all, gives other greedy tokens than the argmax of its own forward (seen on row 1 below), which
-    is what tinypeft's cached generation gives."""
-    base = small_base()
-    hf = hf_twin(base)
-    hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None
-    hf.generation_config.pad_token_id = 0
-    ids = torch.tensor(IDS[:4])
-    generated = hf.generate(input_ids=ids, max_new_tokens=5, do_sample=False).numpy()
-    by_forward = ids
-    for _ in range(5):
-        with torch.no_grad():
-            by_forward = torch.cat([by_forward, hf(input_ids=by_forward).logits[:, -1].argmax(-1)[:, None]], dim=1)
-    np.testing.assert_array_equal(base.generate(IDS[:4], 5), by_forward.numpy())
-    assert (generated != by_forward.numpy()).any()
+def test_generate_without_a_mask_drops_pad_ids():
+    """Why PEFT's generate gets a mask above: without one, transformers takes every input token equal to
+    pad_token_id for padding. With pad_token_id 0 and no mask, rows holding token 0 continue otherwise (the other
+    rows agree); with a pad id the input does not hold, every row agrees again."""
+    absent = next(i for i in range(31) if not (IDS == i).any())
+    model = lora_pair()
+    twin = peft_twin(model)
+    ours = model.generate(IDS, 6, adapter_names=NAMES)
+    unmasked = peft_generate(twin, IDS, 6, NAMES, pad_token_id=0, mask=False)
+    holds_zero = (IDS == 0).any(axis=1)
+    np.testing.assert_array_equal(unmasked[~holds_zero], ours[~holds_zero])
+    assert (unmasked[holds_zero] != ours[holds_zero]).any()
+    np.testing.assert_array_equal(peft_generate(twin, IDS, 6, NAMES, pad_token_id=absent, mask=False), ours)
 
 
 def test_a_mixed_batch_leaves_the_model_as_it_was():
