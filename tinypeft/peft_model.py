@@ -16,13 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from . import memory
+from . import engine, generation, memory
 from .backend import Array
 from .checkpoint import pickle_hint
-from .checks import check_seed
+from .checks import check_seed, check_token_ids
+from .config import linear_module_names
 from .errors import CheckpointError, ConfigError, MergeError
 from .io import load_json, load_safetensors, save_json, save_safetensors
 from .methods.base import Adapter, PeftConfig
+from .methods.lora_combine import CombineOptions, check_adapters, combine
+from .methods.lora_multi import check_several, in_memory_name, several_lora_parts
+from .mixed_batch import mixed_view
 from .model import GPT, ComputeView, LanguageModel, trainable_parameters_line
 from .sites import NO_SITES
 
@@ -39,14 +43,16 @@ class PeftModel(LanguageModel):
     """A base GPT and its adapters. Call it like the base; train what `trainable_parameters()` returns.
 
     Calling, loss, loss_and_grad and generate are the GPT's (`LanguageModel`), on what `view()` gives:
-    gradients are keyed by the active adapter's tensor names (PEFT's file names)."""
+    gradients are keyed by the active adapter's tensor names (PEFT's file names). Several LoRA adapters may be
+    active at once (`set_adapter([...])`): their updates add, and their tensors take PEFT's in-memory names,
+    which hold the adapter's name (tinypeft/methods/lora_multi.py)."""
 
     def __init__(self, base: GPT, config: PeftConfig, adapter_name: str = "default", seed: int = 0) -> None:
         if not isinstance(base, GPT):
             raise ConfigError(f"get_peft_model needs a tinypeft GPT as its base; got {type(base).__name__}")
         self.base_model = base
         self.adapters: dict[str, Adapter] = {}
-        self.active_adapter = adapter_name
+        self.active_adapters: list[str] = [adapter_name]
         self._disabled = False
         self._merged: dict[str, Array] | None = None  # the base arrays a merge replaced
         self.training = False  # dropout only in training mode, as torch modules after .train()
@@ -58,8 +64,21 @@ class PeftModel(LanguageModel):
         return {name: a.config for name, a in self.adapters.items()}
 
     @property
+    def active_adapter(self) -> str:
+        """The active adapter's name (the first, when several are active: PEFT's `active_adapter`)."""
+        return self.active_adapters[0]
+
+    @property
     def active(self) -> Adapter:
+        """The active adapter (an error when several are active: name the one you mean)."""
+        if len(self.active_adapters) > 1:
+            raise ConfigError(
+                f"several adapters are active ({self.active_adapters}); take one from model.adapters by name"
+            )
         return self.adapters[self.active_adapter]
+
+    def _actives(self) -> list[Adapter]:
+        return [self.adapters[n] for n in self.active_adapters]
 
     def add_adapter(self, adapter_name: str, config: PeftConfig, seed: int = 0) -> None:
         """Add a new adapter (not made active, as in PEFT, unless it is the first)."""
@@ -74,20 +93,62 @@ class PeftModel(LanguageModel):
         memory.check_adapter(config, self.base_model)  # before building: an adapter that cannot fit is refused
         self.adapters[adapter_name] = config.build(self.base_model, seed)
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        seed: int = 0,
+    ) -> None:
+        """Add `adapter_name`, a LoRA adapter combining the LoRA `adapters` with `weights` (not made active), as
+        PEFT's add_weighted_adapter: `combination_type` is one of lora_combine.COMBINATIONS, defined there and in
+        docs/combining.md. `seed` seeds DARE's random drop (PEFT draws from torch's global generator).
+
+        Unlike PEFT, a name in use is an error (PEFT returns silently), the new adapter's scaling is 1 whatever
+        the first adapter's use_rslora (peft #3761), and DoRA, PiSSA and bias-training adapters are refused."""
+        options = CombineOptions(combination_type, svd_rank, svd_clamp, density, majority_sign_method, seed)
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+            raise ConfigError(f"adapters must be a non-empty list of adapter names; got {adapters!r}")
+        named = {name: self._adapter(name) for name in adapters}
+        if len(named) < len(adapters):
+            raise ConfigError(f"adapters lists a name twice: {list(adapters)}; give each adapter once, its weight once")
+        if isinstance(adapter_name, str) and adapter_name in self.adapters:
+            raise ConfigError(f"an adapter named {adapter_name!r} exists; names in use: {sorted(self.adapters)}")
+        values = check_adapters(named, weights, combination_type)
+        config, tensors = combine(named, values, linear_module_names(self.base_model.config), options)
+        self.add_adapter(adapter_name, config)
+        try:
+            self.adapters[adapter_name].load_state_dict(tensors)
+        except BaseException:
+            del self.adapters[adapter_name]
+            raise
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make `adapter_name` the active adapter, or a list of LoRA adapters active together (their updates add)."""
         self._require_unmerged("switch adapters")
-        self._adapter(adapter_name)
-        self.active_adapter = adapter_name
+        names = adapter_name if isinstance(adapter_name, (list, tuple)) else [adapter_name]
+        if not names or len(set(map(repr, names))) < len(names):
+            raise ConfigError(f"set_adapter needs a name or a list of distinct names; got {adapter_name!r}")
+        chosen = {name: self._adapter(name) for name in names}
+        if len(names) > 1:
+            check_several(chosen)
+        self.active_adapters = list(names)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._adapter(adapter_name)
         if len(self.adapters) == 1:
             raise ConfigError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back")
-        if adapter_name == self.active_adapter:
+        if adapter_name in self.active_adapters:
             self._require_unmerged("delete the active adapter")
         del self.adapters[adapter_name]
-        if adapter_name == self.active_adapter:
-            self.active_adapter = next(iter(self.adapters))
+        if adapter_name in self.active_adapters:
+            rest = [n for n in self.active_adapters if n != adapter_name]
+            self.active_adapters = rest or [next(iter(self.adapters))]
 
     def train(self, mode: bool = True) -> PeftModel:
         """Training mode: methods with dropout apply it (a fresh mask per forward)."""
@@ -115,6 +176,11 @@ class PeftModel(LanguageModel):
         base = self.base_model
         if self._disabled or self._merged is not None:
             return ComputeView(base.config, base.xp, base.params, NO_SITES, frozenset())
+        if len(self.active_adapters) > 1:
+            tensors, sites = several_lora_parts(
+                dict(zip(self.active_adapters, self._actives(), strict=True)), self.training
+            )
+            return ComputeView(base.config, base.xp, {**base.params, **tensors}, sites, frozenset(tensors))
         a = self.active
         params = {**base.params, **a.params}
         for base_name, name in a.overrides.items():
@@ -123,21 +189,63 @@ class PeftModel(LanguageModel):
         trainable = frozenset((set(a.params) - stand_ins) | set(a.overrides))
         return ComputeView(base.config, base.xp, params, a.sites(self.training), trainable, dict(a.overrides))
 
+    def __call__(self, input_ids: Any, attention_mask: Any = None, adapter_names: list[str] | None = None) -> Array:
+        """logits (B, T', V). adapter_names: a mixed batch, row b computed with adapter adapter_names[b] (or the
+        base, for "__base__"), as PEFT's `adapter_names` (tinypeft/mixed_batch.py)."""
+        if adapter_names is None:
+            return super().__call__(input_ids, attention_mask)
+        return engine.logits(self._mixed_view(adapter_names, input_ids), input_ids, attention_mask)
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        adapter_names: list[str] | None = None,
+    ) -> np.ndarray:
+        """`LanguageModel.generate`; with adapter_names, each row continued by its own adapter (a mixed batch)."""
+        view = self.view() if adapter_names is None else self._mixed_view(adapter_names, input_ids)
+        return generation.generate(view, input_ids, max_new_tokens, temperature, top_k, seed)
+
+    def _mixed_view(self, adapter_names: Any, input_ids: Any) -> ComputeView:
+        self._require_unmerged("run a mixed batch (adapter_names)")
+        if self.training:
+            raise ConfigError("adapter_names (a mixed batch) is for inference, as in PEFT; call model.eval() first")
+        if self._disabled:
+            raise ConfigError("adapter_names inside disable_adapter(): the adapters are off; leave the block first")
+        rows = check_token_ids(input_ids, self.base_model.config.vocab_size).shape[0]
+        return mixed_view(self.base_model.view(), self.adapters, adapter_names, rows)
+
     def _check_can_train(self) -> None:
         self._require_unmerged("compute adapter gradients")
         if self._disabled:
             raise ConfigError("the adapter is disabled (inside disable_adapter()); there is nothing to train")
 
     def trainable_parameters(self) -> dict[str, Array]:
-        """The active adapter's tensors by name: what an optimizer updates (in place)."""
+        """The active adapter's tensors by name: what an optimizer updates (in place). With several active, every
+        active adapter's tensors under their in-memory names (the same arrays)."""
+        if len(self.active_adapters) > 1:
+            return {in_memory_name(k, n): v for n, a in zip(self.active_adapters, self._actives(), strict=True)
+                    for k, v in a.params.items()}  # fmt: skip
         return self.active.params
 
     def random_state(self) -> dict[str, Any]:
-        """The active adapter's random-generator states (dropout), which a training checkpoint saves."""
+        """The active adapter's random-generator states (dropout), which a training checkpoint saves (with
+        several active, each adapter's under its name)."""
+        if len(self.active_adapters) > 1:
+            return {n: a.random_state() for n, a in zip(self.active_adapters, self._actives(), strict=True)}
         return self.active.random_state()
 
     def set_random_state(self, state: Any) -> None:
-        self.active.set_random_state(state)
+        if len(self.active_adapters) == 1:
+            return self.active.set_random_state(state)
+        if not isinstance(state, Mapping) or set(state) != set(self.active_adapters):
+            raise CheckpointError(f"random state for {state!r}; the active adapters are {self.active_adapters}")
+        for n in self.active_adapters:
+            self.adapters[n].set_random_state(state[n])
+        return None
 
     def trainable_parameters_line(self) -> str:
         """A tensor that stands in for a base parameter (a selective method's trained copy) counts
@@ -146,9 +254,10 @@ class PeftModel(LanguageModel):
         for name, adapter in self.adapters.items():
             stand_ins = set(adapter.overrides.values())
             everything |= {f"{name}/{k}": v for k, v in adapter.params.items() if k not in stand_ins}
-        active = self.active
-        stand_ins = set(active.overrides.values())
-        trainable = set(active.overrides) | {f"{self.active_adapter}/{k}" for k in active.params if k not in stand_ins}
+        trainable = set()
+        for name, active in zip(self.active_adapters, self._actives(), strict=True):
+            stand_ins = set(active.overrides.values())
+            trainable |= set(active.overrides) | {f"{name}/{k}" for k in active.params if k not in stand_ins}
         return trainable_parameters_line(everything, trainable)
 
     # ----------------------------------------------------------- merging
@@ -175,15 +284,18 @@ class PeftModel(LanguageModel):
         if self._merged is None:
             warnings.warn("the adapter is not merged; nothing to do", UserWarning, stacklevel=2)
             return
-        self.active.unmerge(self.base_model.params, self._merged)
+        for a in self._actives():
+            a.unmerge(self.base_model.params, self._merged)
         self._merged = None
 
     def _merged_params(self, safe_merge: bool) -> dict[str, Array]:
-        a = self.active
-        if not a.can_merge():
-            raise a.merge_error()
+        """The base's parameters with the active adapter merged in (several: one after the other, so their
+        updates add)."""
         merged = dict(self.base_model.params)
-        a.merge(merged)
+        for a in self._actives():
+            if not a.can_merge():
+                raise a.merge_error()
+            a.merge(merged)
         if safe_merge:
             xp = self.base_model.xp
             for name, value in merged.items():

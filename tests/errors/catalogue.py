@@ -49,6 +49,8 @@ from tinypeft.errors import (
 from tinypeft.methods import METHODS
 from tinypeft.methods.registry import ERROR_MODEL, ErrorCase
 from tinypeft.optim import SGD, AdamW
+from tinypeft.optim_lora import LoraFA, create_loraplus_optimizer
+from tinypeft.precision import round_to
 from tinypeft.train import TrainConfig, evaluate, train
 from tinypeft.vectors import load_impl
 
@@ -457,9 +459,9 @@ CONFIG_CASES = [
     ),
     Bad(
         "set_adapter to a non-string",
-        lambda w: w.peft().set_adapter(["default"]),
+        lambda w: w.peft().set_adapter(7),
         ConfigError,
-        ("['default']", "the adapters are"),
+        ("no adapter named 7", "the adapters are ['default']"),
     ),
     Bad(
         "deleting the only adapter",
@@ -1508,9 +1510,194 @@ COMMAND_LINE_CASES = [
     ),
 ]
 
+
+# ------------------------------------------------------------------ several adapters at once (issue 14)
+def two_loras(second: tp.PeftConfig | None = None) -> tp.PeftModel:
+    """LoRA adapters "first" (r 2 on c_attn) and "second" (r 4 on c_proj, or `second`)."""
+    model = tp.get_peft_model(tp.GPT(CFG, seed=0), tp.LoraConfig(r=2), adapter_name="first")
+    model.add_adapter("second", second or tp.LoraConfig(r=4, target_modules=["c_proj"]))
+    return model
+
+
+def combine(second: tp.PeftConfig | None = None, **kwargs) -> Callable[[World], object]:
+    kwargs = {"adapters": ["first", "second"], "weights": [1.0, 0.5], "adapter_name": "mix"} | kwargs
+    return lambda w: two_loras(second).add_weighted_adapter(**kwargs)
+
+
+def lorafa_over(model: tp.PeftModel, adapter: str) -> LoraFA:
+    model.set_adapter(adapter)
+    return LoraFA(model)
+
+
+SEVERAL_ADAPTER_CASES = [
+    Bad(
+        "add_weighted_adapter: an unknown adapter",
+        combine(adapters=["first", "third"]),
+        ConfigError,
+        ("'third'", "['first', 'second']"),
+    ),
+    Bad(
+        "add_weighted_adapter: weights of the wrong length",
+        combine(weights=[1.0]),
+        ConfigError,
+        ("weights has 1 value(s) for 2 adapters", "one weight each"),
+    ),
+    Bad(
+        "add_weighted_adapter: a weight that is not a finite number",
+        combine(weights=[1.0, float("nan")]),
+        ConfigError,
+        ("[1.0, nan]", "finite numbers"),
+    ),
+    Bad(
+        "add_weighted_adapter: an unknown combination_type",
+        combine(combination_type="average"),
+        ConfigError,
+        ("'average'", "'svd'", "'cat'", "'dare_ties_svd'"),
+    ),
+    Bad(
+        "add_weighted_adapter: adapters of different ranks combined linearly",
+        combine(combination_type="linear"),
+        ConfigError,
+        ("'linear'", "one rank", "{'first': 2, 'second': 4}", "'cat' or an svd type"),
+    ),
+    Bad(
+        "add_weighted_adapter: a LoRA and an IA3 adapter",
+        combine(tp.IA3Config()),
+        ConfigError,
+        ("combines LoRA adapters", "'second' is IA3"),
+    ),
+    Bad(
+        "add_weighted_adapter: a DoRA adapter",
+        combine(tp.LoraConfig(r=2, use_dora=True)),
+        ConfigError,
+        ("'second' is DoRA", "not a low-rank product", "#3761"),
+    ),
+    Bad(
+        "add_weighted_adapter: cat past min(in, out)",
+        combine(tp.LoraConfig(r=8), combination_type="cat"),
+        ConfigError,
+        ("'cat' gives rank 10", "min(in, out) = 8", "svd_rank"),
+    ),
+    Bad(
+        "add_weighted_adapter: a pruning type without density",
+        combine(combination_type="ties"),
+        ConfigError,
+        ("'ties' needs density", "(0, 1]", "None"),
+    ),
+    Bad(
+        "add_weighted_adapter: density for a type that does not prune",
+        combine(combination_type="svd", density=0.5),
+        ConfigError,
+        ("density=0.5", "applies only to the ties, dare and magnitude_prune types", "not to 'svd'"),
+    ),
+    Bad(
+        "add_weighted_adapter: svd_rank for a type without an SVD",
+        combine(combination_type="cat", svd_rank=2),
+        ConfigError,
+        ("svd_rank=2", "applies only to the svd types"),
+    ),
+    Bad(
+        "add_weighted_adapter: svd_clamp outside [0, 1]",
+        combine(svd_clamp=1.5),
+        ConfigError,
+        ("svd_clamp", "1.5", "[0, 1]"),
+    ),
+    Bad(
+        "add_weighted_adapter: an unknown majority_sign_method",
+        combine(combination_type="ties", density=0.5, majority_sign_method="mean"),
+        ConfigError,
+        ("'mean'", "'total'", "'frequency'"),
+    ),
+    Bad(
+        "add_weighted_adapter: a name in use",
+        combine(adapter_name="first"),
+        ConfigError,
+        ("'first'", "names in use"),
+    ),
+    Bad(
+        "set_adapter: several adapters, one of them DoRA",
+        lambda w: two_loras(tp.LoraConfig(r=2, use_dora=True)).set_adapter(["first", "second"]),
+        ConfigError,
+        ("several active adapters add their updates", "'second' cannot", "DoRA"),
+    ),
+    Bad(
+        "set_adapter: several adapters, one of them IA3",
+        lambda w: two_loras(tp.IA3Config()).set_adapter(["first", "second"]),
+        ConfigError,
+        ("'second' cannot: it is IA3", "['first', 'second']"),
+    ),
+    Bad(
+        "set_adapter: a name twice",
+        lambda w: two_loras().set_adapter(["first", "first"]),
+        ConfigError,
+        ("distinct names", "['first', 'first']"),
+    ),
+    Bad(
+        "model.active with several adapters active",
+        lambda w: (m := two_loras(), m.set_adapter(["first", "second"]), m.active),
+        ConfigError,
+        ("several adapters are active", "by name"),
+    ),
+    Bad(
+        "LoRA-FA over a DoRA adapter",
+        lambda w: lorafa_over(two_loras(tp.LoraConfig(r=2, use_dora=True)), "second"),
+        ConfigError,
+        ("LoRA-FA", "A frozen", "'second' is DoRA"),
+    ),
+    Bad(
+        "LoRA+ with an optimizer class that is not tinypeft's",
+        lambda w: create_loraplus_optimizer(two_loras(), dict, lr=1e-3, loraplus_lr_ratio=16),
+        ConfigError,
+        ("optimizer_cls", "tinypeft optimizer class", "AdamW, SGD"),
+    ),
+    Bad(
+        "LoRA+ with a negative loraplus_lr_ratio",
+        lambda w: create_loraplus_optimizer(two_loras(), AdamW, lr=1e-3, loraplus_lr_ratio=-2),
+        ConfigError,
+        ("loraplus_lr_ratio", "-2", ">= 0"),
+    ),
+    Bad(
+        "a storage dtype the precision model does not know",
+        lambda w: round_to(np.ones(3), "int8"),
+        ConfigError,
+        ("storage dtype", "'float16'", "'bfloat16'", "'int8'"),
+    ),
+    Bad(
+        "mixed batch: adapter_names of the wrong length",
+        lambda w: two_loras()(IDS, adapter_names=["first"]),
+        InputError,
+        ("adapter_names has 1 name(s) for a batch of 2 row(s)", "'__base__'"),
+    ),
+    Bad(
+        "mixed batch: an unknown adapter name",
+        lambda w: two_loras().generate(IDS, 2, adapter_names=["first", "third"]),
+        InputError,
+        ("unknown adapter(s) ['third']", "['first', 'second']", "'__base__'"),
+    ),
+    Bad(
+        "mixed batch: adapter_names not a list",
+        lambda w: two_loras()(IDS, adapter_names="first"),
+        InputError,
+        ("adapter_names must be a list", "'first'"),
+    ),
+    Bad(
+        "mixed batch in training mode",
+        lambda w: two_loras().train()(IDS, adapter_names=["first", "second"]),
+        ConfigError,
+        ("for inference", "model.eval()"),
+    ),
+    Bad(
+        "mixed batch with a prompt-tuning adapter",
+        lambda w: two_loras(tp.PromptTuningConfig(num_virtual_tokens=2))(IDS, adapter_names=["first", "second"]),
+        ConfigError,
+        ("'second' (PROMPT_TUNING)", "linear layers only"),
+    ),
+]
+
 SECTIONS = {
     "Configurations": CONFIG_CASES,
     "Method configurations": METHOD_CASES,
+    "Several adapters, LoRA+ and LoRA-FA": SEVERAL_ADAPTER_CASES,
     "Call-time inputs": INPUT_CASES,
     "Model and adapter files": FILE_CASES,
     "Training checkpoints (resume)": CHECKPOINT_CASES,
@@ -1520,7 +1707,7 @@ SECTIONS = {
 CASES = [case for cases in SECTIONS.values() for case in cases]
 # which test module checks which sections (test_catalogue.py: every section exactly once)
 AREAS = {
-    "config": ["Configurations", "Method configurations"],
+    "config": ["Configurations", "Method configurations", "Several adapters, LoRA+ and LoRA-FA"],
     "input": ["Call-time inputs", "Non-finite numbers", "Command line"],
     "file": ["Model and adapter files"],
     "checkpoint": ["Training checkpoints (resume)"],
