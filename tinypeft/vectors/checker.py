@@ -79,7 +79,11 @@ def compare(case: Case, result: Any) -> CaseReport:
         return report
 
     def check(tensor: str, got: Any, want: Array, tolerance: float) -> None:
+        # the dtype is read before anything is converted: a float32 case computed partly in float64 (JAX
+        # promotes a float32 array that meets a NumPy float64 scalar) is close in value, and wrong
+        python_float = tensor == "loss" and type(got) is float  # the port's own float(loss): says nothing
         try:
+            dtype = np.asarray(got).dtype
             got = np.asarray(got, dtype=np.float64)
         except Exception as e:  # whatever the port's object raises (a torch tensor that requires grad, say)
             report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, f"not an array: {_raised(e)}"))
@@ -89,6 +93,10 @@ def compare(case: Case, result: Any) -> CaseReport:
             report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, note))
             return
         error = error_vs_expected(got, want)
+        if dtype != np.dtype(case.dtype) and not python_float:
+            note = f"{tensor} is {_dtype_name(dtype)}; a {case.dtype} case needs {case.dtype} arrays back"
+            report.checks.append(TensorCheck(tensor, error, tolerance, False, note))
+            return
         report.checks.append(TensorCheck(tensor, error, tolerance, error <= tolerance))
 
     check("loss", result["loss"], np.asarray(case.loss), case.tolerances["loss"])
@@ -117,6 +125,11 @@ def compare(case: Case, result: Any) -> CaseReport:
     for name in sorted(set(derived) - set(case.derived), key=repr):
         report.checks.append(TensorCheck(f"derived {name}", math.inf, 0.0, False, "not a derived tensor of this case"))
     return report
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """float64, int64, object, <U1: a dtype as a port's author reads it."""
+    return dtype.name if dtype.kind in "biufc" else dtype.str
 
 
 def check_vectors(folder: str | os.PathLike, run_case: RunCase, patterns: Sequence[str] = ("*",)) -> list[CaseReport]:
@@ -229,10 +242,11 @@ def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
     ids, labels, mask = case["input_ids"], case["labels"], case["attention_mask"]
     logits = engine.logits(view, ids, mask)
     loss, grads = engine.loss_and_grad(view, ids, labels, mask)
-    # on the GPU (TINYPEFT_BACKEND=cuda) the case runs there; what a port returns is host arrays
+    # on the GPU (TINYPEFT_BACKEND=cuda) the case runs there; what a port returns is host arrays, of the
+    # case's dtype (derived() gives float64 copies of what the init computed in the model's dtype)
     return {
         "logits": to_numpy(logits),
         "loss": float(loss),
         "grads": {name: to_numpy(g) for name, g in grads.items()},
-        "derived": {name: to_numpy(d) for name, d in derived.items()},
+        "derived": {name: to_numpy(d).astype(dtype) for name, d in derived.items()},
     }
