@@ -113,6 +113,13 @@ MUTATIONS = {
     "rsLoRA scaled by alpha / r": Mutation(
         'cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])', 'cfg["lora_alpha"] / cfg["r"]',
         lambda c: is_lora(c, use_rslora=True) and c.method_config["r"] > 1),
+    # issue 17: DoRA with rsLoRA was tested at r = 1 only, where this port passed every case
+    "rsLoRA ignored under DoRA": Mutation(
+        'if cfg["use_rslora"] else', 'if cfg["use_rslora"] and not cfg["use_dora"] else',
+        lambda c: is_lora(c, use_rslora=True, use_dora=True) and c.method_config["r"] > 1),
+    "IA3's feed-forward entries matched with a '.' boundary": Mutation(
+        "module.endswith(tuple(ff))", 'any(module == f or module.endswith("." + f) for f in ff)',
+        lambda c: c.method == "ia3" and c.method_config["feedforward_modules"] == ["_proj"]),
     "LoRA without its scaling": Mutation(
         "x @ W + b + s * (x @ A.T) @ B.T", "x @ W + b + (x @ A.T) @ B.T",
         lambda c: is_lora(c, use_dora=False) and lora_scaling(c) != 1),

@@ -113,7 +113,10 @@ class MethodSpec:
     has no such method, and what to use instead); loads_in_peft: whether PEFT reads its adapter;
     default: the method a bare `tinypeft finetune` uses (exactly one says so); golden_cases_of: for a
     method with no golden cases of its own, the method whose cases compute its numbers too (training
-    a subset of the base's parameters is full fine-tuning with fewer gradients).
+    a subset of the base's parameters is full fine-tuning with fewer gradients); inert_fields: the config
+    fields (or "field=value", a JSON value) that cannot change a golden case's numbers, each with the
+    reason: tests/vectors/test_flags.py flips every other field of every case and asserts that some case
+    of the method changes, so a field a port could ignore and still pass is caught.
     """
 
     name: str
@@ -128,6 +131,7 @@ class MethodSpec:
     loads_in_peft: bool = False
     default: bool = False
     golden_cases_of: str = ""
+    inert_fields: Mapping[str, str] = field(default_factory=dict)
 
 
 METHODS: dict[str, MethodSpec] = {}
