@@ -18,10 +18,16 @@ What "different" means, from the strongest to the weakest:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 import json
+import sys
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -33,7 +39,9 @@ from tinypeft.methods import METHODS, PeftConfig
 from tinypeft.methods.base import CONFIG_TYPES
 from tinypeft.model import GPT, GPTConfig, parameter_shapes
 from tinypeft.peft_model import get_peft_model
-from tinypeft.vectors import Case, error_vs_expected, tolerance_for
+from tinypeft.vectors import Case, compute_case, error_vs_expected, tolerance_for
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # written by PeftConfig.to_dict for every method (PEFT's bookkeeping), never read by a computation
 COMMON_INERT = {
@@ -117,8 +125,10 @@ def effect(case: Case, method_config: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ what the registry declares
 def spec_cases() -> dict[str, list[str]]:
-    """Each method with golden cases -> its cases' names."""
-    return {name: [c.name for c in spec.golden_cases] for name, spec in METHODS.items() if spec.golden_cases}
+    """Each method with golden cases -> its cases' names (float64)."""
+    return {
+        name: [f"{c.name}-float64" for c in spec.golden_cases] for name, spec in METHODS.items() if spec.golden_cases
+    }
 
 
 def fields_of(spec_name: str) -> list[str]:
@@ -138,7 +148,7 @@ def inert(spec_name: str) -> dict[str, str]:
 FIELDS = [(name, key) for name in spec_cases() for key in fields_of(name)]
 
 
-# ------------------------------------------------------------------ the flips, computed once
+# ------------------------------------------------------------------ the flips
 @dataclasses.dataclass
 class Flips:
     """For each float64 case with a method config and each of its config keys: (value, effect) per flip."""
@@ -152,8 +162,8 @@ class Flips:
         return [(v, e) for v, e in self.table[(case, key)] if e in CHANGED]
 
 
-@pytest.fixture(scope="module")
-def flipped(cases) -> Flips:
+def flip_all(cases: list[Case]) -> Flips:
+    """Flip every key of every float64 case with a method config, to every value `flips` proposes."""
     spec_of, label_of = {}, {}
     for name, spec in METHODS.items():
         for golden in spec.golden_cases:
@@ -176,6 +186,25 @@ def flipped(cases) -> Flips:
     return Flips(mine, spec_of, label_of, table)
 
 
+@pytest.fixture(scope="module")
+def flipped(cases) -> Flips:
+    return flip_all(cases)
+
+
+def field_problem(flipped: Flips, method: str, key: str) -> str:
+    """Why the method's field is not pinned, or is declared inert wrongly; "" when all is well."""
+    effects = {(n, key_of(v)): e for n in spec_cases()[method] for v, e in flipped.table[(n, key)]}
+    changed = {k: e for k, e in effects.items() if e in CHANGED}
+    if key in inert(method):
+        return f"{method}.{key} is declared inert ({inert(method)[key]}), yet it changes {changed}" if changed else ""
+    if not changed:
+        return (
+            f"{method}.{key}: no golden case changes when it is flipped ({effects}); add a case where it matters, "
+            "or declare it in the method's MethodSpec.inert_fields with the reason"
+        )
+    return ""
+
+
 def unpinned_values(flipped: Flips, case_names: list[str]) -> list[tuple[str, str, str]]:
     """(label, key, value) for every value a label's cases give a non-inert field that no case of that label
     holding it pins: flipping the field away from it changes none of them. A flag combination a variant
@@ -195,17 +224,9 @@ def unpinned_values(flipped: Flips, case_names: list[str]) -> list[tuple[str, st
 @pytest.mark.parametrize(("method", "key"), FIELDS, ids=[f"{m}.{k}" for m, k in FIELDS])
 def test_flipping_a_field_changes_some_case_of_the_method(flipped, method, key):
     """The field of the method's config, flipped in each case to each other accepted value: some case's
-    numbers, derived tensors, tensors or trainable set must change, unless the field is declared inert."""
-    names = [f"{case}-float64" for case in spec_cases()[method]]
-    effects = {(n, key_of(v)): e for n in names for v, e in flipped.table[(n, key)]}
-    if key in inert(method):
-        changed = {k: e for k, e in effects.items() if e in CHANGED}
-        assert not changed, f"{method}.{key} is declared inert ({inert(method)[key]}), yet it changes {changed}"
-        return
-    assert any(e in CHANGED for e in effects.values()), (
-        f"{method}.{key}: no golden case changes when it is flipped ({effects}); add a case where it matters, "
-        "or declare it in the method's MethodSpec.inert_fields with the reason"
-    )
+    numbers, derived tensors, tensors or trainable set must change, unless the field is declared inert (and
+    then none may)."""
+    assert field_problem(flipped, method, key) == ""
 
 
 def test_every_value_of_every_variant_is_pinned(flipped):
@@ -234,11 +255,7 @@ def test_inert_values_are_values_the_cases_hold(flipped):
             if not sep:
                 assert key in fields_of(method), f"{method}: inert field {key!r} is no field of its config"
                 continue
-            holders = [
-                n
-                for n in flipped.cases
-                if flipped.spec_of[n] == method and key_of(flipped.cases[n].method_config.get(key, object)) == value
-            ]
+            holders = [n for n in spec_cases()[method] if key_of(flipped.cases[n].method_config.get(key)) == value]
             assert holders, f"{method}: no case holds {entry}"
             assert not any(flipped.changed(n, key) for n in holders), f"{method}: {entry} is not inert"
 
@@ -253,3 +270,36 @@ def test_methods_without_cases_of_their_own_only_choose_what_trains():
         base = GPT(GPTConfig(vocab_size=19, n_positions=11, n_embd=9, n_layer=2, n_head=3), device="cpu")
         adapter = get_peft_model(base, spec.example(base.config)).active
         assert set(adapter.params) == set(adapter.overrides.values()), f"{name} has tensors of its own"
+
+
+@contextlib.contextmanager
+def toy_method() -> Iterator[ModuleType]:
+    """examples/own_method/ssf.py registered for the block; the registry is as it was afterwards."""
+    methods, config_types, saved = dict(METHODS), dict(CONFIG_TYPES), sys.modules.get("ssf")
+    spec = importlib.util.spec_from_file_location("ssf", ROOT / "examples" / "own_method" / "ssf.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ssf"] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        METHODS.clear()
+        METHODS.update(methods)
+        CONFIG_TYPES.clear()
+        CONFIG_TYPES.update(config_types)
+        if saved is None:
+            sys.modules.pop("ssf", None)
+        else:
+            sys.modules["ssf"] = saved
+
+
+def test_a_method_defined_outside_tinypeft_is_flipped_too():
+    """The toy method of docs/write_a_method.md, registered in one line, is flipped with no change here: its
+    target_modules are pinned, its init_ssf_weights is declared inert; without the declaration, it is named."""
+    with toy_method() as ssf:
+        cases = [compute_case(golden, "float64") for golden in ssf.SPEC.golden_cases]
+        toy = flip_all(cases)
+        assert [field_problem(toy, "ssf", key) for key in fields_of("ssf")] == [""] * len(fields_of("ssf"))
+        assert unpinned_values(toy, list(toy.cases)) == []
+        METHODS["ssf"] = dataclasses.replace(ssf.SPEC, inert_fields={})
+        assert "ssf.init_ssf_weights: no golden case changes" in field_problem(toy, "ssf", "init_ssf_weights")
