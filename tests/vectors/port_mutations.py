@@ -1,0 +1,120 @@
+"""One-line breaks of the PyTorch port (examples/port_torch/port.py), each with the cases it must make fail:
+tests/vectors/test_port_torch.py shows that they do, and tests/vectors/vectors_page.py measures by how much,
+for VECTORS.md's table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinypeft.vectors import Case
+
+PORT = Path(__file__).resolve().parents[2] / "examples" / "port_torch" / "port.py"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """A wrong formula: `old` (which must occur exactly once in the port) replaced by `new`, and the cases
+    it must make fail."""
+
+    old: str
+    new: str
+    breaks: Callable[[Case], bool]
+
+
+def everything(case: Case) -> bool:
+    return True
+
+
+def lora_scaling(case: Case) -> float:
+    cfg = case.method_config
+    return cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+
+
+def is_lora(case: Case, **fields: object) -> bool:
+    cfg = case.method_config or {}
+    return cfg.get("peft_type") == "LORA" and all(cfg.get(k) == v for k, v in fields.items())
+
+
+def loss_reads_a_query_that_sees_nothing(case: Case) -> bool:
+    """A left-padded row whose last pad predicts its first token, with no virtual token in front to see."""
+    virtual = "num_virtual_tokens" in (case.method_config or {})
+    return case.attention_mask is not None and not case.attention_mask[:, 0].all() and not virtual
+
+
+MUTATIONS = {
+    "LayerNorm with the unbiased variance": Mutation(
+        "((x - mean) ** 2).mean(-1, keepdim=True)", "((x - mean) ** 2).sum(-1, keepdim=True) / (x.shape[-1] - 1)",
+        everything),
+    "LayerNorm ignores the config's epsilon": Mutation(
+        "torch.sqrt(var + eps)", "torch.sqrt(var + 1e-5)", lambda c: c.model_config["layer_norm_epsilon"] != 1e-5),
+    "GELU in its erf form": Mutation(
+        "0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))",
+        "0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))", everything),
+    "scores scaled by 1/sqrt(C), not 1/sqrt(head size)": Mutation(
+        "/ math.sqrt(C // n_head)", "/ math.sqrt(C)", lambda c: c.model_config["n_head"] > 1),
+    "q, k, v split in another order": Mutation(
+        "heads(qkv[..., :C]), heads(qkv[..., C : 2 * C])", "heads(qkv[..., C : 2 * C]), heads(qkv[..., :C])",
+        everything),
+    "causal mask off by one": Mutation(
+        "torch.arange(P + T)[None, :] <= (P + torch.arange(T))", "torch.arange(P + T)[None, :] < (P + torch.arange(T))",
+        everything),
+    "padding mask ignored": Mutation(
+        "(mask[:, None, None, :] != 0)", "(mask[:, None, None, :] != 2)", lambda c: c.attention_mask is not None),
+    "hidden scores added to, as transformers does, not replaced": Mutation(
+        "torch.where(visible, scores, torch.finfo(scores.dtype).min)",
+        "scores + torch.where(visible, torch.zeros_like(scores), torch.finfo(scores.dtype).min)",
+        loss_reads_a_query_that_sees_nothing),
+    "final LayerNorm skipped": Mutation(
+        'return self.ln("transformer.ln_f", x) @', "return x @", everything),
+    "ignored labels counted in the loss": Mutation(
+        "labels[:, 1:].reshape(-1), ignore_index=-100", "labels[:, 1:].reshape(-1).clamp(min=0)", everything),
+    "rsLoRA scaled by alpha / r": Mutation(
+        'cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])', 'cfg["lora_alpha"] / cfg["r"]',
+        lambda c: is_lora(c, use_rslora=True) and c.method_config["r"] > 1),
+    # issue 17: DoRA with rsLoRA was tested at r = 1 only, where this port passed every case
+    "rsLoRA ignored under DoRA": Mutation(
+        'if cfg["use_rslora"] else', 'if cfg["use_rslora"] and not cfg["use_dora"] else',
+        lambda c: is_lora(c, use_rslora=True, use_dora=True) and c.method_config["r"] > 1),
+    "IA3's feed-forward entries matched with a '.' boundary": Mutation(
+        "module.endswith(tuple(ff))", 'any(module == f or module.endswith("." + f) for f in ff)',
+        lambda c: c.method == "ia3" and c.method_config["feedforward_modules"] == ["_proj"]),
+    "LoRA without its scaling": Mutation(
+        "x @ W + b + s * (x @ A.T) @ B.T", "x @ W + b + (x @ A.T) @ B.T",
+        lambda c: is_lora(c, use_dora=False) and lora_scaling(c) != 1),
+    "DoRA's norm not detached": Mutation(
+        ".norm(dim=0).detach()", ".norm(dim=0)", lambda c: is_lora(c, use_dora=True)),
+    "DoRA rescales the bias too": Mutation(
+        "(m / norm) * (x @ W + s * (x @ A.T) @ B.T) + b", "(m / norm) * (x @ W + s * (x @ A.T) @ B.T + b)",
+        lambda c: is_lora(c, use_dora=True)),
+    "PiSSA's residual from the trained factors, not the SVD": Mutation(
+        "W = pissa_residual(W, r, s)",
+        'W = W - s * (p[f"{PEFT}{module}.lora_B.weight"] @ p[f"{PEFT}{module}.lora_A.weight"]).T.detach()',
+        lambda c: is_lora(c, init_lora_weights="pissa")),
+    "virtual tokens appended instead of prepended": Mutation(
+        "torch.cat([table.expand(B, -1, -1), x], 1)", "torch.cat([x, table.expand(B, -1, -1)], 1)",
+        lambda c: c.method == "prompt_tuning"),
+    "prefix table laid out [key/value][layer]": Mutation(
+        "(kv[2 * i].expand(shape), kv[2 * i + 1].expand(shape))", "(kv[i].expand(shape), kv[L + i].expand(shape))",
+        lambda c: c.method == "prefix_tuning"),
+    "prefix: real tokens keep positions from 0": Mutation(
+        'p["transformer.wpe.weight"][P : P + T]', 'p["transformer.wpe.weight"][:T]',
+        lambda c: c.method == "prefix_tuning"),
+    "prefix projection without its tanh": Mutation(
+        "hidden = torch.tanh(E @", "hidden = (E @", lambda c: c.method == "prefix_tuning"
+        and c.method_config["prefix_projection"]),
+    "IA3 leaves the bias unscaled": Mutation(
+        "(x @ W + b) * l", "(x @ W) * l + b", lambda c: c.method == "ia3"),
+    "bottleneck adapter without its residual": Mutation(
+        "return h + g @", "return g @", lambda c: c.method == "bottleneck_adapter"),
+}  # fmt: skip
+
+
+def broken_port(name: str) -> str:
+    """The port's source with mutation `name` applied (its `old` must occur exactly once)."""
+    mutation = MUTATIONS[name]
+    source = PORT.read_text()
+    assert source.count(mutation.old) == 1, f"the port no longer holds {mutation.old!r} exactly once"
+    return source.replace(mutation.old, mutation.new)
