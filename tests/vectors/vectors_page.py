@@ -4,7 +4,9 @@ float64 and in float32. `measure` runs it all on a folder of exported vectors; m
 `render` writes the page's marked blocks from it; tests/vectors/test_vectors_page.py checks that the page is
 what measured.json renders and that a fresh measurement agrees with measured.json, so no figure can drift.
 
-    PYTHONPATH=.:tests python tests/vectors/vectors_page.py     # measure again, rewrite measured.json and the page
+    PYTHONPATH=.:tests python tests/vectors/vectors_page.py     # measure again, rewrite measured.json and the pages
+
+(It also writes docs/walkthrough.md's table of the modules each config touches, from walkthrough_table.py.)
 
 A fresh measurement agrees when its integers are equal and its floats within a factor AGREEMENT, or both below
 FLOAT64_NOISE (float64 rounding, which another BLAS or CPU changes freely); float32 rounding errors also change
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from port_mutations import MUTATIONS, PORT, broken_port
+from walkthrough_table import render as targets
 
 from tinypeft.vectors import (
     FLOAT32_TOLERANCES,
@@ -42,6 +45,7 @@ from tinypeft.vectors import (
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "VECTORS.md"
+WALKTHROUGH = ROOT / "docs" / "walkthrough.md"
 MEASURED = Path(__file__).resolve().parent / "measured.json"
 AGREEMENT = 1.25
 FLOAT64_NOISE = 1e-13
@@ -321,15 +325,9 @@ def render_errors(m: Mapping[str, Any]) -> str:
 RENDERERS = {"counts": render_counts, "tolerances": render_tolerances, "errors": render_errors}
 
 
-def blocks(page: str) -> dict[str, str]:
-    """The page's marked blocks: `<!-- measured:NAME -->` ... `<!-- /measured:NAME -->`."""
-    found = re.findall(r"<!-- measured:(\w+) -->\n(.*?)\n<!-- /measured:\1 -->", page, flags=re.S)
-    return dict(found)
-
-
-def rewrite(page: str, m: Mapping[str, Any]) -> str:
-    for name, render in RENDERERS.items():
-        text = render(m)
+def rewrite(page: str, texts: Mapping[str, str]) -> str:
+    """The page with each named block's text replaced."""
+    for name, text in texts.items():
         page = re.sub(
             rf"(<!-- measured:{name} -->\n).*?(\n<!-- /measured:{name} -->)",
             lambda match, text=text: match.group(1) + text + match.group(2),
@@ -339,13 +337,19 @@ def rewrite(page: str, m: Mapping[str, Any]) -> str:
     return page
 
 
+def texts(m: Mapping[str, Any]) -> dict[Path, dict[str, str]]:
+    """Every generated block of every page: VECTORS.md's from the measurement, the walkthrough's table."""
+    return {PAGE: {name: render(m) for name, render in RENDERERS.items()}, WALKTHROUGH: {"targets": targets()}}
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         export_vectors(folder)
         measured = measure(folder)
     MEASURED.write_text(json.dumps(measured, indent=1, allow_nan=False) + "\n")  # None where nothing was computed
-    PAGE.write_text(rewrite(PAGE.read_text(), measured))
-    print(f"wrote {MEASURED.relative_to(ROOT)} and the measured blocks of {PAGE.relative_to(ROOT)}")
+    for page, blocks_of_page in texts(measured).items():
+        page.write_text(rewrite(page.read_text(), blocks_of_page))
+    print(f"wrote {MEASURED.relative_to(ROOT)}, and the generated blocks of VECTORS.md and docs/walkthrough.md")
     return 0
 
 
