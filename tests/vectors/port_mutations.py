@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinypeft.vectors import Case
+from tinypeft.vectors import Case, Trajectory
 
 PORT = Path(__file__).resolve().parents[2] / "examples" / "port_torch" / "port.py"
 
@@ -114,7 +114,49 @@ MUTATIONS = {
 
 def broken_port(name: str) -> str:
     """The port's source with mutation `name` applied (its `old` must occur exactly once)."""
-    mutation = MUTATIONS[name]
+    mutation = {**MUTATIONS, **TRAJECTORY_MUTATIONS}[name]
     source = PORT.read_text()
     assert source.count(mutation.old) == 1, f"the port no longer holds {mutation.old!r} exactly once"
     return source.replace(mutation.old, mutation.new)
+
+
+# ------------------------------------------------------------------ breaks of the port's training steps
+def decays_a_vector(t: Trajectory) -> bool:
+    """Weight decay is on, and some trainable tensor is a vector (which must not decay)."""
+    return t.spec["optimizer"]["weight_decay"] > 0 and any(t.case.weights[n].ndim < 2 for n in t.case.trainable)
+
+
+def decays_a_matrix(t: Trajectory) -> bool:
+    return t.spec["optimizer"]["weight_decay"] > 0 and any(t.case.weights[n].ndim >= 2 for n in t.case.trainable)
+
+
+def adamw(t: Trajectory) -> bool:
+    return t.spec["optimizer"]["name"] == "AdamW"
+
+
+def clipped(t: Trajectory) -> bool:
+    return bool(t.spec["grad_clip"])
+
+
+TRAJECTORY_MUTATIONS = {
+    "weight decay on vectors too": Mutation("p.ndim >= 2", "p.ndim >= 1", decays_a_vector),
+    "AdamW without its bias corrections": Mutation(
+        "(lr / (1 - b1**t)) * m / (v.sqrt() / math.sqrt(1 - b2**t) + opt[\"eps\"])",
+        "lr * m / (v.sqrt() + opt[\"eps\"])", adamw),
+    "AdamW's decay as an L2 term in the gradient": Mutation(
+        'p.mul_(1 - lr * opt["weight_decay"])', 'g = g + opt["weight_decay"] * p',
+        lambda t: adamw(t) and decays_a_matrix(t)),
+    "clipping without its 1e-6": Mutation("(norm + 1e-6)", "norm", clipped),
+    "clipping each tensor by its own norm": Mutation(
+        "grads = {n: g * (t[\"grad_clip\"] / (norm + 1e-6)) for n, g in grads.items()}",
+        "grads = {n: g * min(1.0, t[\"grad_clip\"] / (float(g.double().norm()) + 1e-6)) for n, g in grads.items()}",
+        clipped),
+    "warm-up one step late": Mutation("lr * (step + 1) / warmup", "lr * step / warmup",
+                                      lambda t: t.spec["warmup_steps"] > 0),
+    "cosine decayed to zero, not to min_lr_ratio": Mutation(
+        "lr * (floor + (1 - floor) * 0.5", "lr * (0.0 + (1 - 0.0) * 0.5", lambda t: t.spec["min_lr_ratio"] > 0),
+    "SGD's momentum with dampening": Mutation(
+        'g.clone() if "b" not in s else opt["momentum"] * s["b"] + g',
+        '(1 - opt["momentum"]) * g if "b" not in s else opt["momentum"] * s["b"] + (1 - opt["momentum"]) * g',
+        lambda t: t.spec["optimizer"]["name"] == "SGD" and t.spec["optimizer"]["momentum"] > 0),
+}  # fmt: skip

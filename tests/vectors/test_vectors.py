@@ -23,6 +23,7 @@ from tinypeft.vectors import (
     FLOAT32_TOLERANCES,
     INDEX_NAME,
     SPECS,
+    TRAJECTORY_SPECS,
     WEIGHTS_NAME,
     check_vectors,
     compare,
@@ -50,7 +51,7 @@ def test_the_same_command_writes_the_same_bytes(vectors, tmp_path):
     export_in_a_fresh_process(second)
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
-    assert len(files) == 1 + 3 * 2 * len(SPECS)
+    assert len(files) == 1 + 3 * 2 * len(SPECS) + 2 * 2 * len(TRAJECTORY_SPECS)
     for rel in files:
         assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
 
@@ -140,7 +141,9 @@ def test_check_vectors_passes_tinypeft_and_reports_every_tensor(vectors, tmp_pat
     code = main([*command, "--report", str(report)])
     out = capsys.readouterr().out
     assert code == 0
+    # the cases, and the training trajectories that start from them (tinypeft has run_trajectory)
     n = 2 * sum(spec.name.startswith("lora-") for spec in SPECS)
+    n += 2 * sum(spec.case.startswith("lora-") for spec in TRAJECTORY_SPECS)
     assert f"{n} cases: {n} passed, 0 failed" in out
     assert "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight" in out
     cases = json.loads(report.read_text())["cases"]

@@ -27,20 +27,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from port_mutations import MUTATIONS, PORT, broken_port
+from port_mutations import MUTATIONS, PORT, TRAJECTORY_MUTATIONS, broken_port
 from walkthrough_table import render as targets
 
 from tinypeft.vectors import (
     FLOAT32_TOLERANCES,
     FLOAT64_TOLERANCE,
+    TRAJECTORY_SPECS,
     Case,
     CaseReport,
+    Trajectory,
+    check_trajectories,
     compare,
     error_vs_expected,
     export_vectors,
     load_impl,
+    load_port,
+    load_trajectories,
     load_vectors,
     run_case,
+    run_trajectory,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +127,39 @@ def mutation_effects(cases: list[Case], folder: Path) -> dict[str, Any]:
     return out
 
 
+def trajectory_errors(run: Callable, trajectories: list[Trajectory]) -> dict[str, Any]:
+    """trajectory name (less its dtype) -> dtype -> {"losses", "params"}: the largest errors; all must pass."""
+    table: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    for t, report in zip(trajectories, check_trajectories(trajectories, run), strict=True):
+        assert report.passed, (t.name, report.failure, [c for c in report.checks if not c.passed])
+        params = max(c.error for c in report.checks if c.tensor != "losses")
+        losses = next(c.error for c in report.checks if c.tensor == "losses")
+        table[t.name.removesuffix(f"-{t.case.dtype}")][t.case.dtype] = {"losses": losses, "params": params}
+    return dict(table)
+
+
+def trajectory_breaks(trajectories: list[Trajectory], folder: Path) -> dict[str, Any]:
+    """For each break of the port's training step, per dtype: its trajectories, how many fail, the least of
+    their largest errors."""
+    out = {}
+    for i, (name, mutation) in enumerate(TRAJECTORY_MUTATIONS.items()):
+        path = folder / f"broken_step_{i}.py"
+        path.write_text(broken_port(name))
+        run = load_port(str(path))[1]
+        per_dtype = {}
+        for dtype in ("float64", "float32"):
+            mine = [t for t in trajectories if t.case.dtype == dtype and mutation.breaks(t)]
+            reports = check_trajectories(mine, run)
+            largest = [max(c.error for c in r.checks) for r in reports if not r.failure]
+            per_dtype[dtype] = {
+                "cases": len(reports),
+                "failed": sum(not r.passed for r in reports),
+                "least": min(largest, default=None),
+            }
+        out[name] = per_dtype
+    return out
+
+
 def float32_svd_residuals(cases: list[Case]) -> float:
     """The largest error of PiSSA's residual computed with the SVD in float32, as PEFT computes it."""
     errors = [0.0]
@@ -141,13 +180,16 @@ def measure(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     files = [p for p in folder.rglob("*") if p.is_file()]
     cases = load_vectors(folder)
-    port = load_impl(str(PORT))
+    trajectories = load_trajectories(folder, cases)
+    port, port_trajectory = load_port(str(PORT))
     with tempfile.TemporaryDirectory() as scratch:
         mutations = mutation_effects(cases, Path(scratch))
+        breaks = trajectory_breaks(trajectories, Path(scratch))
     return {
         "export": {
             "cases": len(cases) // 2,
             "folders": len(cases),
+            "trajectories": len(trajectories),
             "files": len(files),
             "bytes": sum(p.stat().st_size for p in files),
             "most_rows": max(c.input_ids.size for c in cases),
@@ -156,6 +198,11 @@ def measure(folder: str | os.PathLike) -> dict[str, Any]:
         "tinypeft": errors_of(run_case, cases),
         "port": errors_of(port, cases),
         "mutations": mutations,
+        "trajectories": {
+            "tinypeft": trajectory_errors(run_trajectory, trajectories),
+            "port": trajectory_errors(port_trajectory, trajectories),
+            "breaks": breaks,
+        },
     }
 
 
@@ -213,7 +260,8 @@ def largest(m: Mapping[str, Any], impls: tuple[str, ...], dtype: str, kinds: tup
 def render_counts(m: Mapping[str, Any]) -> str:
     x = m["export"]
     return (
-        f"{x['cases']} cases, each in float64 and in float32: {x['folders']} case folders, {x['files']} files, "
+        f"{x['cases']} cases, each in float64 and in float32 ({x['folders']} case folders), and {x['trajectories']} "
+        f"[training trajectories](#training-trajectories) from {x['trajectories'] // 2} of them: {x['files']} files, "
         f"{x['bytes']:,} bytes in files, about {x['bytes'] / 1e6:.1f} MB (a disk-usage tool that counts the "
         "folders' own blocks too says more)."
     )
@@ -322,7 +370,47 @@ def render_errors(m: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
-RENDERERS = {"counts": render_counts, "tolerances": render_tolerances, "errors": render_errors}
+def render_trajectories(m: Mapping[str, Any]) -> str:
+    t = m["trajectories"]
+    specs = {s.name: s for s in TRAJECTORY_SPECS}
+
+    def cell(impl: str, name: str, dtype: str) -> str:
+        errors = t[impl][name][dtype]
+        return f"{e(errors['losses'], 1)} / {e(errors['params'], 1)}"
+
+    rows = [
+        "| trajectory | what it covers | port float64: losses / tensors | port float32 | tinypeft float32 |",
+        "|---|---|---|---|---|",
+    ]
+    for name in t["port"]:
+        rows.append(
+            f"| `{name}` | {specs[name].description} | {cell('port', name, 'float64')} | "
+            f"{cell('port', name, 'float32')} | {cell('tinypeft', name, 'float32')} |"
+        )
+    rows += [
+        "",
+        "Each one-line break of the torch port's training step (`TRAJECTORY_MUTATIONS` in "
+        "`tests/vectors/port_mutations.py`) fails every float64 trajectory it is meant to break; the least of "
+        "their largest errors, and what it does to the float32 ones:",
+        "",
+        "| break | float64: trajectories failed | least error | float32: trajectories failed | least error |",
+        "|---|---|---|---|---|",
+    ]
+    for name, b in t["breaks"].items():
+        f64, f32 = b["float64"], b["float32"]
+        rows.append(
+            f"| {name} | {f64['failed']} of {f64['cases']} | {e(f64['least'])} | {f32['failed']} of {f32['cases']} "
+            f"| {e(f32['least'])} |"
+        )
+    return "\n".join(rows)
+
+
+RENDERERS = {
+    "counts": render_counts,
+    "tolerances": render_tolerances,
+    "errors": render_errors,
+    "trajectories": render_trajectories,
+}
 
 
 def rewrite(page: str, texts: Mapping[str, str]) -> str:

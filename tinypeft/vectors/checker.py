@@ -71,6 +71,26 @@ def error_vs_expected(got: Any, want: Array) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+def check_array(tensor: str, got: Any, want: Array, tolerance: float, dtype: str) -> TensorCheck:
+    """One returned tensor against the expected one: its shape, its dtype (the case's), its error. The loss
+    may be a Python float (the port's own float(loss)), which says nothing of the dtype it was computed in."""
+    # the dtype is read before anything is converted: a float32 case computed partly in float64 (JAX
+    # promotes a float32 array that meets a NumPy float64 scalar) is close in value, and wrong
+    python_float = tensor == "loss" and type(got) is float
+    try:
+        got_dtype = np.asarray(got).dtype
+        got = np.asarray(got, dtype=np.float64)
+    except Exception as e:  # whatever the port's object raises (a torch tensor that requires grad, say)
+        return TensorCheck(tensor, math.inf, tolerance, False, f"not an array: {_raised(e)}")
+    if got.shape != want.shape:
+        return TensorCheck(tensor, math.inf, tolerance, False, f"shape {got.shape}, expected {want.shape}")
+    error = error_vs_expected(got, want)
+    if got_dtype != np.dtype(dtype) and not python_float:
+        note = f"{tensor} is {_dtype_name(got_dtype)}; a {dtype} case needs {dtype} arrays back"
+        return TensorCheck(tensor, error, tolerance, False, note)
+    return TensorCheck(tensor, error, tolerance, error <= tolerance)
+
+
 def compare(case: Case, result: Any) -> CaseReport:
     """Check what an implementation returned for `case` against the expected values and tolerances."""
     report = CaseReport(case.name, case.method, case.dtype)
@@ -79,25 +99,7 @@ def compare(case: Case, result: Any) -> CaseReport:
         return report
 
     def check(tensor: str, got: Any, want: Array, tolerance: float) -> None:
-        # the dtype is read before anything is converted: a float32 case computed partly in float64 (JAX
-        # promotes a float32 array that meets a NumPy float64 scalar) is close in value, and wrong
-        python_float = tensor == "loss" and type(got) is float  # the port's own float(loss): says nothing
-        try:
-            dtype = np.asarray(got).dtype
-            got = np.asarray(got, dtype=np.float64)
-        except Exception as e:  # whatever the port's object raises (a torch tensor that requires grad, say)
-            report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, f"not an array: {_raised(e)}"))
-            return
-        if got.shape != want.shape:
-            note = f"shape {got.shape}, expected {want.shape}"
-            report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, note))
-            return
-        error = error_vs_expected(got, want)
-        if dtype != np.dtype(case.dtype) and not python_float:
-            note = f"{tensor} is {_dtype_name(dtype)}; a {case.dtype} case needs {case.dtype} arrays back"
-            report.checks.append(TensorCheck(tensor, error, tolerance, False, note))
-            return
-        report.checks.append(TensorCheck(tensor, error, tolerance, error <= tolerance))
+        report.checks.append(check_array(tensor, got, want, tolerance, case.dtype))
 
     check("loss", result["loss"], np.asarray(case.loss), case.tolerances["loss"])
     check("logits", result["logits"], case.logits, case.tolerances["logits"])
@@ -180,6 +182,12 @@ def _safe_str(value: Any, show: Callable[[Any], str]) -> str:
 def load_impl(spec: str) -> RunCase:
     """`run_case` from an implementation: a dotted module name importable from the current folder, or the
     path of a .py file or of a package folder."""
+    return load_port(spec)[0]
+
+
+def load_port(spec: str) -> tuple[RunCase, Callable[[dict[str, Any]], Mapping[str, Any]] | None]:
+    """An implementation's `run_case`, and its `run_trajectory` if it has one (the training trajectories are
+    a kind a port opts into), importing it once."""
     path = os.path.abspath(spec)
     try:
         if spec.endswith(".py") or os.path.isdir(path):
@@ -203,17 +211,18 @@ def load_impl(spec: str) -> RunCase:
     run = getattr(module, "run_case", None)
     if not callable(run):
         raise ConfigError(f"--impl {spec}: the module has no function run_case(case) -> dict (see VECTORS.md)")
-    return run
+    trajectory = getattr(module, "run_trajectory", None)
+    return run, trajectory if callable(trajectory) else None
 
 
 # ------------------------------------------------------------------ tinypeft as an implementation
-def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
-    """tinypeft itself behind the interface every port implements: builds the model and adapter from the
-    case's configs, loads its weights, and computes in the case's dtype."""
+def build(case: Mapping[str, Any], device: str | None = None) -> tuple[Any, dict[str, Array]]:
+    """The compute view of the case's model and method, its weights loaded, in the case's dtype, on `device`
+    (None: the default); and the tensors the method's init derived from the base weights (in float64)."""
     dtype = case["dtype"]
     config = GPTConfig(**case["model_config"], dtype=dtype)
     weights = dict(case["weights"])
-    base = GPT(config)
+    base = GPT(config, device=device)
     base.load_state_dict({n: weights.pop(n) for n in parameter_shapes(config)})
     method_config = case["method_config"]
     model: Any = base
@@ -239,6 +248,14 @@ def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
     view = model.view()
     if set(view.trainable) != set(case["trainable"]):
         raise CheckpointError(f"case {case['name']}: 'trainable' is not what its method trains")
+    return view, derived
+
+
+def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
+    """tinypeft itself behind the interface every port implements: builds the model and adapter from the
+    case's configs, loads its weights, and computes in the case's dtype."""
+    dtype = case["dtype"]
+    view, derived = build(case)
     ids, labels, mask = case["input_ids"], case["labels"], case["attention_mask"]
     logits = engine.logits(view, ids, mask)
     loss, grads = engine.loss_and_grad(view, ids, labels, mask)
