@@ -259,9 +259,13 @@ def cmd_export_vectors(args: argparse.Namespace) -> int:
 
 def cmd_check_vectors(args: argparse.Namespace) -> int:
     from .io import save_json
-    from .vectors import check_vectors, load_impl
+    from .vectors import check_trajectories, check_vectors, load_port, load_trajectories, load_vectors
 
-    reports = check_vectors(args.dir, load_impl(args.impl), args.cases)
+    run, run_trajectory = load_port(args.impl)
+    reports = check_vectors(args.dir, run, args.cases)
+    trajectories = load_trajectories(args.dir, load_vectors(args.dir, args.cases))
+    if run_trajectory is not None:
+        reports += check_trajectories(trajectories, run_trajectory)
     width = max(len(r.name) for r in reports) + 2
     print(f"{'case':{width}s}result  worst tensor: error / tolerance")
     for report in reports:
@@ -276,6 +280,8 @@ def cmd_check_vectors(args: argparse.Namespace) -> int:
                 note = f" ({check.note})" if check.note else ""
                 print(f"    {check.tensor}: {check.error:.2e} / {check.tolerance:.0e} {verdict}{note}")
     failed = [r.name for r in reports if not r.passed]
+    if trajectories and run_trajectory is None:
+        print(f"{len(trajectories)} training trajectories not run: {args.impl} has no run_trajectory (VECTORS.md)")
     print(f"{len(reports)} cases: {len(reports) - len(failed)} passed, {len(failed)} failed")
     if args.report:
         save_json(args.report, {"impl": args.impl, "cases": [_report_json(r) for r in reports]})

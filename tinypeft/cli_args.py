@@ -236,8 +236,8 @@ def _export_vectors(sub: argparse._SubParsersAction) -> None:
         description="Write golden vectors for ports: for the base model and every method, small cases (odd "
         "sizes, rank 1, padded batches, virtual tokens filling the position table) in float64 and float32, each "
         "a folder with case.json (configs, inputs, loss, tolerances), weights.safetensors and "
-        "expected.safetensors (logits and every trainable gradient). The same command writes the same bytes. "
-        "VECTORS.md describes the format.",
+        "expected.safetensors (logits and every trainable gradient); and training trajectories, ten AdamW or SGD "
+        "steps from some of the cases. The same command writes the same bytes. VECTORS.md describes the format.",
     )
     x.add_argument("dir", help="folder to write the cases and index.json into")
     x.add_argument("--cases", nargs="+", default=["*"], metavar="GLOB", help="only cases whose name matches a glob")
@@ -251,7 +251,8 @@ def _check_vectors(sub: argparse._SubParsersAction) -> None:
         help="run an implementation (a port) on golden vectors and compare",
         description="Load every golden case in DIR, call run_case(case) from the implementation MODULE, and "
         "compare its logits, loss and gradients with the expected ones, tensor by tensor, at the tolerances the "
-        "vectors state. Exit status 1 if any case fails. VECTORS.md documents the run_case interface.",
+        "vectors state; if MODULE has run_trajectory(t), also the training trajectories of the selected cases. "
+        "Exit status 1 if any case fails. VECTORS.md documents the run_case and run_trajectory interfaces.",
     )
     c.add_argument("dir", help="folder written by export-vectors")
     c.add_argument(

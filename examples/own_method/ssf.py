@@ -237,5 +237,6 @@ SPEC = register_method(
         golden_cases=GOLDEN_CASES,
         error_cases=error_cases,
         peft_files="PEFT has no SSF: its adapter loads in tinypeft only",
+        inert_fields={"init_ssf_weights": "an init (identity or random): the vectors store the tensors"},
     )
 )

@@ -8,7 +8,8 @@ the gradients the vectors hold. It imports neither tinypeft, nor transformers, n
     tinypeft check-vectors vectors/ --impl examples/port_torch/port.py
 
 `run_case(case)` is the interface VECTORS.md defines: a case (configs, weights, inputs, the trainable
-tensor names) in, {"logits", "loss", "grads", "derived"} out, as NumPy arrays.
+tensor names) in, {"logits", "loss", "grads", "derived"} out, as NumPy arrays. `run_trajectory(t)` opts into
+the training trajectories: ten AdamW or SGD steps from a case, {"losses", "params"} out.
 """
 
 from __future__ import annotations
@@ -421,13 +422,10 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
-def compute(case: dict[str, Any]) -> dict[str, Any]:
-    dtype = {"float64": torch.float64, "float32": torch.float32}[case["dtype"]]
-    params = {name: torch.tensor(w, dtype=dtype) for name, w in case["weights"].items()}
-    for name in case["trainable"]:
-        params[name].requires_grad_(True)
-    model = GPT(case["model_config"], params)
-    cfg, derived = case["method_config"] or {}, {}
+def attach(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> None:
+    """Put the method of `cfg` on the model. None (full fine-tuning), BITFIT, LN_TUNING: the base model, with
+    the trainable tensors the case names. The sites read their tensors when called: updating them in place
+    (a training step) updates the model."""
     kind = cfg.get("peft_type")
     if kind == "LORA":
         add_lora(model, cfg, derived)
@@ -451,7 +449,15 @@ def compute(case: dict[str, Any]) -> dict[str, Any]:
         add_oft(model, cfg)
     elif kind == "BOFT":
         add_boft(model, cfg)
-    # None (full fine-tuning), BITFIT, LN_TUNING: the base model, with the trainable tensors the case names
+
+
+def compute(case: dict[str, Any]) -> dict[str, Any]:
+    dtype = {"float64": torch.float64, "float32": torch.float32}[case["dtype"]]
+    params = {name: torch.tensor(w, dtype=dtype) for name, w in case["weights"].items()}
+    for name in case["trainable"]:
+        params[name].requires_grad_(True)
+    model, derived = GPT(case["model_config"], params), {}
+    attach(model, case["method_config"] or {}, derived)
     ids = torch.from_numpy(case["input_ids"])
     mask = None if case["attention_mask"] is None else torch.from_numpy(case["attention_mask"])
     logits = model(ids, mask)
@@ -467,3 +473,65 @@ def compute(case: dict[str, Any]) -> dict[str, Any]:
         "grads": {n: host(g) for n, g in zip(case["trainable"], grads, strict=True)},
         "derived": {n: host(t) for n, t in derived.items()},
     }
+
+
+# ================================================================ training trajectories (VECTORS.md)
+def learning_rate(step: int, t: dict[str, Any]) -> float:
+    """Linear warm-up to lr over warmup_steps, then a cosine down to min_lr_ratio * lr at the last step."""
+    lr, warmup, steps, floor = t["lr"], t["warmup_steps"], t["steps"], t["min_lr_ratio"]
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_trajectory(t: dict[str, Any]) -> dict[str, Any]:
+    """`steps` optimizer steps on the case's batch: the loss before each, the trainable tensors after the last."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return trajectory(t)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def trajectory(t: dict[str, Any]) -> dict[str, Any]:
+    dtype = {"float64": torch.float64, "float32": torch.float32}[t["dtype"]]
+    params = {name: torch.tensor(w, dtype=dtype) for name, w in t["weights"].items()}
+    trained = {name: params[name].requires_grad_(True) for name in t["trainable"]}
+    opt, state, losses = t["optimizer"], {name: {} for name in trained}, []
+    model = GPT(t["model_config"], params)
+    attach(model, t["method_config"] or {}, {})  # PiSSA's residual: computed once, here, from the start
+    ids, labels = torch.from_numpy(t["input_ids"]), torch.from_numpy(t["labels"])
+    mask = None if t["attention_mask"] is None else torch.from_numpy(t["attention_mask"])
+    for step in range(t["steps"]):
+        loss = causal_lm_loss(model(ids, mask), labels)
+        grads = dict(zip(trained, torch.autograd.grad(loss, list(trained.values())), strict=True))
+        losses.append(float(loss.detach()))
+        if t["grad_clip"]:  # one norm over every trainable tensor together
+            norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+            if norm > t["grad_clip"]:
+                grads = {n: g * (t["grad_clip"] / (norm + 1e-6)) for n, g in grads.items()}
+        lr = learning_rate(step, t)
+        with torch.no_grad():
+            for name, p in trained.items():
+                update(p, grads[name], state[name], opt, lr, step + 1)
+    return {"losses": losses, "params": {n: p.detach().numpy() for n, p in trained.items()}}
+
+
+def update(p: Tensor, g: Tensor, s: dict[str, Tensor], opt: dict[str, Any], lr: float, t: int) -> None:
+    """One step of AdamW or SGD on p, in place; weight decay only on matrices (ndim >= 2)."""
+    decays = opt["weight_decay"] > 0 and p.ndim >= 2
+    if opt["name"] == "AdamW":
+        b1, b2 = opt["betas"]
+        if decays:
+            p.mul_(1 - lr * opt["weight_decay"])
+        m = s["m"] = b1 * s.get("m", torch.zeros_like(p)) + (1 - b1) * g
+        v = s["v"] = b2 * s.get("v", torch.zeros_like(p)) + (1 - b2) * g * g
+        p.sub_((lr / (1 - b1**t)) * m / (v.sqrt() / math.sqrt(1 - b2**t) + opt["eps"]))
+    else:
+        if decays:
+            g = g + opt["weight_decay"] * p
+        if opt["momentum"]:
+            g = s["b"] = g.clone() if "b" not in s else opt["momentum"] * s["b"] + g
+        p.sub_(lr * g)

@@ -22,9 +22,10 @@ MAX_FUNCTION_LINES = 60
 # modules allowed past MAX_MODULE_LINES, each with its limit and the reason
 LONGER_MODULES = {
     "lora.py": (
-        560,
+        590,
         "LoRA, rsLoRA, DoRA and PiSSA share one config, adapter and site, and the method's registry entry "
-        "(principle 9) holds their 14 golden cases and their error cases; the variants' math is in lora_variants.py",
+        "(principle 9) holds their 14 golden cases (4 of them pin each flag at r >= 2, issue 17) and their "
+        "error cases; the variants' math is in lora_variants.py",
     ),
     "vera.py": (
         500,

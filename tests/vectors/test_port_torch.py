@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import ast
 import json
-import math
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from port_mutations import MUTATIONS, PORT, broken_port
 
 from tinypeft.cli import main
-from tinypeft.vectors import DTYPES, SPECS, Case, check_vectors, load_impl
+from tinypeft.vectors import DTYPES, SPECS, TRAJECTORY_SPECS, check_vectors, load_impl
 
-PORT = Path(__file__).resolve().parents[2] / "examples" / "port_torch" / "port.py"
 ALLOWED_IMPORTS = {"__future__", "math", "re", "collections.abc", "typing", "numpy", "torch"}
 
 
@@ -27,10 +23,14 @@ def test_the_port_passes_every_case_at_the_stated_tolerances(vectors, tmp_path, 
     out = capsys.readouterr().out
     assert code == 0, out
     cases = json.loads(report.read_text())["cases"]
-    assert len(cases) == len(SPECS) * len(DTYPES) and all(c["passed"] for c in cases)
+    # every case, and every training trajectory (the port has run_trajectory)
+    assert len(cases) == (len(SPECS) + len(TRAJECTORY_SPECS)) * len(DTYPES) and all(c["passed"] for c in cases)
     assert all(t["passed"] is True for c in cases for t in c["tensors"]), "every derived tensor is checked too"
     worst: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    trajectories = {f"{spec.name}-{dtype}" for spec in TRAJECTORY_SPECS for dtype in DTYPES}
     for case in cases:
+        if case["name"] in trajectories:  # their errors: tests/vectors/test_trajectories.py and VECTORS.md
+            continue
         for t in case["tensors"]:
             kind = t["tensor"] if t["tensor"] in ("loss", "logits") else "derived" if " " in t["tensor"] else "grads"
             cell = worst[(case["method"], case["dtype"])]
@@ -53,200 +53,13 @@ def test_the_port_imports_no_tinypeft_transformers_or_peft():
 
 
 # ------------------------------------------------------------------ break one formula, see the vectors fail
-@dataclass(frozen=True)
-class Mutation:
-    """A wrong formula: `old` (which must occur exactly once in the port) replaced by `new`, and the cases
-    it must make fail."""
-
-    old: str
-    new: str
-    breaks: Callable[[Case], bool]
-
-
-def everything(case: Case) -> bool:
-    return True
-
-
-def lora_scaling(case: Case) -> float:
-    cfg = case.method_config
-    return cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
-
-
-def is_lora(case: Case, **fields: object) -> bool:
-    cfg = case.method_config or {}
-    return cfg.get("peft_type") == "LORA" and all(cfg.get(k) == v for k, v in fields.items())
-
-
-def vera_sliced(case: Case, which: str) -> bool:
-    """A VeRA case with a target narrower than the shared A (which="A": in < max in) or shorter than B ("B")."""
-    cfg, model = case.method_config or {}, case.model_config
-    if cfg.get("peft_type") != "VERA":
-        return False
-    C, inner = model["n_embd"], model["n_inner"] or 4 * model["n_embd"]
-    sizes = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, inner), "mlp.c_proj": (inner, C)}
-    targets = cfg["target_modules"]
-    hit = [size for module, size in sizes.items() if any(module == t or module.endswith("." + t) for t in targets)]
-    axis = 0 if which == "A" else 1
-    return len({size[axis] for size in hit}) > 1
-
-
-def is_peft_type(case: Case, peft_type: str, **fields: object) -> bool:
-    cfg = case.method_config or {}
-    return cfg.get("peft_type") == peft_type and all(cfg.get(k) == v for k, v in fields.items())
-
-
-def loss_reads_a_query_that_sees_nothing(case: Case) -> bool:
-    """A left-padded row whose last pad predicts its first token, with no virtual token in front to see."""
-    virtual = "num_virtual_tokens" in (case.method_config or {})
-    return case.attention_mask is not None and not case.attention_mask[:, 0].all() and not virtual
-
-
-MUTATIONS = {
-    "LayerNorm with the unbiased variance": Mutation(
-        "((x - mean) ** 2).mean(-1, keepdim=True)", "((x - mean) ** 2).sum(-1, keepdim=True) / (x.shape[-1] - 1)",
-        everything),
-    "LayerNorm ignores the config's epsilon": Mutation(
-        "torch.sqrt(var + eps)", "torch.sqrt(var + 1e-5)", lambda c: c.model_config["layer_norm_epsilon"] != 1e-5),
-    "GELU in its erf form": Mutation(
-        "0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))",
-        "0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))", everything),
-    "scores scaled by 1/sqrt(C), not 1/sqrt(head size)": Mutation(
-        "/ math.sqrt(C // n_head)", "/ math.sqrt(C)", lambda c: c.model_config["n_head"] > 1),
-    "q, k, v split in another order": Mutation(
-        "heads(qkv[..., :C]), heads(qkv[..., C : 2 * C])", "heads(qkv[..., C : 2 * C]), heads(qkv[..., :C])",
-        everything),
-    "causal mask off by one": Mutation(
-        "torch.arange(P + T)[None, :] <= (P + torch.arange(T))", "torch.arange(P + T)[None, :] < (P + torch.arange(T))",
-        everything),
-    "padding mask ignored": Mutation(
-        "(mask[:, None, None, :] != 0)", "(mask[:, None, None, :] != 2)", lambda c: c.attention_mask is not None),
-    "hidden scores added to, as transformers does, not replaced": Mutation(
-        "torch.where(visible, scores, torch.finfo(scores.dtype).min)",
-        "scores + torch.where(visible, torch.zeros_like(scores), torch.finfo(scores.dtype).min)",
-        loss_reads_a_query_that_sees_nothing),
-    "final LayerNorm skipped": Mutation(
-        'return self.ln("transformer.ln_f", x) @', "return x @", everything),
-    "ignored labels counted in the loss": Mutation(
-        "labels[:, 1:].reshape(-1), ignore_index=-100", "labels[:, 1:].reshape(-1).clamp(min=0)", everything),
-    "rsLoRA scaled by alpha / r": Mutation(
-        'cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])', 'cfg["lora_alpha"] / cfg["r"]',
-        lambda c: is_lora(c, use_rslora=True) and c.method_config["r"] > 1),
-    "LoRA without its scaling": Mutation(
-        "x @ W + b + s * (x @ A.T) @ B.T", "x @ W + b + (x @ A.T) @ B.T",
-        lambda c: is_lora(c, use_dora=False) and lora_scaling(c) != 1),
-    "DoRA's norm not detached": Mutation(
-        ".norm(dim=0).detach()", ".norm(dim=0)", lambda c: is_lora(c, use_dora=True)),
-    "DoRA rescales the bias too": Mutation(
-        "(m / norm) * (x @ W + s * (x @ A.T) @ B.T) + b", "(m / norm) * (x @ W + s * (x @ A.T) @ B.T + b)",
-        lambda c: is_lora(c, use_dora=True)),
-    "PiSSA's residual from the trained factors, not the SVD": Mutation(
-        "W = pissa_residual(W, r, s)",
-        'W = W - s * (p[f"{PEFT}{module}.lora_B.weight"] @ p[f"{PEFT}{module}.lora_A.weight"]).T.detach()',
-        lambda c: is_lora(c, init_lora_weights="pissa")),
-    "virtual tokens appended instead of prepended": Mutation(
-        "torch.cat([table.expand(B, -1, -1), x], 1)", "torch.cat([x, table.expand(B, -1, -1)], 1)",
-        lambda c: c.method == "prompt_tuning"),
-    "prefix table laid out [key/value][layer]": Mutation(
-        "(kv[2 * i].expand(shape), kv[2 * i + 1].expand(shape))", "(kv[i].expand(shape), kv[L + i].expand(shape))",
-        lambda c: c.method == "prefix_tuning"),
-    "prefix: real tokens keep positions from 0": Mutation(
-        'p["transformer.wpe.weight"][P : P + T]', 'p["transformer.wpe.weight"][:T]',
-        lambda c: c.method == "prefix_tuning"),
-    "prefix projection without its tanh": Mutation(
-        "hidden = torch.tanh(E @", "hidden = (E @", lambda c: c.method == "prefix_tuning"
-        and c.method_config["prefix_projection"]),
-    "IA3 leaves the bias unscaled": Mutation(
-        "(x @ W + b) * l", "(x @ W) * l + b", lambda c: c.method == "ia3"),
-    "P-tuning's reverse LSTM reads the rows in order": Mutation(
-        'range(x.shape[0] - 1, -1, -1) if suffix.endswith("_reverse") else range(x.shape[0])', "range(x.shape[0])",
-        lambda c: c.method == "ptuning" and c.method_config["encoder_reparameterization_type"] == "LSTM"),
-    "P-tuning's LSTM with the input and forget gates swapped": Mutation(
-        "c = f * c + i * g", "c = i * c + f * g",
-        lambda c: c.method == "ptuning" and c.method_config["encoder_reparameterization_type"] == "LSTM"),
-    "P-tuning's MLP without its second ReLU": Mutation(
-        "linear(torch.relu(linear(torch.relu(linear(x, 0)), 2)), 4)", "linear(linear(torch.relu(linear(x, 0)), 2), 4)",
-        lambda c: c.method == "ptuning" and c.method_config["encoder_reparameterization_type"] == "MLP"),
-    "bottleneck adapter without its residual": Mutation(
-        "return h + g @", "return g @", lambda c: c.method == "bottleneck_adapter"),
-    "VeRA without its b vector": Mutation(
-        "x @ W + b + l_b * ((l_d * (x @ A.T)) @ B.T)", "x @ W + b + ((l_d * (x @ A.T)) @ B.T)",
-        lambda c: c.method == "vera"),
-    "VeRA's d scales the output, not the rank": Mutation(
-        "l_b * ((l_d * (x @ A.T)) @ B.T)", "l_b * ((x @ A.T) @ B.T) * l_d.sum()",
-        lambda c: c.method == "vera" and c.method_config["r"] > 1),  # at r = 1 the two are the same
-    "VeRA's A sliced from the right": Mutation(
-        "A[:, : W.shape[0]]", "A[:, A.shape[1] - W.shape[0] :]", lambda c: vera_sliced(c, "A")),
-    "VeRA's B sliced from the bottom": Mutation(
-        "B[: W.shape[1]]", "B[B.shape[0] - W.shape[1] :]", lambda c: vera_sliced(c, "B")),
-    "VeRA's B drawn before A": Mutation(
-        "A = torch.empty(r, n_in).uniform_(-bound[0], bound[0], generator=generator)",
-        "B0 = torch.empty(n_out, r).uniform_(-bound[1], bound[1], generator=generator)\n"
-        "    A = torch.empty(r, n_in).uniform_(-bound[0], bound[0], generator=generator)",
-        lambda c: c.method == "vera"),
-    "VeRA's kaiming bound without its gain": Mutation(
-        "math.sqrt(3.0) * (math.sqrt(2.0) / math.sqrt(shape[1]))", "math.sqrt(3.0) / math.sqrt(shape[1])",
-        lambda c: c.method == "vera"),
-    "VeRA's projections seeded with the key plus one": Mutation(
-        'manual_seed(cfg["projection_prng_key"])', 'manual_seed(cfg["projection_prng_key"] + 1)',
-        lambda c: c.method == "vera"),
-    "LoHa: the sum of the two products, not their Hadamard product": Mutation(
-        "s * (w1a @ w1b) * (w2a @ w2b)", "s * ((w1a @ w1b) + (w2a @ w2b))", lambda c: c.method == "loha"),
-    "LoHa's (out, in) delta reshaped, not transposed, to GPT-2's (in, out)": Mutation(
-        "return x @ W + b + x @ delta.T", "return x @ W + b + x @ delta.reshape(delta.shape[::-1])",
-        lambda c: c.method == "loha"),
-    "LoHa scaled by alpha, not alpha / r": Mutation(
-        'p, s = model.params, cfg["alpha"] / cfg["r"]', 'p, s = model.params, cfg["alpha"]',
-        lambda c: c.method == "loha" and c.method_config["r"] > 1),
-    "LoKr's Kronecker factors in the other order": Mutation(
-        "torch.kron(w1, w2)", "torch.kron(w2, w1)", lambda c: c.method == "lokr" and c.variant != "factor2_odd"),
-    "LoKr's (out, in) delta reshaped, not transposed, to GPT-2's (in, out)": Mutation(
-        "x @ delta.T + b", "x @ delta.reshape(delta.shape[::-1]) + b", lambda c: c.method == "lokr"),
-    "LoKr scaled by alpha, not alpha / r": Mutation(
-        'cfg["r"], cfg["alpha"] / cfg["r"]', 'cfg["r"], cfg["alpha"]',
-        lambda c: c.method == "lokr" and c.method_config["r"] > 1),
-    "LoKr makes W1 low-rank without decompose_both": Mutation(
-        'low_rank_w1 = cfg["decompose_both"] and r', "low_rank_w1 = r",
-        lambda c: c.method == "lokr" and c.variant == "odd"),
-    "OFT's Cayley transform the other way round, (I + S)(I - S)^-1": Mutation(
-        "torch.linalg.solve(eye + S, eye - S, left=False)", "torch.linalg.solve(eye - S, eye + S, left=False)",
-        lambda c: is_peft_type(c, "OFT", use_cayley_neumann=False)),
-    "Neumann series with its last term weighted 2": Mutation(
-        "[1] + [2] * (m - 1) + [1]", "[1] + [2] * m", lambda c: is_peft_type(c, "OFT", use_cayley_neumann=True)),
-    "OFT's S symmetric, not skew": Mutation(
-        "S = S - S.transpose(1, 2)", "S = S + S.transpose(1, 2)", lambda c: is_peft_type(c, "OFT")),
-    "OFT's blocks applied transposed": Mutation(
-        '"...rk,rkc->...rc"', '"...rk,rck->...rc"', lambda c: is_peft_type(c, "OFT")),
-    "COFT's radius not divided by sqrt(blocks)": Mutation(
-        "np.float32(eps) * (np.float32(1) / np.sqrt(np.float32(q.shape[0])))", "np.float32(eps)",
-        lambda c: is_peft_type(c, "OFT", coft=True)),
-    "COFT's projection differentiated, not straight through": Mutation(
-        "return q + (projected - q.detach())", "return torch.where(norm <= radius, q, q * radius / norm)",
-        lambda c: is_peft_type(c, "OFT", coft=True)),
-    "BOFT's skew part without its 1/2": Mutation(
-        "cayley(0.5 * (X - X.transpose(-1, -2)))", "cayley(X - X.transpose(-1, -2))",
-        lambda c: is_peft_type(c, "BOFT")),
-    "BOFT's factors multiplied the other way round": Mutation(
-        "M = P @ torch.block_diag(*R[f]) @ P.T @ M", "M = M @ P @ torch.block_diag(*R[f]) @ P.T",
-        lambda c: is_peft_type(c, "BOFT") and c.method_config["boft_n_butterfly_factor"] > 1),
-    "BOFT's permutation matrices transposed": Mutation(
-        "[butterfly_perm(W.shape[0], D // 2**f, H // 2, F)]", "[butterfly_perm(W.shape[0], D // 2**f, H // 2, F)].T",
-        lambda c: is_peft_type(c, "BOFT") and c.method_config["boft_n_butterfly_factor"] > 2),
-    "butterfly permutation with the odd groups first": Mutation(
-        "list(range(0, step, 2)) + list(range(1, step, 2))", "list(range(1, step, 2)) + list(range(0, step, 2))",
-        lambda c: is_peft_type(c, "BOFT") and c.method_config["boft_n_butterfly_factor"] > 1),
-    "BOFT scales the bias too": Mutation(
-        "(x @ M @ W) * s[:, 0] + b", "(x @ M @ W + b) * s[:, 0]", lambda c: is_peft_type(c, "BOFT")),
-}  # fmt: skip
-
-
 @pytest.mark.parametrize("name", MUTATIONS)
 def test_breaking_one_formula_fails_the_cases_it_serves(name, cases, vectors, tmp_path):
     mutation = MUTATIONS[name]
-    source = PORT.read_text()
-    assert source.count(mutation.old) == 1, f"the port no longer holds {mutation.old!r} exactly once"
     broken = tmp_path / "broken_port.py"
-    broken.write_text(source.replace(mutation.old, mutation.new))
+    broken.write_text(broken_port(name))
     # float64 only, to keep the suite quick: its tolerance is the one that tells a wrong formula from rounding
+    # (tests/vectors/test_vectors_page.py runs each on the float32 cases too, for VECTORS.md's table)
     expected_to_fail = [c.name for c in cases if mutation.breaks(c) and c.dtype == "float64"]
     assert expected_to_fail, "the mutation must break some case"
     reports = check_vectors(vectors, load_impl(str(broken)), expected_to_fail)

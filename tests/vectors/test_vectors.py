@@ -23,6 +23,7 @@ from tinypeft.vectors import (
     FLOAT32_TOLERANCES,
     INDEX_NAME,
     SPECS,
+    TRAJECTORY_SPECS,
     WEIGHTS_NAME,
     check_vectors,
     compare,
@@ -50,7 +51,7 @@ def test_the_same_command_writes_the_same_bytes(vectors, tmp_path):
     export_in_a_fresh_process(second)
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
-    assert len(files) == 1 + 3 * 2 * len(SPECS)
+    assert len(files) == 1 + 3 * 2 * len(SPECS) + 2 * 2 * len(TRAJECTORY_SPECS)
     for rel in files:
         assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
 
@@ -140,10 +141,13 @@ def test_check_vectors_passes_tinypeft_and_reports_every_tensor(vectors, tmp_pat
     code = main([*command, "--report", str(report)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "6 cases: 6 passed, 0 failed" in out
+    # the cases, and the training trajectories that start from them (tinypeft has run_trajectory)
+    n = 2 * sum(spec.name.startswith("lora-") for spec in SPECS)
+    n += 2 * sum(spec.case.startswith("lora-") for spec in TRAJECTORY_SPECS)
+    assert f"{n} cases: {n} passed, 0 failed" in out
     assert "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight" in out
     cases = json.loads(report.read_text())["cases"]
-    assert len(cases) == 6 and all(c["passed"] for c in cases)
+    assert len(cases) == n and all(c["passed"] for c in cases)
     assert all(t["error"] <= t["tolerance"] for c in cases for t in c["tensors"])
 
 
@@ -158,7 +162,7 @@ def run_case(case):
     return result
 """,
     )
-    code = main(["check-vectors", str(vectors), "--impl", impl, "--cases", "ia3-*"])
+    code = main(["check-vectors", str(vectors), "--impl", impl, "--cases", "ia3-odd-*", "ia3-padded-*"])
     out, err = capsys.readouterr()
     assert code == 1
     assert "ia3-odd-float64" in out and "FAIL" in out and "FAILED" in out
@@ -345,3 +349,111 @@ def test_the_index_must_list_existing_plain_case_folders(vectors, tmp_path):
             load_vectors(folder)  # fmt: skip
     with pytest.raises(ConfigError, match="no case of"):
         check_vectors(vectors, run_case, ["nothing-*"])
+
+
+# ------------------------------------------------------------------ dtypes
+# issue 17: a JAX port computing a float32 case partly in float64 passed, because the checker converted whatever
+# it got to float64. A case's arrays come back in its dtype; the loss may be a Python float (the port's own
+# float(loss)), or a 0-d array of the case's dtype.
+PARTLY_FLOAT64 = """
+import numpy as np
+
+
+def run_case(case):
+    result = reference(case)
+    # s = alpha / np.sqrt(r) is a NumPy float64 scalar: under NEP 50 it promotes the float32 array it meets
+    result["logits"] = result["logits"] * np.sqrt(1.0)
+    return result
+"""
+ALL_FLOAT64 = """
+import numpy as np
+
+
+def run_case(case):
+    # the float32 case computed in float64 throughout: closer to the expected values, and still wrong
+    case = {**case, "dtype": "float64", "weights": {k: v.astype(np.float64) for k, v in case["weights"].items()}}
+    result = reference(case)
+    result["loss"] = np.float64(result["loss"])
+    return result
+"""
+
+
+def test_a_float32_case_computed_partly_in_float64_fails_and_says_which_array(vectors, tmp_path, capsys):
+    impl = write_impl(tmp_path, PARTLY_FLOAT64)
+    assert main(["check-vectors", str(vectors), "--impl", impl, "--cases", "lora-odd-*"]) == 1
+    out, err = capsys.readouterr()
+    assert "2 cases: 1 passed, 1 failed" in out  # the float64 case is float64 throughout
+    assert "logits is float64; a float32 case needs float32 arrays back" in out
+    assert err == "tinypeft check-vectors: 1 of 2 cases failed: lora-odd-float32\n"
+
+
+def test_a_float32_case_computed_in_float64_fails_every_array_though_its_values_are_closer(cases):
+    case = next(c for c in cases if c.name == "pissa-odd-float32")  # logits, grads, and derived tensors
+    namespace: dict = {}
+    exec("from tinypeft.vectors import run_case as reference\n" + ALL_FLOAT64, namespace)
+    report = compare(case, namespace["run_case"](case.port_input()))
+    assert not report.passed
+    failed = [c for c in report.checks if not c.passed]
+    assert {c.tensor for c in failed} == {c.tensor for c in report.checks}, "loss, logits, every grad and derived"
+    assert all(c.error <= c.tolerance for c in failed), "the values pass: only the dtype fails them"
+    assert {c.note.split(" is ")[1] for c in failed} == {"float64; a float32 case needs float32 arrays back"}
+    assert any(c.tensor.startswith("derived ") for c in failed)
+
+
+def test_a_float64_case_answered_in_float32_fails(cases):
+    case = next(c for c in cases if c.name == "lora-rank1-float64")
+    result = run_case(case.port_input())
+    name = sorted(result["grads"])[0]
+    result["grads"][name] = result["grads"][name].astype(np.float32)
+    report = compare(case, result)
+    assert not report.passed
+    notes = [c.note for c in report.checks if not c.passed]
+    assert notes == [f"{name} is float32; a float64 case needs float64 arrays back"]
+
+
+@pytest.mark.parametrize(
+    ("loss", "passes"),
+    [
+        (lambda x: x, True),  # a Python float
+        (lambda x: np.float32(x), True),
+        (lambda x: np.array(x, dtype=np.float32), True),  # 0-d
+        (lambda x: np.float64(x), False),  # a NumPy float64 scalar: what a promoted computation gives
+        (lambda x: np.array(x), False),
+        (lambda x: np.array(x, dtype=np.float16), False),
+        (lambda x: "1.5", False),
+    ],
+)
+def test_the_loss_of_a_float32_case_is_a_python_float_or_float32(cases, loss, passes):
+    case = next(c for c in cases if c.name == "lora-rank1-float32")
+    result = run_case(case.port_input())
+    result["loss"] = loss(result["loss"])
+    report = compare(case, result)
+    assert report.passed is passes, report.checks[0]
+    if not passes:
+        assert [c.tensor for c in report.checks if not c.passed] == ["loss"]
+
+
+def test_the_loss_as_a_torch_scalar_of_the_case_dtype_passes(cases):
+    torch = pytest.importorskip("torch")
+    for name in ("lora-rank1-float32", "lora-rank1-float64"):
+        case = next(c for c in cases if c.name == name)
+        result = run_case(case.port_input())
+        dtype = {"float32": torch.float32, "float64": torch.float64}[case.dtype]
+        result["loss"] = torch.tensor(result["loss"], dtype=dtype)
+        result["logits"] = torch.from_numpy(result["logits"])
+        assert compare(case, result).passed, name
+
+
+def test_tinypeft_and_the_torch_port_return_the_case_dtype(cases):
+    """What the two implementations return, read directly (compare() fails them otherwise): every array in
+    the case's dtype, the loss a Python float."""
+    pytest.importorskip("torch")
+    port = load_impl(str(ROOT / "examples" / "port_torch" / "port.py"))
+    for case in cases:
+        if case.dtype != "float32" or not (case.derived or case.name.startswith(("full-odd", "dora-odd"))):
+            continue
+        for impl in (run_case, port):
+            result = impl(case.port_input())
+            arrays = [result["logits"], *result["grads"].values(), *result["derived"].values()]
+            assert {a.dtype for a in arrays} == {np.dtype(np.float32)}, case.name
+            assert type(result["loss"]) is float

@@ -318,6 +318,7 @@ register_method(MethodSpec(
                    lambda: AdapterConfig(bottleneck_size=2, non_linearity="tanh"), Batch(3, 8, "mixed"), seed=28),
     ),
     error_cases=_error_cases,
+    inert_fields={"init_weights": "an init (up-projection zero or random): the vectors store the tensors"},
     peft_files="PEFT has no bottleneck adapters: base_model.model.<module>.adapter_down/adapter_up.{weight,bias} "
     "with peft_type BOTTLENECK_ADAPTER, which only tinypeft loads; and no merge either (the non-linearity sits "
     "between the projections), so keep a PeftModel (or `tinypeft eval`/`generate --adapter`) to use one",

@@ -33,7 +33,7 @@ from ..config import linear_module_names, shown
 from ..errors import CheckpointError, ConfigError
 from ..ops import linear_backward, linear_forward
 from ..sites import Sites
-from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
+from .base import PEFT_PREFIX, Adapter, PeftConfig, _compile_regex, match_modules, register
 from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
 
 if TYPE_CHECKING:
@@ -156,6 +156,8 @@ class IA3Config(PeftConfig):
             self.target_modules = list(GPT2_TARGET_MODULES)
         if self.feedforward_modules is None:
             self.feedforward_modules = list(GPT2_FEEDFORWARD_MODULES)
+        if isinstance(self.feedforward_modules, str):  # matched lazily, module by module: refuse a bad one now
+            _compile_regex(self.feedforward_modules, "IA3Config.feedforward_modules")
         if not isinstance(self.init_ia3_weights, bool):
             raise ConfigError(f"init_ia3_weights must be True or False; got {shown(self.init_ia3_weights)}")
 
@@ -259,6 +261,9 @@ def _error_cases() -> list[ErrorCase]:
         ErrorCase("IA3 target that is not a linear layer", as_is, ConfigError,
                   ("'ln_1'", "matches no module", "'attn.c_attn'"),
                   config=lambda: IA3Config(target_modules=["ln_1"], feedforward_modules=[])),
+        ErrorCase("IA3 feedforward_modules an invalid regex", as_is, ConfigError,
+                  ("IA3Config.feedforward_modules", "'(c_proj'", "not a valid regular expression"),
+                  config=lambda: IA3Config(target_modules=".*c_proj", feedforward_modules="(c_proj")),
         ErrorCase("IA3 init_ia3_weights not a bool", as_is, ConfigError, ("init_ia3_weights", "'yes'", "True or False"),
                   config=lambda: IA3Config(init_ia3_weights="yes")),
         ErrorCase("IA3 feedforward_modules entry not a string (adapter_config.json)",
@@ -286,8 +291,22 @@ register_method(MethodSpec(
                    lambda: IA3Config(target_modules=["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
                                      feedforward_modules=["mlp.c_fc", "mlp.c_proj"]),
                    Batch(3, 8, "mixed"), seed=24),
+        # issue 17: the feed-forward rule, pinned where a flip keeps the shapes (attn.c_proj is square)
+        GoldenCase("ia3", "suffix", "target_modules a regex (every linear layer); feedforward_modules ['_proj'], "
+                   "a suffix without a '.': both c_proj scaled on their input", ODD_EPS,
+                   lambda: IA3Config(target_modules=r".*\.(c_attn|c_proj|c_fc)", feedforward_modules=["_proj"]),
+                   Batch(3, 8, "mixed"), seed=40),
+        GoldenCase("ia3", "regex_ff", "feedforward_modules a regex (layer 1's attn.c_proj and mlp.c_fc on their "
+                   "input)", SMALL,
+                   lambda: IA3Config(target_modules=["c_attn", "c_proj", "c_fc"],
+                                     feedforward_modules=r"transformer\.h\.1\.(attn\.c_proj|mlp\.c_fc)"),
+                   Batch(2, 6), seed=41),
     ),
     error_cases=_error_cases,
+    inert_fields={
+        "init_ia3_weights": "an init (ones or random): the vectors store the vectors, moved off it",
+        "fan_in_fan_out": "written for PEFT, always True for GPT-2's Conv1D layers; IA3Config has no such field",
+    },
     peft_files="PEFT's IA3: base_model.model.<module>.ia3_l in PEFT's shapes, (out, 1), or (1, in) for a "
     "feedforward module, and PEFT's adapter_config.json fields, so an adapter loads in PEFT and back",
     loads_in_peft=True,

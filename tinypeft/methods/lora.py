@@ -45,7 +45,18 @@ from .lora_variants import (
     splits_the_weight,
     stop_gradient,
 )
-from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
+from .registry import (
+    ODD_EPS,
+    SMALL,
+    UNIMPLEMENTED,
+    Batch,
+    ErrorCase,
+    Flag,
+    GoldenCase,
+    MethodSpec,
+    as_is,
+    register_method,
+)
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -499,6 +510,25 @@ GOLDEN_CASES = (
                lambda: LoraConfig(r=1, lora_alpha=1, init_lora_weights="pissa", use_dora=True,
                                   target_modules=["c_attn", "c_fc"]),
                Batch(3, 8, "mixed"), seed=15),
+    # issue 17: each flag where it changes a formula (r >= 2: alpha / r and alpha / sqrt(r) differ)
+    GoldenCase("dora", "rslora", "DoRA with rsLoRA, r=3, bias='all'; padded batch", ODD_EPS,
+               lambda: LoraConfig(r=3, lora_alpha=2, use_dora=True, use_rslora=True,
+                                  target_modules=["c_attn", "mlp.c_proj"], bias="all"),
+               Batch(3, 8, "mixed"), seed=42),
+    GoldenCase("pissa", "rslora", "PiSSA with rsLoRA, r=2 on the MLP", ODD_EPS,
+               lambda: LoraConfig(r=2, lora_alpha=3, init_lora_weights="pissa", use_rslora=True,
+                                  target_modules=["mlp.c_fc", "mlp.c_proj"]),
+               Batch(2, 7), seed=43),
+    GoldenCase("pissa", "dora", "PiSSA with DoRA and rsLoRA, r=3 on attn.c_proj and c_fc, bias='lora_only'; "
+               "padded batch", SMALL,
+               lambda: LoraConfig(r=3, lora_alpha=2, init_lora_weights="pissa", use_dora=True, use_rslora=True,
+                                  target_modules=["attn.c_proj", "mlp.c_fc"], bias="lora_only"),
+               Batch(3, 8, "mixed"), seed=44),
+    GoldenCase("lora", "regex", "r=2, target_modules a regex (layer 1's c_attn and c_fc), bias='lora_only'",
+               ODD_EPS,
+               lambda: LoraConfig(r=2, lora_alpha=5, target_modules=r".*\.1\.(attn\.c_attn|mlp\.c_fc)",
+                                  bias="lora_only"),
+               Batch(2, 7), seed=45),
 )  # fmt: skip
 
 
@@ -541,6 +571,13 @@ register_method(MethodSpec(
     flags=FLAGS,
     golden_cases=GOLDEN_CASES,
     error_cases=_error_cases,
+    inert_fields={
+        "lora_dropout": "dropout on the LoRA branch, off in eval: the vectors are eval-mode numbers",
+        "fan_in_fan_out": "always True for GPT-2's Conv1D layers: tinypeft, as PEFT, sets False back to True",
+        "rank_pattern": UNIMPLEMENTED,
+        "alpha_pattern": UNIMPLEMENTED,
+        "lora_bias": UNIMPLEMENTED,
+    },
     peft_files="PEFT's LORA: base_model.model.<module>.lora_A.weight (r, in) and .lora_B.weight (out, r), "
     ".lora_magnitude_vector (DoRA), .base_layer.bias (bias='all' or 'lora_only'), and PEFT's adapter_config.json "
     "fields, so an adapter loads in PEFT and back (PiSSA's residual is not saved: loading recomputes it from the "

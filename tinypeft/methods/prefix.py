@@ -40,7 +40,7 @@ from ..errors import CheckpointError, ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
 from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
-from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig
+from .virtual_tokens import NUM_VIRTUAL_TOKENS, SHAPE_FIELDS_INERT, VirtualTokenConfig
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -337,6 +337,11 @@ register_method(MethodSpec(
                    Batch(3, 8, "mixed"), seed=22),
     ),
     error_cases=_error_cases,
+    inert_fields={
+        **SHAPE_FIELDS_INERT,
+        "init_weights": "an init (N(0, 1) or zero): the vectors store the tensors, moved off it",
+        "encoder_hidden_size=null": "read with prefix_projection=True only (where tinypeft fills in n_embd)",
+    },
     peft_files="PEFT's PREFIX_TUNING: the (NV, 2LC) table as prompt_embeddings (with prefix_projection, the table "
     "the MLP computes, as PEFT saves it) and PEFT's adapter_config.json fields, so an adapter loads in PEFT and back",
     loads_in_peft=True,

@@ -38,7 +38,7 @@ from ..errors import ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
 from .registry import BYTES, ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
-from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig
+from .virtual_tokens import NUM_VIRTUAL_TOKENS, SHAPE_FIELDS_INERT, VirtualTokenConfig
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -292,6 +292,13 @@ register_method(MethodSpec(
                    Batch(2, 7, "ends"), perturb_adapter=False, seed=18),
     ),
     error_cases=_error_cases,
+    inert_fields={
+        **SHAPE_FIELDS_INERT,
+        "tokenizer_name_or_path": "written for PEFT; tinypeft tokenizes the TEXT init as UTF-8 bytes whatever it names",
+        'prompt_tuning_init="RANDOM"': "a random init, as SAMPLE_VOCAB: the vectors store the table it drew",
+        'prompt_tuning_init="SAMPLE_VOCAB"': "a random init, as RANDOM: the vectors store the table it drew",
+        "prompt_tuning_init_text=null": "read by the TEXT init only",
+    },
     peft_files="PEFT's PROMPT_TUNING: the (NV, C) table as prompt_embeddings and PEFT's adapter_config.json fields "
     "(TEXT init writes tokenizer_name_or_path, which PEFT requires and never reads on loading: the base's folder "
     "where its tokenizer.json tokenized the text, else 'tinypeft-utf8-bytes'), so an adapter loads in PEFT and back",

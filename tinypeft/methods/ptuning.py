@@ -35,7 +35,7 @@ from ..sites import Sites
 from .base import Adapter, register
 from .prompt import PROMPT_EMBEDDINGS, PromptEmbeddingSite, prompt_backward, prompt_forward
 from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
-from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig
+from .virtual_tokens import NUM_VIRTUAL_TOKENS, SHAPE_FIELDS_INERT, VirtualTokenConfig
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -419,6 +419,10 @@ register_method(MethodSpec(
                    Batch(3, 8, "mixed"), seed=37),
     ),
     error_cases=_error_cases,
+    inert_fields={
+        **SHAPE_FIELDS_INERT,
+        "encoder_dropout": "between LSTM layers while training only; tinypeft refuses it but 0",
+    },
     peft_files="PEFT's P_TUNING: the encoder's output, the (NV, C) table, as prompt_embeddings and PEFT's "
     "adapter_config.json fields, so an adapter loads in PEFT and back (loading it, in either library, uses "
     "the table: the encoder is not saved)",

@@ -25,6 +25,15 @@ if TYPE_CHECKING:
     from ..errors import TinyPeftError
     from .base import PeftConfig
 
+# reasons MethodSpec.inert_fields gives again and again
+UNIMPLEMENTED = "a PEFT option tinypeft does not implement: any value but the default is refused"
+EVAL_DROPOUT = "a dropout, off in eval: the vectors are eval-mode numbers"
+DRAWN_INIT = "an init: the vectors store the tensors it drew (or made)"
+ALWAYS_LINEAR = "always True for GPT-2's Conv1D layers: tinypeft, as PEFT, sets False back to True"
+NOT_IN_FILES = "PEFT's bookkeeping of its files, not how it computes"
+UNIMPLEMENTED_FIELDS = ("exclude_modules", "layers_pattern", "layers_to_transform", "modules_to_save")
+
+
 # model shapes (GPTConfig keyword arguments) of the built-in golden cases
 ODD = {"vocab_size": 19, "n_positions": 11, "n_embd": 9, "n_layer": 2, "n_head": 3, "n_inner": 13}
 ODD_EPS = {**ODD, "layer_norm_epsilon": 1e-6}  # a config that is not GPT-2's default anywhere it can be
@@ -113,7 +122,10 @@ class MethodSpec:
     has no such method, and what to use instead); loads_in_peft: whether PEFT reads its adapter;
     default: the method a bare `tinypeft finetune` uses (exactly one says so); golden_cases_of: for a
     method with no golden cases of its own, the method whose cases compute its numbers too (training
-    a subset of the base's parameters is full fine-tuning with fewer gradients).
+    a subset of the base's parameters is full fine-tuning with fewer gradients); inert_fields: the config
+    fields (or "field=value", a JSON value) that cannot change a golden case's numbers, each with the
+    reason: tests/vectors/test_flags.py flips every other field of every case and asserts that some case
+    of the method changes, so a field a port could ignore and still pass is caught.
     """
 
     name: str
@@ -128,6 +140,7 @@ class MethodSpec:
     loads_in_peft: bool = False
     default: bool = False
     golden_cases_of: str = ""
+    inert_fields: Mapping[str, str] = field(default_factory=dict)
 
 
 METHODS: dict[str, MethodSpec] = {}

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 # the --num_virtual_tokens option of prompt and prefix tuning (one declaration, so the two agree)
 NUM_VIRTUAL_TOKENS = Flag(("--num_virtual_tokens",), {"type": int, "default": 20, "help": "virtual tokens"})
+# MethodSpec.inert_fields of both methods: the model-shape fields cannot change a number
+SHAPE_FIELDS_INERT = {
+    name: "the base model's shape, filled in from it: tinypeft refuses any other value"
+    for name in ("token_dim", "num_layers", "num_attention_heads", "num_transformer_submodules")
+}
 
 
 @dataclass

@@ -13,11 +13,22 @@ The package, by concern:
 - compute.py: computing a case in float64, and `export_vectors`;
 - tolerances.py: how close a port must come, per tensor;
 - format.py: the files (names, `Case`, `write_case`); load.py: reading them back, validated;
-- checker.py: `compare`, `check_vectors`, `load_impl`, and `run_case` (tinypeft itself as a port).
+- checker.py: `compare`, `check_vectors`, `load_impl`, and `run_case` (tinypeft itself as a port);
+- trajectory.py: training trajectories, ten optimizer steps from a case (`run_trajectory`, a kind a port opts into).
 The same command writes the same bytes.
 """
 
-from .checker import CaseReport, RunCase, TensorCheck, check_vectors, compare, error_vs_expected, load_impl, run_case
+from .checker import (
+    CaseReport,
+    RunCase,
+    TensorCheck,
+    check_vectors,
+    compare,
+    error_vs_expected,
+    load_impl,
+    load_port,
+    run_case,
+)
 from .compute import PERTURBATION, compute_case, export_vectors
 from .format import (
     CASE_NAME,
@@ -36,6 +47,15 @@ from .format import (
 from .load import load_case, load_vectors
 from .specs import SPECS, Batch, make_batch
 from .tolerances import FLOAT32_TOLERANCES, FLOAT64_TOLERANCE, TOLERANCE_NOTES, tolerance_for, tolerances
+from .trajectory import SPECS as TRAJECTORY_SPECS
+from .trajectory import (
+    Trajectory,
+    TrajectorySpec,
+    check_trajectories,
+    compare_trajectory,
+    load_trajectories,
+    run_trajectory,
+)
 
 __all__ = [
     "CASE_NAME",
@@ -51,6 +71,7 @@ __all__ = [
     "PERTURBATION",
     "SPECS",
     "TOLERANCE_NOTES",
+    "TRAJECTORY_SPECS",
     "VERSION",
     "WEIGHTS_NAME",
     "Batch",
@@ -58,16 +79,23 @@ __all__ = [
     "CaseReport",
     "RunCase",
     "TensorCheck",
+    "Trajectory",
+    "TrajectorySpec",
+    "check_trajectories",
     "check_vectors",
     "compare",
+    "compare_trajectory",
     "compute_case",
     "error_vs_expected",
     "export_vectors",
     "load_case",
     "load_impl",
+    "load_port",
+    "load_trajectories",
     "load_vectors",
     "make_batch",
     "run_case",
+    "run_trajectory",
     "tolerance_for",
     "tolerances",
     "write_case",

@@ -71,6 +71,26 @@ def error_vs_expected(got: Any, want: Array) -> float:
     return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
+def check_array(tensor: str, got: Any, want: Array, tolerance: float, dtype: str) -> TensorCheck:
+    """One returned tensor against the expected one: its shape, its dtype (the case's), its error. The loss
+    may be a Python float (the port's own float(loss)), which says nothing of the dtype it was computed in."""
+    # the dtype is read before anything is converted: a float32 case computed partly in float64 (JAX
+    # promotes a float32 array that meets a NumPy float64 scalar) is close in value, and wrong
+    python_float = tensor == "loss" and type(got) is float
+    try:
+        got_dtype = np.asarray(got).dtype
+        got = np.asarray(got, dtype=np.float64)
+    except Exception as e:  # whatever the port's object raises (a torch tensor that requires grad, say)
+        return TensorCheck(tensor, math.inf, tolerance, False, f"not an array: {_raised(e)}")
+    if got.shape != want.shape:
+        return TensorCheck(tensor, math.inf, tolerance, False, f"shape {got.shape}, expected {want.shape}")
+    error = error_vs_expected(got, want)
+    if got_dtype != np.dtype(dtype) and not python_float:
+        note = f"{tensor} is {_dtype_name(got_dtype)}; a {dtype} case needs {dtype} arrays back"
+        return TensorCheck(tensor, error, tolerance, False, note)
+    return TensorCheck(tensor, error, tolerance, error <= tolerance)
+
+
 def compare(case: Case, result: Any) -> CaseReport:
     """Check what an implementation returned for `case` against the expected values and tolerances."""
     report = CaseReport(case.name, case.method, case.dtype)
@@ -79,17 +99,7 @@ def compare(case: Case, result: Any) -> CaseReport:
         return report
 
     def check(tensor: str, got: Any, want: Array, tolerance: float) -> None:
-        try:
-            got = np.asarray(got, dtype=np.float64)
-        except Exception as e:  # whatever the port's object raises (a torch tensor that requires grad, say)
-            report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, f"not an array: {_raised(e)}"))
-            return
-        if got.shape != want.shape:
-            note = f"shape {got.shape}, expected {want.shape}"
-            report.checks.append(TensorCheck(tensor, math.inf, tolerance, False, note))
-            return
-        error = error_vs_expected(got, want)
-        report.checks.append(TensorCheck(tensor, error, tolerance, error <= tolerance))
+        report.checks.append(check_array(tensor, got, want, tolerance, case.dtype))
 
     check("loss", result["loss"], np.asarray(case.loss), case.tolerances["loss"])
     check("logits", result["logits"], case.logits, case.tolerances["logits"])
@@ -117,6 +127,11 @@ def compare(case: Case, result: Any) -> CaseReport:
     for name in sorted(set(derived) - set(case.derived), key=repr):
         report.checks.append(TensorCheck(f"derived {name}", math.inf, 0.0, False, "not a derived tensor of this case"))
     return report
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    """float64, int64, object, <U1: a dtype as a port's author reads it."""
+    return dtype.name if dtype.kind in "biufc" else dtype.str
 
 
 def check_vectors(folder: str | os.PathLike, run_case: RunCase, patterns: Sequence[str] = ("*",)) -> list[CaseReport]:
@@ -167,6 +182,12 @@ def _safe_str(value: Any, show: Callable[[Any], str]) -> str:
 def load_impl(spec: str) -> RunCase:
     """`run_case` from an implementation: a dotted module name importable from the current folder, or the
     path of a .py file or of a package folder."""
+    return load_port(spec)[0]
+
+
+def load_port(spec: str) -> tuple[RunCase, Callable[[dict[str, Any]], Mapping[str, Any]] | None]:
+    """An implementation's `run_case`, and its `run_trajectory` if it has one (the training trajectories are
+    a kind a port opts into), importing it once."""
     path = os.path.abspath(spec)
     try:
         if spec.endswith(".py") or os.path.isdir(path):
@@ -190,17 +211,18 @@ def load_impl(spec: str) -> RunCase:
     run = getattr(module, "run_case", None)
     if not callable(run):
         raise ConfigError(f"--impl {spec}: the module has no function run_case(case) -> dict (see VECTORS.md)")
-    return run
+    trajectory = getattr(module, "run_trajectory", None)
+    return run, trajectory if callable(trajectory) else None
 
 
 # ------------------------------------------------------------------ tinypeft as an implementation
-def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
-    """tinypeft itself behind the interface every port implements: builds the model and adapter from the
-    case's configs, loads its weights, and computes in the case's dtype."""
+def build(case: Mapping[str, Any], device: str | None = None) -> tuple[Any, dict[str, Array]]:
+    """The compute view of the case's model and method, its weights loaded, in the case's dtype, on `device`
+    (None: the default); and the tensors the method's init derived from the base weights (in float64)."""
     dtype = case["dtype"]
     config = GPTConfig(**case["model_config"], dtype=dtype)
     weights = dict(case["weights"])
-    base = GPT(config)
+    base = GPT(config, device=device)
     base.load_state_dict({n: weights.pop(n) for n in parameter_shapes(config)})
     method_config = case["method_config"]
     model: Any = base
@@ -230,13 +252,22 @@ def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
     view = model.view()
     if set(view.trainable) != set(case["trainable"]):
         raise CheckpointError(f"case {case['name']}: 'trainable' is not what its method trains")
+    return view, derived
+
+
+def run_case(case: Mapping[str, Any]) -> dict[str, Any]:
+    """tinypeft itself behind the interface every port implements: builds the model and adapter from the
+    case's configs, loads its weights, and computes in the case's dtype."""
+    dtype = case["dtype"]
+    view, derived = build(case)
     ids, labels, mask = case["input_ids"], case["labels"], case["attention_mask"]
     logits = engine.logits(view, ids, mask)
     loss, grads = engine.loss_and_grad(view, ids, labels, mask)
-    # on the GPU (TINYPEFT_BACKEND=cuda) the case runs there; what a port returns is host arrays
+    # on the GPU (TINYPEFT_BACKEND=cuda) the case runs there; what a port returns is host arrays, of the
+    # case's dtype (derived() gives float64 copies of what the init computed in the model's dtype)
     return {
         "logits": to_numpy(logits),
         "loss": float(loss),
         "grads": {name: to_numpy(g) for name, g in grads.items()},
-        "derived": {name: to_numpy(d) for name, d in derived.items()},
+        "derived": {name: to_numpy(d).astype(dtype) for name, d in derived.items()},
     }

@@ -24,6 +24,7 @@ from ..peft_model import get_peft_model
 from .format import DTYPES, FORMAT, INDEX_NAME, MODEL_CONFIG_FIELDS, VERSION, Array, Case, write_case
 from .specs import SPECS, make_batch
 from .tolerances import TOLERANCE_NOTES, tolerances
+from .trajectory import export_trajectories
 
 # How far from its init every tensor is moved before the expected values are computed: GPT-2's init is
 # symmetric (LayerNorm weights 1, biases 0) and LoRA's B = 0 makes dA vanish, so a gradient computed
@@ -95,17 +96,20 @@ def export_vectors(
     folder: str | os.PathLike, patterns: Sequence[str] = ("*",), dtypes: Sequence[str] = DTYPES
 ) -> list[str]:
     """Compute and write every case whose name (`lora-rank1-float32`) matches a glob in `patterns`, one
-    folder each, and index.json listing them. Returns the case names."""
+    folder each, the training trajectories that start from them (trajectory.py), and index.json listing
+    both. Returns the case names."""
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise ConfigError(f"dtype {dtype!r}: golden vectors come in {list(DTYPES)}")
-    names = []
+    names, written = [], []
     for spec in SPECS:
         for dtype in dtypes:
             name = f"{spec.name}-{dtype}"
             if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-                write_case(os.path.join(os.fspath(folder), name), compute_case(spec, dtype))
+                case = compute_case(spec, dtype)
+                write_case(os.path.join(os.fspath(folder), name), case)
                 names.append(name)
+                written.append(case)
     if not names:
         known = [f"{s.name}-{d}" for s in SPECS for d in DTYPES]
         raise ConfigError(f"no case matches {list(patterns)}; the cases are named like {known[:3]} ...")
@@ -115,6 +119,7 @@ def export_vectors(
         "generated_by": f"tinypeft {__version__} export-vectors",
         "cases": names,
         "tolerance_notes": TOLERANCE_NOTES,
+        "trajectories": export_trajectories(folder, written),  # those whose case is among the cases written
     }
     save_json(os.path.join(os.fspath(folder), INDEX_NAME), index)
     return names
