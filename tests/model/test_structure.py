@@ -27,6 +27,11 @@ LONGER_MODULES = {
         "(principle 9) holds their 14 golden cases (4 of them pin each flag at r >= 2, issue 17) and their "
         "error cases; the variants' math is in lora_variants.py",
     ),
+    "oft.py": (
+        460,
+        "the rotation's math is in orthogonal.py; this file holds PEFT's 15 config fields and their checks, the "
+        "adapter, the site with COFT's write-back, and the registry entry with its 21 error cases and inert fields",
+    ),
     "vera.py": (
         500,
         "besides VeRA's math, config, adapter, site and registry entry, the one file holds PEFT's torch draw of the "

@@ -53,22 +53,7 @@ from .orthogonal import (
     skew_part_forward,
     trained_biases,
 )
-from .registry import (
-    ALWAYS_LINEAR,
-    DRAWN_INIT,
-    EVAL_DROPOUT,
-    ODD_EPS,
-    SMALL,
-    UNIMPLEMENTED,
-    UNIMPLEMENTED_FIELDS,
-    Batch,
-    ErrorCase,
-    Flag,
-    GoldenCase,
-    MethodSpec,
-    as_is,
-    register_method,
-)
+from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, inert, register_method
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -423,7 +408,6 @@ def _error_cases() -> list[ErrorCase]:
     ]  # fmt: skip
 
 
-# boft_block_num and boft_block_size, for MethodSpec.inert_fields: a flip of one alone is refused
 COUPLED = "not flippable alone: block_num * block_size is the layer width; the factors' shapes pin both"
 
 register_method(MethodSpec(
@@ -436,15 +420,8 @@ register_method(MethodSpec(
     flags=FLAGS,
     golden_cases=GOLDEN_CASES,
     error_cases=_error_cases,
-    inert_fields={
-        **{f: UNIMPLEMENTED for f in UNIMPLEMENTED_FIELDS},
-        "boft_dropout": EVAL_DROPOUT,
-        "init_weights": DRAWN_INIT,
-        "fan_in_fan_out": ALWAYS_LINEAR,
-        "boft_block_num": COUPLED,
-        "boft_block_size": COUPLED,
-        "boft_n_butterfly_factor=1": "one factor: other counts are refused by its blocks (boft-butterfly pins 3)",
-    },
+    inert_fields=inert(dropout=["boft_dropout"], init=["init_weights"], linear=True, boft_block_num=COUPLED,
+                       boft_block_size=COUPLED, **{"boft_n_butterfly_factor=1": "others refused by its blocks"}),
     peft_files="PEFT's BOFT: base_model.model.<module>.boft_R (F, D, H, H) and .boft_s (out, 1), .base_layer.bias "
     "(bias='all' or 'boft_only'), and PEFT's adapter_config.json fields. PEFT applies BOFT to nn.Linear only (an "
     "adapter loads in PEFT on a GPT-2 whose Conv1D layers are nn.Linear), and without its CUDA extension it makes "

@@ -27,18 +27,7 @@ import numpy as np
 from ..backend import Array
 from .base import register
 from .lycoris import FLAGS, DeltaAdapter, DeltaLayer, LycorisConfig, common_error_cases, common_kwargs, kaiming_uniform
-from .registry import (
-    DRAWN_INIT,
-    EVAL_DROPOUT,
-    ODD_EPS,
-    SMALL,
-    UNIMPLEMENTED,
-    UNIMPLEMENTED_FIELDS,
-    Batch,
-    GoldenCase,
-    MethodSpec,
-    register_method,
-)
+from .registry import ODD_EPS, SMALL, Batch, GoldenCase, MethodSpec, inert, register_method
 
 TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 
@@ -139,15 +128,8 @@ register_method(MethodSpec(
     flags=FLAGS,
     golden_cases=GOLDEN_CASES,
     error_cases=lambda: common_error_cases("LoHa", LoHaConfig),
-    inert_fields={
-        **{f: UNIMPLEMENTED for f in UNIMPLEMENTED_FIELDS},
-        "rank_pattern": UNIMPLEMENTED,
-        "alpha_pattern": UNIMPLEMENTED,
-        "rank_dropout": EVAL_DROPOUT,
-        "module_dropout": EVAL_DROPOUT,
-        "init_weights": DRAWN_INIT,
-        "use_effective_conv2d": "for convolutions; GPT-2 has none",
-    },
+    inert_fields=inert(also_unimplemented=["rank_pattern", "alpha_pattern"], dropout=["rank_dropout", "module_dropout"],
+                       init=["init_weights"], use_effective_conv2d="for convolutions; GPT-2 has none"),
     peft_files="PEFT's LOHA: base_model.model.<module>.hada_w1_a (out, r), .hada_w1_b (r, in), .hada_w2_a, "
     ".hada_w2_b, and PEFT's adapter_config.json fields; PEFT's LoHa takes nn.Linear layers only, so the "
     "adapter loads in PEFT on GPT-2 with its Conv1D layers made nn.Linear (weights transposed; same module "

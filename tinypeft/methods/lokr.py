@@ -30,21 +30,7 @@ from ..config import shown
 from ..errors import ConfigError
 from .base import register
 from .lycoris import FLAGS, DeltaAdapter, DeltaLayer, LycorisConfig, common_error_cases, common_kwargs, kaiming_uniform
-from .registry import (
-    DRAWN_INIT,
-    EVAL_DROPOUT,
-    ODD_EPS,
-    SMALL,
-    UNIMPLEMENTED,
-    UNIMPLEMENTED_FIELDS,
-    Batch,
-    ErrorCase,
-    Flag,
-    GoldenCase,
-    MethodSpec,
-    as_is,
-    register_method,
-)
+from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, inert, register_method
 
 
 # ===================================================================== the math
@@ -251,16 +237,9 @@ register_method(MethodSpec(
     ),
     golden_cases=GOLDEN_CASES,
     error_cases=_error_cases,
-    inert_fields={
-        **{f: UNIMPLEMENTED for f in UNIMPLEMENTED_FIELDS},
-        "rank_pattern": UNIMPLEMENTED,
-        "alpha_pattern": UNIMPLEMENTED,
-        "rank_dropout": EVAL_DROPOUT,
-        "module_dropout": EVAL_DROPOUT,
-        "rank_dropout_scale": "scales the rank dropout, off in eval",
-        "init_weights": DRAWN_INIT,
-        "use_effective_conv2d": "for convolutions; GPT-2 has none",
-    },
+    inert_fields=inert(also_unimplemented=["rank_pattern", "alpha_pattern"], init=["init_weights"],
+                       dropout=["rank_dropout", "module_dropout", "rank_dropout_scale"],
+                       use_effective_conv2d="for convolutions; GPT-2 has none"),
     peft_files="PEFT's LOKR: base_model.model.<module>.lokr_w1 (a, c) or .lokr_w1_a/.lokr_w1_b, and .lokr_w2 "
     "(b, d) or .lokr_w2_a/.lokr_w2_b, out = a·b and in = c·d, and PEFT's adapter_config.json fields; PEFT's LoKr "
     "takes nn.Linear layers only, so the adapter loads in PEFT on GPT-2 with its Conv1D layers made nn.Linear "

@@ -57,23 +57,7 @@ from .orthogonal import (
     suggested_divisor,
     trained_biases,
 )
-from .registry import (
-    ALWAYS_LINEAR,
-    DRAWN_INIT,
-    EVAL_DROPOUT,
-    NOT_IN_FILES,
-    ODD_EPS,
-    SMALL,
-    UNIMPLEMENTED,
-    UNIMPLEMENTED_FIELDS,
-    Batch,
-    ErrorCase,
-    Flag,
-    GoldenCase,
-    MethodSpec,
-    as_is,
-    register_method,
-)
+from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, inert, register_method
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -448,7 +432,6 @@ def _error_cases() -> list[ErrorCase]:
     ]  # fmt: skip
 
 
-# r and oft_block_size, for MethodSpec.inert_fields: a flip of one alone is refused, so it shows no change
 COUPLED = "not flippable alone: r * oft_block_size is the layer width; the rotation's shape pins both"
 
 register_method(MethodSpec(
@@ -461,16 +444,9 @@ register_method(MethodSpec(
     flags=FLAGS,
     golden_cases=GOLDEN_CASES,
     error_cases=_error_cases,
-    inert_fields={
-        **{f: UNIMPLEMENTED for f in UNIMPLEMENTED_FIELDS},
-        "module_dropout": EVAL_DROPOUT,
-        "init_weights": DRAWN_INIT,
-        "fan_in_fan_out": ALWAYS_LINEAR,
-        "peft_version": NOT_IN_FILES,
-        "r": COUPLED,
-        "oft_block_size": COUPLED,
-        "eps=6e-05": "COFT's radius, read only with coft=True (the oft-coft case pins it)",
-    },
+    inert_fields=inert(dropout=["module_dropout"], init=["init_weights"], linear=True, r=COUPLED,
+                       oft_block_size=COUPLED,
+                       peft_version="PEFT's bookkeeping of its files", **{"eps=6e-05": "read with coft only"}),
     peft_files="PEFT's OFT: base_model.model.<module>.oft_R.weight (r or 1, b(b-1)/2), .base_layer.bias (bias='all' "
     "or 'oft_only'), and PEFT's adapter_config.json fields. PEFT applies OFT to nn.Linear only: its GPT2LMHeadModel "
     "refuses it on Conv1D, so the adapter loads in PEFT on a GPT-2 whose Conv1D layers are nn.Linear (weights "

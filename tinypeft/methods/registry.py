@@ -34,6 +34,21 @@ NOT_IN_FILES = "PEFT's bookkeeping of its files, not how it computes"
 UNIMPLEMENTED_FIELDS = ("exclude_modules", "layers_pattern", "layers_to_transform", "modules_to_save")
 
 
+def inert(
+    unimplemented: Sequence[str] = UNIMPLEMENTED_FIELDS,
+    also_unimplemented: Sequence[str] = (),
+    dropout: Sequence[str] = (),
+    init: Sequence[str] = (),
+    linear: bool = False,
+    **reasons: str,
+) -> dict[str, str]:
+    """A MethodSpec.inert_fields of the usual kinds: PEFT options refused but at their default, dropouts,
+    inits, fan_in_fan_out; then `reasons` (a "field=value" entry as {"field=value": reason})."""
+    fields = {f: UNIMPLEMENTED for f in (*unimplemented, *also_unimplemented)} | {f: EVAL_DROPOUT for f in dropout}
+    fields |= {f: DRAWN_INIT for f in init} | ({"fan_in_fan_out": ALWAYS_LINEAR} if linear else {})
+    return fields | reasons
+
+
 # model shapes (GPTConfig keyword arguments) of the built-in golden cases
 ODD = {"vocab_size": 19, "n_positions": 11, "n_embd": 9, "n_layer": 2, "n_head": 3, "n_inner": 13}
 ODD_EPS = {**ODD, "layer_norm_epsilon": 1e-6}  # a config that is not GPT-2's default anywhere it can be

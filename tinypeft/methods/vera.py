@@ -30,22 +30,7 @@ from ..errors import CheckpointError, ConfigError
 from ..sites import Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
 from .lora import dropout_keep_mask
-from .registry import (
-    ALWAYS_LINEAR,
-    DRAWN_INIT,
-    EVAL_DROPOUT,
-    ODD_EPS,
-    SMALL,
-    UNIMPLEMENTED,
-    UNIMPLEMENTED_FIELDS,
-    Batch,
-    ErrorCase,
-    Flag,
-    GoldenCase,
-    MethodSpec,
-    as_is,
-    register_method,
-)
+from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, inert, register_method
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -504,14 +489,9 @@ register_method(MethodSpec(
     ),
     golden_cases=GOLDEN_CASES,
     error_cases=_error_cases,
-    inert_fields={
-        **{f: UNIMPLEMENTED for f in UNIMPLEMENTED_FIELDS if f != "exclude_modules"},
-        "save_projection": "whether the file holds A and B: the vectors hold them as derived tensors either way",
-        "vera_dropout": EVAL_DROPOUT,
-        "d_initial": "λ_d's init: the vectors store λ_d",
-        "init_weights": DRAWN_INIT,
-        "fan_in_fan_out": ALWAYS_LINEAR,
-    },
+    inert_fields=inert(("layers_pattern", "layers_to_transform", "modules_to_save"), (), ["vera_dropout"],
+                       ["init_weights", "d_initial"], linear=True,
+                       save_projection="whether the file holds A and B: the vectors hold them as derived tensors"),
     peft_files="PEFT's VERA: base_model.model.<module>.vera_lambda_d (r,) and .vera_lambda_b (out,), the shared "
     "base_model.vera_A (r, max in) and base_model.vera_B (max out, r) unless save_projection is False (loaders then "
     "redraw them from projection_prng_key, bit for bit as torch does), .base_layer.bias (bias='all' or 'vera_only'), "
