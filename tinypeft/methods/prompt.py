@@ -255,7 +255,8 @@ register_method(MethodSpec(
              "help": "initialise from N(0,1), random vocabulary rows, or the bytes of --prompt_tuning_init_text "
              "(PEFT's default is RANDOM; vocabulary rows start the prompt at the scale of real inputs: see "
              "docs/experiments.md)"}),
-        Flag(("--prompt_tuning_init_text",), {"default": None, "help": "text for TEXT initialisation"}),
+        Flag(("--prompt_tuning_init_text",), {"default": None,
+             "help": "text for TEXT initialisation (required by TEXT)"}),
     ),
     golden_cases=(
         GoldenCase("prompt_tuning", "random", "RANDOM init, 3 virtual tokens", ODD_EPS,
