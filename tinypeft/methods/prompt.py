@@ -23,7 +23,6 @@ of the rows in float64). In float32 the two are identical. See docs/prompt_tunin
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,7 +35,7 @@ from ..errors import ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
 from .registry import BYTES, ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
-from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig
+from .virtual_tokens import NUM_VIRTUAL_TOKENS, VirtualTokenConfig, check_init_text, init_text_ids
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -126,33 +125,12 @@ class PromptTuningConfig(VirtualTokenConfig):
             raise ConfigError(f"prompt_tuning_init must be one of {PROMPT_TUNING_INITS}; got {shown(init)}")
         self.prompt_tuning_init = init
         if init == "TEXT":
-            text = self.prompt_tuning_init_text
-            if not isinstance(text, str) or not text:
-                raise ConfigError(
-                    f"prompt_tuning_init='TEXT' needs a non-empty prompt_tuning_init_text; got {shown(text)}"
-                )
-            try:  # the byte tokenizer reads its UTF-8; a lone surrogate (a byte of argv that is not UTF-8) has none
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ConfigError(
-                    f"prompt_tuning_init_text must be text, which tinypeft tokenizes as UTF-8 bytes; {text!r} holds "
-                    f"{text[e.start]!r} at {e.start}, which is no character "
-                    "(a byte of the command line that is not UTF-8)"
-                ) from None
+            check_init_text("prompt_tuning_init", "prompt_tuning_init_text", self.prompt_tuning_init_text)
 
     def init_token_ids(self, vocab_size: int) -> np.ndarray:
         """TEXT init: the text's byte ids, repeated then truncated to num_virtual_tokens (PEFT's rule)."""
-        from ..data import encode
-
-        ids = encode(self.prompt_tuning_init_text)
-        too_big = ids[ids >= vocab_size]
-        if too_big.size:
-            raise ConfigError(
-                f"prompt_tuning_init_text holds byte {int(too_big[0])}, which is no token of this model "
-                f"(vocab_size={vocab_size}); the byte tokenizer needs vocab_size >= 256 for arbitrary text"
-            )
-        repeats = math.ceil(self.num_virtual_tokens / len(ids))
-        return np.tile(ids, repeats)[: self.num_virtual_tokens]
+        text = self.prompt_tuning_init_text
+        return init_text_ids("prompt_tuning_init_text", text, self.num_virtual_tokens, vocab_size)
 
     def validate(self, base: GPT) -> None:
         super().validate(base)
