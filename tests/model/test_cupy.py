@@ -34,6 +34,8 @@ METHODS = {
     "lora-dropout": lambda: tp.LoraConfig(r=4, lora_dropout=0.2, init_lora_weights=False),
     "prompt": lambda: tp.PromptTuningConfig(num_virtual_tokens=5),
     "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True),
+    # the base's keys and values of text: a forward on the device in the init (bytes "0".."3" are tokens of CFG)
+    "prefix-text": lambda: tp.PrefixTuningConfig(num_virtual_tokens=5, prefix_init="TEXT", prefix_init_text="0123"),
     "ia3": lambda: tp.IA3Config(init_ia3_weights=False),
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4, init_weights=False),
 }

@@ -401,14 +401,14 @@ def _error_cases() -> list[ErrorCase]:
 register_method(MethodSpec(
     name="prefix",
     help="prefix tuning: trainable keys/values in every layer",
-    default_lr=1e-2,
+    default_lr=1e-1,
     build=_build,
     example=lambda cfg: PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=5),
     flags=(
         NUM_VIRTUAL_TOKENS,
         Flag(("--prefix_projection",), {"action": "store_true", "help": "reparameterise through a tanh MLP"}),
         Flag(("--encoder_hidden_size",), {"type": int, "default": None, "help": "MLP width (default n_embd)"}),
-        Flag(("--prefix_init",), {"choices": list(PREFIX_INITS), "default": "RANDOM",
+        Flag(("--prefix_init",), {"choices": list(PREFIX_INITS), "default": "TEXT",
              "help": "initialise the keys and values from N(0,1) (PEFT's default), or as the base model's own "
              "keys and values of --prefix_init_text, which starts the model as the base reading that text; TEXT "
              "trains better and forgets far less here: see docs/experiments.md"}),
