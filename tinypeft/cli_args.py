@@ -9,8 +9,10 @@ both names. The subcommands' functions are in cli.py, which routes `args.command
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import NoReturn
 
+from . import __version__
 from .errors import ConfigError
 from .methods import METHODS
 from .methods.registry import Flag, default_method
@@ -30,12 +32,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except None and False: their help says what happens instead."""
+    """Shows each option's default, except None and a flag's False: their help says what happens instead
+    (0 and 0.0 are defaults like any other, though they equal False). A help of several lines (--method's
+    list) keeps its lines, each wrapped on its own."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False):
+        if action.default is None or action.default is False:
             return action.help or ""
         return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        if "\n" not in text:
+            return super()._split_lines(text, width)
+        parts = []
+        for line in text.splitlines():
+            column = line.find("  ")  # "name  description": a wrapped description stays in its column
+            column = column + len(line[column:]) - len(line[column:].lstrip()) if column > 0 else 0
+            parts += textwrap.wrap(line, width, subsequent_indent=" " * column)
+        return parts
 
 
 # ------------------------------------------------------------------ methods
@@ -62,13 +76,15 @@ def method_flags() -> list[Flag]:
     return flags
 
 
+def method_help() -> str:
+    """--method's help: one line per registered method, in registration order, with its learning rate."""
+    width = max(len(name) for name in METHODS)
+    lines = [f"{name:<{width}}  {spec.help} (lr {spec.default_lr:g})" for name, spec in METHODS.items()]
+    return "\n".join(["the method, and the learning rate it trains at unless --lr (default: %(default)s):", *lines])
+
+
 def _add_method_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--method",
-        choices=sorted(METHODS),
-        default=default_method(),
-        help="; ".join(f"{k}: {v.help} (lr {v.default_lr:g})" for k, v in sorted(METHODS.items())),
-    )
+    p.add_argument("--method", choices=list(METHODS), default=default_method(), help=method_help())
     g = p.add_argument_group("method options")
     for flag in method_flags():
         g.add_argument(*flag.names, **flag.kwargs)
@@ -177,7 +193,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
         "same one finetune reports.",
     )
     e.add_argument("--model", default=None, help="model folder (default: the shipped base)")
-    e.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply")
+    e.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply (default: none)")
     e.add_argument("--corpus", nargs="+", default=[DEFAULT_TASK_CORPUS, DEFAULT_PROSE_CORPUS], help="corpora")
     e.add_argument(
         "--seq_len",
@@ -200,7 +216,7 @@ def _generate(sub: argparse._SubParsersAction) -> None:
         "(PEFT format): greedy by default, or sampled with --temperature/--top_k.",
     )
     g.add_argument("--model", default=None, help="model folder (default: the shipped base)")
-    g.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply")
+    g.add_argument("--adapter", default=None, help="adapter folder (PEFT format) to apply (default: none)")
     g.add_argument("--prompt", default="The ", help="text to continue")
     g.add_argument(
         "--max_new_tokens",
@@ -209,7 +225,7 @@ def _generate(sub: argparse._SubParsersAction) -> None:
         help="bytes to generate (tokens for a model folder with a tokenizer.json)",
     )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens")
+    g.add_argument("--top_k", type=int, default=None, help="sample only from the k most likely tokens (default: all)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help=DEVICE_HELP)
 
@@ -263,7 +279,9 @@ def _check_vectors(sub: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--cases", nargs="+", default=["*"], metavar="GLOB", help="only cases whose name matches a glob")
     c.add_argument("--verbose", "-v", action="store_true", help="print every tensor's error, not only failures")
-    c.add_argument("--report", default=None, help="also write every tensor's error to this JSON file")
+    c.add_argument(
+        "--report", default=None, help="also write every tensor's error to this JSON file (default: no file)"
+    )
 
 
 SUBCOMMANDS = (_pretrain, _finetune, _eval, _generate, _merge, _export_vectors, _check_vectors)
@@ -272,6 +290,7 @@ SUBCOMMANDS = (_pretrain, _finetune, _eval, _generate, _merge, _export_vectors, 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every subcommand; `args.command` names the one given."""
     parser = _Parser(prog="tinypeft", description="Parameter-efficient fine-tuning from scratch in NumPy.")
+    parser.add_argument("--version", action="version", version=f"tinypeft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)

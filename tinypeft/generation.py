@@ -55,6 +55,13 @@ def forward_cached(view: ComputeView, input_ids: Array, kv: KVCache | None) -> t
     return logits, KVCache.of(cache)
 
 
+def keys_values(view: ComputeView, input_ids: Any) -> list[tuple[Array, Array]]:
+    """Per layer, the attention's (keys, values) for input_ids (B, T), each (B, NH, T', hs): what a KV
+    cache holds after reading these tokens (T' counts any virtual tokens and prefix in front too)."""
+    ids, _ = view.check_inputs(input_ids)
+    return forward_cached(view, ids, None)[1].keys_values
+
+
 def generate(
     view: ComputeView,
     input_ids: Any,

@@ -151,13 +151,17 @@ class Lab:
         method_config: PeftConfig | None,
         lr: float,
         measure_memory: bool = False,
+        seed: int | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
-        """One run; its row: label, lr, the fields given (the swept value, say), trainable parameters,
-        before/after losses in nats, gain and forgetting, median step seconds, peak memory if measured,
-        evaluations, samples, and status "ok" or "diverged ..." (then the after-values are None)."""
+        """One run; its row: label, lr, seed (of the adapter's init and the batches; default: the
+        settings'), the fields given (the swept value, say), trainable parameters, before/after losses in
+        nats, gain and forgetting, median step seconds, peak memory if measured, evaluations, samples, and
+        status "ok" or "diverged ..." (then the after-values are None)."""
         config = self.settings.train_config(lr)
-        row: dict[str, Any] = {"label": label, "lr": lr, **fields}
+        if seed is not None:
+            config = replace(config, seed=seed)
+        row: dict[str, Any] = {"label": label, "lr": lr, "seed": config.seed, **fields}
         if measure_memory:
             row["peak_memory_bytes"] = peak_training_memory(
                 lambda: build_model(self.fresh_base(), method_config, config.seed), self.task.train, config

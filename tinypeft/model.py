@@ -89,6 +89,11 @@ class LanguageModel:
         sampled, top_k if given), with a KV cache; returns (B, T + new) on the host. See `generation.generate`."""
         return generation.generate(self.view(), input_ids, max_new_tokens, temperature, top_k, seed)
 
+    def keys_values(self, input_ids: Any) -> list[tuple[Array, Array]]:
+        """Per layer, the attention's (keys, values) for token ids (B, T), each (B, n_head, T, head_dim): the
+        KV cache after reading them, which prefix tuning's TEXT init copies. See `generation.keys_values`."""
+        return generation.keys_values(self.view(), input_ids)
+
     def check_inputs(self, input_ids: Any, attention_mask: Any = None) -> tuple[Array, Array | None]:
         """Validated (ids, mask) on this model's device, or an InputError/InputTypeError saying what is wrong."""
         return self.view().check_inputs(input_ids, attention_mask)

@@ -342,7 +342,7 @@ class PeftModel(LanguageModel):
         os.makedirs(folder, exist_ok=True)
         save_safetensors(os.path.join(folder, ADAPTER_WEIGHTS_NAME), adapter.state_dict())
         # where the base came from, so that PEFT's AutoPeftModel can load it (None for a base made in memory)
-        config = adapter.config.to_dict() | {"base_model_name_or_path": self.base_model.config.name_or_path}
+        config = adapter.config.peft_dict() | {"base_model_name_or_path": self.base_model.config.name_or_path}
         save_json(os.path.join(folder, ADAPTER_CONFIG_NAME), config)
 
     def save_changed_tensors(self, path: str | os.PathLike, adapter_name: str | None = None) -> None:

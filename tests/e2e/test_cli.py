@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +170,56 @@ def test_help_is_complete(command):
         [sys.executable, "-m", "tinypeft.cli", command, "--help"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("usage: tinypeft " + command)
+
+
+def _subparsers() -> dict:
+    import argparse
+
+    from tinypeft.cli import build_parser
+
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+@pytest.mark.parametrize("command", list(_subparsers()))
+def test_every_option_shows_its_default(command, monkeypatch):
+    """Each option of each subcommand: a default other than None (and a flag's False) is printed by --help
+    beside that option, 0 and 0.0 included (argparse's formatter took them for False and hid them); an
+    option whose default is None says in its help what happens without it, or that it is required."""
+    import argparse
+
+    monkeypatch.setenv("COLUMNS", "100")
+    parser = _subparsers()[command]
+    rendered = parser.format_help()
+    text = " ".join(rendered[rendered.index("options:") :].split())  # one line: wrapping ignored
+    formatter = parser._get_formatter()
+    options = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    starts = {a.dest: text.index(" " + formatter._format_action_invocation(a) + " ") for a in options}
+    for action in options:
+        start = starts[action.dest]
+        end = min([i for i in starts.values() if i > start] + [len(text)])
+        says = text[start:end]
+        if action.default is None:
+            assert action.required or "default" in says or "required" in says, f"{command}: {says}"
+        elif action.default is not False:
+            assert f"(default: {action.default})" in says, f"{command} {action.option_strings}: {says}"
+
+
+def test_method_help_lists_every_method_on_its_own_line(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    lines = _subparsers()["finetune"].format_help().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("--method {"))
+    assert "(default: lora)" in lines[start + 1]
+    for line, (name, spec) in zip(lines[start + 2 :], METHODS.items(), strict=False):
+        assert line.split() == [name, *spec.help.split(), "(lr", f"{spec.default_lr:g})"], line
+
+
+def test_version():
+    import re
+
+    done = subprocess.run([sys.executable, "-m", "tinypeft.cli", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == f"tinypeft {tp.__version__}\n"
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "(.*)"$', pyproject, flags=re.M).group(1) == tp.__version__
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tinypeft.methods import prefix as prefix_module
+
 ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -121,6 +123,36 @@ def test_lr_sweep(tmp_path):
         runs = [run for run in results["runs"] if run["method"] == method]
         assert summary["best_task_loss"] == min(run["task_after"] for run in runs)
         assert summary["best_lr"] in summary["good_rates"]
+
+
+def test_prefix_sweep(tmp_path):
+    results = run_quick("prefix_sweep", tmp_path)
+    groups = {  # group: (prefix_init, prefix_projection, learning rates)
+        "RANDOM, table": ("RANDOM", False, [3e-3, 1e-2, 3e-2]),
+        "RANDOM, projection": ("RANDOM", True, [1e-3, 3e-3, 1e-2, 3e-2]),
+        "TEXT, table": ("TEXT", False, [3e-3, 1e-2, 3e-2, 1e-1]),
+        "TEXT, projection": ("TEXT", True, [1e-3, 3e-3, 1e-2, 3e-2]),
+    }
+    prefix = [run for run in results["runs"] if run["method"] == "prefix"]
+    grid = [run for run in prefix if run["seed"] == 0 and "text" not in run]
+    assert sorted((run["group"], run["lr"]) for run in grid) == sorted(
+        (group, lr) for group, (_, _, rates) in groups.items() for lr in rates
+    )
+    for run in prefix:
+        init, projection, _ = groups[run["group"]]
+        config = run["method_config"]
+        assert (config.get("prefix_init", "RANDOM"), config["prefix_projection"]) == (init, projection)
+        # the table (NV, 2 L C) = (20, 2 * 4 * 128); or embedding (20, 128), Linear(128, 128), Linear(128, 1024)
+        assert run["trainable_parameters"] == (20 * 128 + 129 * 128 + 129 * 1024 if projection else 20 * 1024)
+        if init == "TEXT":
+            assert config["prefix_init_text"] == run.get("text", prefix_module.DEFAULT_INIT_TEXT)
+    # seed 1: the old default (RANDOM table at 1e-2) and the best setting again
+    again = {(run["group"], run["lr"]) for run in prefix if run["seed"] == 1}
+    assert ("RANDOM, table", 1e-2) in again and 1 <= len(again) <= 2
+    assert [run["lr"] for run in prefix if "text" in run] == [results["best_lr_per_setting"]["TEXT, table"]]
+    prompt = [run for run in results["runs"] if run["method"] == "prompt"]
+    assert [run["lr"] for run in prompt] == [1e-2, 3e-2, 1e-1]
+    assert all(run["method_config"]["prompt_tuning_init"] == "RANDOM" for run in prompt)
 
 
 def test_own_method_check(tmp_path):

@@ -1475,6 +1475,12 @@ COMMAND_LINE_CASES = [
         ConfigError,
         ("prompt_tuning_init_text must be text", "'\\udcff' at 0", "a byte of the command line that is not UTF-8"),
     ),
+    Bad(
+        "finetune --prefix_init_text of bytes that are not UTF-8",
+        command(*FINETUNE, "--method", "prefix", "--prefix_init", "TEXT", "--prefix_init_text", "\udcff"),
+        ConfigError,
+        ("prefix_init_text must be text", "'\\udcff' at 0", "a byte of the command line that is not UTF-8"),
+    ),
     Bad("generate --prompt empty", command("generate", "--prompt", ""), ConfigError, ("--prompt must not be empty",)),
     Bad(
         "generate --prompt holding a character that is no byte",

@@ -11,6 +11,7 @@ initialisations (TEXT prompts, zero prefixes, IA3 ones) are compared too, and gr
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import peft
@@ -304,6 +305,22 @@ def test_peft_adapter_loads_here(tmp_path, byte_tokenizer, method):
     again = tp.get_peft_model(small_base(), ours.peft_config["default"])
     again.load_adapter_state_dict(peft.get_peft_model_state_dict(pm))
     assert relative_error(again(IDS), peft_logits(pm, IDS)) <= TOL
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_a_text_initialised_prefix_loads_in_peft_without_a_warning(tmp_path, projection):
+    """PEFT has no prefix_init: adapter_config.json leaves tinypeft's init fields out (PEFT warns of a field it
+    lacks, as if the file came from a newer PEFT), and the table PEFT loads gives our logits."""
+    hidden = 6 if projection else None
+    config = tp.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=projection, encoder_hidden_size=hidden,
+                                   prefix_init="TEXT", prefix_init_text="Hi!")  # fmt: skip
+    ours = tp.get_peft_model(small_base(), config, seed=4)
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught, torch_float64():
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(hf_twin(small_base()), tmp_path).eval()
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)]
+    assert relative_error(ours(IDS), peft_logits(pm, IDS)) <= TOL
 
 
 def peft_greedy_by_full_forward(pm, ids: np.ndarray, n_new: int) -> np.ndarray:

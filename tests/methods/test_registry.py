@@ -38,7 +38,7 @@ def test_every_method_carries_its_whole_spec(name):
         assert not spec.golden_cases_of
     else:  # no cases of its own: another method's compute its numbers
         assert METHODS[spec.golden_cases_of].golden_cases, f"{name}: no golden cases, and none of another method's"
-    help_line = f"{name}: {spec.help} (lr {spec.default_lr:g})"
+    help_line = f"{name} {spec.help} (lr {spec.default_lr:g})"  # its line of --method's list
     assert " ".join(help_line.split()) in finetune_help(), f"{name}: no --help line"
     for flag in spec.flags:
         assert flag.names[0] in finetune_help(), f"{name}: {flag.names[0]} not in --help"

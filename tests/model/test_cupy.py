@@ -35,6 +35,8 @@ METHODS = {
     "prompt": lambda: tp.PromptTuningConfig(num_virtual_tokens=5),
     "ptuning": lambda: tp.PromptEncoderConfig(num_virtual_tokens=4, encoder_reparameterization_type="LSTM"),
     "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True),
+    # the base's keys and values of text: a forward on the device in the init (bytes "0".."3" are tokens of CFG)
+    "prefix-text": lambda: tp.PrefixTuningConfig(num_virtual_tokens=5, prefix_init="TEXT", prefix_init_text="0123"),
     "ia3": lambda: tp.IA3Config(init_ia3_weights=False),
     "adapter": lambda: tp.AdapterConfig(bottleneck_size=4, init_weights=False),
     "vera": lambda: tp.VeraConfig(r=6, target_modules=["c_attn", "c_proj"], vera_dropout=0.2, init_weights=False),

@@ -58,9 +58,15 @@ class PeftConfig:
         return 0
 
     def to_dict(self) -> dict[str, Any]:
-        """adapter_config.json: the fields PEFT reads, plus the ones tinypeft adds."""
+        """The config as JSON: the fields PEFT reads, plus any tinypeft adds (summary.json, a run's identity,
+        golden vectors); adapter_config.json holds `peft_dict()`."""
         d = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
         return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "base_model_name_or_path": None, **d}
+
+    def peft_dict(self) -> dict[str, Any]:
+        """What save_pretrained writes to adapter_config.json: `to_dict`, less any field of tinypeft's that
+        only says how the tensors started (the saved tensors supersede it; PEFT warns of fields it lacks)."""
+        return self.to_dict()
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PeftConfig:

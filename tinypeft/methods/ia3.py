@@ -282,7 +282,7 @@ register_method(MethodSpec(
         Flag(("--target_modules",), {"nargs": "+", "default": None, "metavar": "NAME", "help": "layers to adapt "
              "(PEFT matching: a name or a suffix such as c_attn); default: PEFT's for gpt2"}),
         Flag(("--feedforward_modules",), {"nargs": "+", "default": None, "metavar": "NAME",
-             "help": "targets scaled on input"}),
+             "help": "targets scaled on input; default: PEFT's for gpt2 (mlp.c_proj)"}),
     ),
     golden_cases=(
         GoldenCase("ia3", "odd", "PEFT's gpt2 defaults: c_attn scaled on its output, mlp.c_proj on its input",

@@ -564,7 +564,7 @@ def _error_cases() -> list[ErrorCase]:
 
 register_method(MethodSpec(
     name="lora",
-    help="LoRA on --target_modules (rsLoRA, DoRA, PiSSA by flag); its rate was picked by a sweep, see the README",
+    help="LoRA on --target_modules (rsLoRA, DoRA, PiSSA by flag)",
     default_lr=1e-2,
     build=_build,
     example=lambda cfg: LoraConfig(r=1, target_modules=ALL_LINEAR, init_lora_weights=False),

@@ -23,6 +23,10 @@ Initialisation: N(0, 1) (torch.nn.Embedding's default), or zeros with init_weigh
 projection, the last Linear is zeroed, so the table starts at zero). Zero keys and values are not
 the identity: every query gives the NV prefix entries the score 0, so they take a share of the
 attention weight (their values are 0, so the output shrinks). No finite prefix is the identity.
+tinypeft adds prefix_init="TEXT" (Li & Liang's initialisation from real words): the table starts as
+the base model's own keys and values for the bytes of prefix_init_text (repeated/truncated to NV), so
+the model starts as the base model reading that text first (with the projection, its last Linear is
+solved so that the MLP computes that table). PEFT has no such init; the saved table is the same kind.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from ..errors import CheckpointError, ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
 from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
-from .virtual_tokens import NUM_VIRTUAL_TOKENS, SHAPE_FIELDS_INERT, VirtualTokenConfig
+from .virtual_tokens import NUM_VIRTUAL_TOKENS, SHAPE_FIELDS_INERT, VirtualTokenConfig, check_init_text, init_text_ids
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -54,6 +58,9 @@ W1, B1 = "prompt_encoder.transform.0.weight", "prompt_encoder.transform.0.bias" 
 W2, B2 = "prompt_encoder.transform.2.weight", "prompt_encoder.transform.2.bias"  # (2LC, H), (2LC,)
 PROJECTION_NAMES = (EMBEDDING, W1, B1, W2, B2)
 INIT_WEIGHTS = (None, "zero")
+PREFIX_INITS = ("RANDOM", "TEXT")  # tinypeft's prefix_init; RANDOM is PEFT's (with init_weights)
+DEFAULT_INIT_TEXT = "The quick brown fox jumps over the lazy dog. "  # real words, about no task in particular
+TINYPEFT_FIELDS = ("prefix_init", "prefix_init_text")  # not PEFT's: left out of adapter_config.json
 
 
 # ------------------------------------------------------------------ forward / backward
@@ -172,12 +179,16 @@ class PrefixTuningConfig(VirtualTokenConfig):
     prefix_projection=True computes them with PEFT's MLP (Embedding -> Linear(C, H) -> tanh ->
     Linear(H, 2LC)), H = encoder_hidden_size (default: n_embd; PEFT has no default). init_weights:
     None for N(0, 1), "zero" for an all-zero start (see the module docstring: not the identity).
+    prefix_init="TEXT" (tinypeft's; PEFT has no such field) starts from the base model's keys and values
+    of prefix_init_text's bytes, repeated/truncated to num_virtual_tokens.
     """
 
     peft_type = "PREFIX_TUNING"
     prefix_projection: bool = False
     encoder_hidden_size: int | None = None
     init_weights: str | None = None
+    prefix_init: str = "RANDOM"
+    prefix_init_text: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -188,6 +199,40 @@ class PrefixTuningConfig(VirtualTokenConfig):
             raise ConfigError(f"encoder_hidden_size must be a positive integer or None (= n_embd); got {shown(h)}")
         if self.init_weights not in INIT_WEIGHTS:
             raise ConfigError(f"init_weights must be one of {INIT_WEIGHTS}; got {shown(self.init_weights)}")
+        if self.prefix_init not in PREFIX_INITS:
+            raise ConfigError(f"prefix_init must be one of {PREFIX_INITS}; got {shown(self.prefix_init)}")
+        if self.prefix_init == "TEXT":
+            check_init_text("prefix_init", "prefix_init_text", self.prefix_init_text)
+            if self.init_weights is not None:
+                raise ConfigError(
+                    f"prefix_init='TEXT' and init_weights={self.init_weights!r} are two initialisations; "
+                    "choose one (init_weights=None with TEXT)"
+                )
+
+    def validate(self, base: GPT) -> None:
+        super().validate(base)
+        if self.prefix_init != "TEXT":
+            return
+        init_text_ids("prefix_init_text", self.prefix_init_text, self.num_virtual_tokens, base.config.vocab_size)
+        hidden = self.encoder_hidden_size or base.config.n_embd
+        if self.prefix_projection and hidden < self.num_virtual_tokens:
+            raise ConfigError(
+                f"prefix_init='TEXT' with prefix_projection needs encoder_hidden_size >= num_virtual_tokens "
+                f"(the MLP's last Linear is solved to give the text's {self.num_virtual_tokens} rows of keys and "
+                f"values); got {hidden} < {self.num_virtual_tokens}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config's fields; tinypeft's prefix_init and prefix_init_text only when they say TEXT."""
+        d = super().to_dict()
+        if self.prefix_init == "RANDOM" and self.prefix_init_text is None:
+            for name in TINYPEFT_FIELDS:
+                del d[name]
+        return d
+
+    def peft_dict(self) -> dict[str, Any]:
+        """adapter_config.json: PEFT's fields alone (PEFT warns of any other; the init is in the saved table)."""
+        return {k: v for k, v in self.to_dict().items() if k not in TINYPEFT_FIELDS}
 
     def estimated_parameters(self, base: GPT) -> int:
         NV, C, width = self.num_virtual_tokens, base.config.n_embd, 2 * base.config.n_layer * base.config.n_embd
@@ -197,12 +242,16 @@ class PrefixTuningConfig(VirtualTokenConfig):
         return NV * C + (C + 1) * hidden + (hidden + 1) * width  # embedding, Linear(C, H), Linear(H, 2LC)
 
     def build(self, base: GPT, seed: int = 0) -> Adapter:
-        """Draws like torch's defaults: Embedding N(0, 1); Linear(in, out) weight and bias U(-k, k), k = 1/sqrt(in)."""
+        """Draws like torch's defaults: Embedding N(0, 1); Linear(in, out) weight and bias U(-k, k), k = 1/sqrt(in).
+        TEXT: the table is the base's keys and values of the text (with the projection, W2 solves for it)."""
         rng = np.random.default_rng(seed)
         cfg = base.config
         NV, C, width = self.num_virtual_tokens, cfg.n_embd, 2 * cfg.n_layer * cfg.n_embd
         zero = self.init_weights == "zero"
         hidden = self.encoder_hidden_size or C
+        text = None
+        if self.prefix_init == "TEXT":
+            text = text_table(base, init_text_ids("prefix_init_text", self.prefix_init_text, NV, cfg.vocab_size))
         if self.prefix_projection:
             k1, k2 = 1 / np.sqrt(C), 1 / np.sqrt(hidden)
             params = {
@@ -212,11 +261,32 @@ class PrefixTuningConfig(VirtualTokenConfig):
                 W2: np.zeros((width, hidden)) if zero else rng.uniform(-k2, k2, size=(width, hidden)),
                 B2: np.zeros(width) if zero else rng.uniform(-k2, k2, size=width),
             }
+            if text is not None:
+                params[W2] = projection_solving_for(text, params)
+        elif text is not None:
+            params = {PROMPT_EMBEDDINGS: text}
         else:
             params = {PROMPT_EMBEDDINGS: np.zeros((NV, width)) if zero else rng.standard_normal((NV, width))}
         params = {k: base.xp.asarray(v.astype(cfg.dtype)) for k, v in params.items()}
         config = self.filled(base, encoder_hidden_size=hidden if self.prefix_projection else self.encoder_hidden_size)
         return PrefixTuningAdapter(config, base, params)
+
+
+def text_table(base: GPT, ids: np.ndarray) -> np.ndarray:
+    """The (NV, 2LC) table holding the base model's keys and values for the tokens `ids` (NV,): the KV
+    cache after reading them, in the table's layout. prefix_keys_values_backward with a batch of one is
+    that layout's inverse (summing over one row is the row itself; the transpose and view are undone)."""
+    layers = base.keys_values(ids[None])  # per layer ([1, NH, NV, hs], [1, NH, NV, hs])
+    width = 2 * base.config.n_layer * base.config.n_embd
+    return to_numpy(prefix_keys_values_backward(layers, (len(ids), width))).astype(np.float64)
+
+
+def projection_solving_for(table: np.ndarray, params: Mapping[str, np.ndarray]) -> np.ndarray:
+    """W2 (2LC, H) such that tanh(E W1^T + b1) W2^T + b2 = table: the least-squares solution of smallest norm,
+    exact when the NV rows of tanh(...) are independent (H >= NV; drawn at random, they are)."""
+    t = np.tanh(params[EMBEDDING] @ params[W1].T + params[B1])  # [NV, H]
+    solution, *_ = np.linalg.lstsq(t, table - params[B2], rcond=None)  # [H, 2LC]
+    return solution.T
 
 
 class PrefixTuningAdapter(Adapter):
@@ -288,6 +358,8 @@ def _build(args: argparse.Namespace) -> PrefixTuningConfig:
         num_virtual_tokens=args.num_virtual_tokens,
         prefix_projection=args.prefix_projection,
         encoder_hidden_size=args.encoder_hidden_size,
+        prefix_init=args.prefix_init,
+        prefix_init_text=args.prefix_init_text if args.prefix_init == "TEXT" else None,
     )
 
 
@@ -308,6 +380,19 @@ def _error_cases() -> list[ErrorCase]:
                   ("encoder_hidden_size", "got 0", "positive integer"), config=_prefix(encoder_hidden_size=0)),
         ErrorCase("prefix init_weights unknown", as_is, ConfigError, ("'ones'", "(None, 'zero')"),
                   config=_prefix(init_weights="ones")),
+        ErrorCase("prefix_init unknown", as_is, ConfigError, ("prefix_init", "'WORDS'", "('RANDOM', 'TEXT')"),
+                  config=_prefix(prefix_init="WORDS")),
+        ErrorCase("prefix_init TEXT without text", as_is, ConfigError, ("prefix_init_text", "non-empty", "None"),
+                  config=_prefix(prefix_init="TEXT")),
+        ErrorCase("prefix_init TEXT and init_weights zero", as_is, ConfigError,
+                  ("prefix_init='TEXT' and init_weights='zero'", "choose one"),
+                  config=_prefix(prefix_init="TEXT", prefix_init_text="a", init_weights="zero")),
+        ErrorCase("prefix_init_text outside the vocabulary", as_is, ConfigError, ("byte 104", "vocab_size=32"),
+                  config=_prefix(prefix_init="TEXT", prefix_init_text="hello")),
+        ErrorCase("prefix_init TEXT through a projection narrower than the prefix", as_is, ConfigError,
+                  ("encoder_hidden_size >= num_virtual_tokens", "got 8 < 10"),
+                  config=_prefix(num_virtual_tokens=10, prefix_projection=True, prefix_init="TEXT",
+                                 prefix_init_text="\x01")),
         ErrorCase("merging prefix tuning", lambda model: model.merge_adapter(), MergeError,
                   ("prefix tuning cannot be merged",), config=_prefix()),
     ]  # fmt: skip
@@ -316,13 +401,18 @@ def _error_cases() -> list[ErrorCase]:
 register_method(MethodSpec(
     name="prefix",
     help="prefix tuning: trainable keys/values in every layer",
-    default_lr=1e-2,
+    default_lr=1e-1,
     build=_build,
     example=lambda cfg: PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=5),
     flags=(
         NUM_VIRTUAL_TOKENS,
         Flag(("--prefix_projection",), {"action": "store_true", "help": "reparameterise through a tanh MLP"}),
         Flag(("--encoder_hidden_size",), {"type": int, "default": None, "help": "MLP width (default n_embd)"}),
+        Flag(("--prefix_init",), {"choices": list(PREFIX_INITS), "default": "TEXT",
+             "help": "initialise the keys and values from N(0,1) (PEFT's default), or as the base model's own "
+             "keys and values of --prefix_init_text, which starts the model as the base reading that text; TEXT "
+             "trains better and forgets far less here: see docs/experiments.md"}),
+        Flag(("--prefix_init_text",), {"default": DEFAULT_INIT_TEXT, "help": "text for TEXT initialisation"}),
     ),
     golden_cases=(
         GoldenCase("prefix_tuning", "table", "the (NV, 2LC) table, 3 virtual tokens", ODD_EPS,

@@ -38,7 +38,7 @@ from ..errors import ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
 from .registry import BYTES, ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
-from .virtual_tokens import NUM_VIRTUAL_TOKENS, SHAPE_FIELDS_INERT, VirtualTokenConfig
+from .virtual_tokens import NUM_VIRTUAL_TOKENS, SHAPE_FIELDS_INERT, VirtualTokenConfig, check_init_text
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -130,19 +130,7 @@ class PromptTuningConfig(VirtualTokenConfig):
             raise ConfigError(f"prompt_tuning_init must be one of {PROMPT_TUNING_INITS}; got {shown(init)}")
         self.prompt_tuning_init = init
         if init == "TEXT":
-            text = self.prompt_tuning_init_text
-            if not isinstance(text, str) or not text:
-                raise ConfigError(
-                    f"prompt_tuning_init='TEXT' needs a non-empty prompt_tuning_init_text; got {shown(text)}"
-                )
-            try:  # the byte tokenizer reads its UTF-8; a lone surrogate (a byte of argv that is not UTF-8) has none
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ConfigError(
-                    f"prompt_tuning_init_text must be text, which tinypeft tokenizes as UTF-8 bytes; {text!r} holds "
-                    f"{text[e.start]!r} at {e.start}, which is no character "
-                    "(a byte of the command line that is not UTF-8)"
-                ) from None
+            check_init_text("prompt_tuning_init", "prompt_tuning_init_text", self.prompt_tuning_init_text)
 
     def init_token_ids(self, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.ndarray:
         """TEXT init: the text's token ids (byte ids without a tokenizer), repeated then truncated to
@@ -276,9 +264,10 @@ register_method(MethodSpec(
         NUM_VIRTUAL_TOKENS,
         Flag(("--prompt_tuning_init",), {"choices": list(PROMPT_TUNING_INITS), "default": "SAMPLE_VOCAB",
              "help": "initialise from N(0,1), random vocabulary rows, or the bytes of --prompt_tuning_init_text "
-             "(PEFT's default is RANDOM; vocabulary rows start the prompt at the scale of real inputs: see "
-             "docs/experiments.md)"}),
-        Flag(("--prompt_tuning_init_text",), {"default": None, "help": "text for TEXT initialisation"}),
+             "(PEFT's default is RANDOM; vocabulary rows start the prompt at the scale of real inputs; RANDOM "
+             "trains a little better at --lr 0.1 than at the default rate: see docs/experiments.md)"}),
+        Flag(("--prompt_tuning_init_text",), {"default": None,
+             "help": "text for TEXT initialisation (required by TEXT)"}),
     ),
     golden_cases=(
         GoldenCase("prompt_tuning", "random", "RANDOM init, 3 virtual tokens", ODD_EPS,

@@ -262,7 +262,8 @@ register_method(MethodSpec(
     name="selective", help="the parameters matching --trainable globs", default_lr=1e-3,
     build=_selective,
     example=lambda cfg: SelectiveConfig(patterns=[f"transformer.h.{cfg.n_layer - 1}.mlp.*"]),
-    flags=(Flag(("--trainable",), {"nargs": "+", "default": None, "metavar": "GLOB", "help": "parameter name globs"}),),
+    flags=(Flag(("--trainable",), {"nargs": "+", "default": None, "metavar": "GLOB",
+                                   "help": "parameter name globs (required)"}),),
     error_cases=_selective_errors, golden_cases_of="full",
     peft_files=NO_PEFT + "SELECTIVE saves the trained copies as base_model.model.<parameter name>, which only "
     "tinypeft loads" + MERGE,

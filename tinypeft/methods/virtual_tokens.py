@@ -1,6 +1,6 @@
-"""What prompt tuning and prefix tuning share: a number of virtual tokens, and the model-shape fields
+"""What prompt tuning and prefix tuning share: a number of virtual tokens, the model-shape fields
 PEFT's prompt-learning configs carry (`token_dim`, `num_layers`, `num_attention_heads`,
-`num_transformer_submodules`).
+`num_transformer_submodules`), and the TEXT initialisations' checks and token rule.
 
 PEFT fills those four fields from the base model when the adapter is made and writes them to
 adapter_config.json; PEFT needs them to load the adapter. tinypeft does the same, on a copy of the
@@ -11,8 +11,11 @@ file with other values was made for another model, which is an error here, not a
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..config import shown
 from ..errors import ConfigError
@@ -79,3 +82,32 @@ class VirtualTokenConfig(PeftConfig):
     def filled(self, base: GPT, **more: Any) -> VirtualTokenConfig:
         """A copy with the model-shape fields filled in, as PEFT writes them to adapter_config.json."""
         return dataclasses.replace(self, **self.model_fields(base), **more)
+
+
+# ------------------------------------------------------------------ TEXT initialisation
+def check_init_text(init: str, name: str, text: Any) -> None:
+    """A TEXT init (config field `init`) needs its text (field `name`): non-empty, with a UTF-8 encoding."""
+    if not isinstance(text, str) or not text:
+        raise ConfigError(f"{init}='TEXT' needs a non-empty {name}; got {shown(text)}")
+    try:  # the byte tokenizer reads its UTF-8; a lone surrogate (a byte of argv that is not UTF-8) has none
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ConfigError(
+            f"{name} must be text, which tinypeft tokenizes as UTF-8 bytes; {text!r} holds "
+            f"{text[e.start]!r} at {e.start}, which is no character (a byte of the command line that is not UTF-8)"
+        ) from None
+
+
+def init_text_ids(name: str, text: str, num_virtual_tokens: int, vocab_size: int) -> np.ndarray:
+    """A TEXT init's tokens: the text's byte ids, repeated then truncated to num_virtual_tokens (PEFT's
+    rule for prompt tuning). The tokenizer is tinypeft's UTF-8 byte tokenizer (`tinypeft.data.encode`)."""
+    from ..data import encode
+
+    ids = encode(text)
+    too_big = ids[ids >= vocab_size]
+    if too_big.size:
+        raise ConfigError(
+            f"{name} holds byte {int(too_big[0])}, which is no token of this model "
+            f"(vocab_size={vocab_size}); the byte tokenizer needs vocab_size >= 256 for arbitrary text"
+        )
+    return np.tile(ids, math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]

@@ -1,10 +1,15 @@
 """Prefix tuning: gradients three ways, with and without the projection MLP, over random models,
 prefixes (NV 1..20) and padding masks; the table's layout; a prefix holding the base model's own KV
 cache of some tokens gives exactly what the base model gives with those tokens in front (positions,
-mask, labels); zero init dilutes attention rather than being the identity; no merge; only the prefix
-trains; PEFT's save format (the projected table); cached generation equals the full forward."""
+mask, labels); TEXT init is that cache for the text's bytes (the projection solved to compute it), its
+errors, and its fields kept out of adapter_config.json; zero init dilutes attention rather than being
+the identity; no merge; only the prefix trains; PEFT's save format (the projected table); cached
+generation equals the full forward."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import numpy as np
 import pytest
@@ -108,6 +113,83 @@ def test_a_prefix_holding_a_kv_cache_equals_those_tokens_in_front(case_nv, padde
     full_labels = np.concatenate([np.full((B, NV + 1), -100), labels[:, 1:]], axis=1)
     if (labels[:, 1:] != -100).any():
         assert abs(model.loss(case.ids, labels, mask) - base.loss(full_ids, full_labels, full_mask)) <= 1e-13
+
+
+@settings(max_examples=15)
+@given(virtual_token_cases(min_len=2), st.text(st.characters(min_codepoint=32, max_codepoint=126), min_size=1,
+       max_size=30), st.booleans())  # fmt: skip
+def test_text_init_is_the_base_models_keys_and_values_of_that_text(case_nv, text, projection):
+    """prefix_init="TEXT": the table is the base model's KV cache after reading the text's bytes (tiled or cut
+    to NV, as prompt tuning's TEXT rule), so the adapted model on ids computes what the base model computes
+    for concat(text, ids); with the projection, W2 is solved so that the MLP computes that same table."""
+    case, NV = case_nv
+    base = perturbed_model(case.model.config.replace(vocab_size=128), case.seed)  # room for ASCII bytes
+    ids = case.ids % 128
+    text_ids = np.tile(np.frombuffer(text.encode(), dtype=np.uint8), NV)[:NV][None].astype(np.int64)
+    _, kv_cache = forward_cached(base.view(), text_ids, None)
+    expected = table_from_kv_cache(kv_cache.keys_values)
+    hidden = NV + case.seed % 3 if projection else None  # the solve needs H >= NV
+    config = prefix_config(NV, projection, hidden, prefix_init="TEXT", prefix_init_text=text)
+    model = tp.get_peft_model(base, config, seed=case.seed)
+    if projection:
+        assert set(model.trainable_parameters()) == set(prefix_module.PROJECTION_NAMES)
+        assert relative_error(model.active.table(), expected) <= 1e-10  # a least-squares solve, in float64
+    else:
+        np.testing.assert_array_equal(model.active.table(), expected)
+    full = base(np.concatenate([np.tile(text_ids, (len(ids), 1)), ids], axis=1))[:, NV:]
+    assert relative_error(model(ids), full) <= (1e-9 if projection else 1e-13)
+
+
+def test_text_init_starts_the_shipped_base_where_that_text_leaves_it():
+    """On the shipped base (float32), the default text's prefix gives the logits the base gives after it."""
+    base = tp.GPT.from_pretrained(tp.SHIPPED_BASE, dtype="float64")
+    text = prefix_module.DEFAULT_INIT_TEXT
+    model = tp.get_peft_model(base, tp.PrefixTuningConfig(prefix_init="TEXT", prefix_init_text=text))
+    ids = np.frombuffer(b"def add(a, b):\n    return a + b\n", dtype=np.uint8)[None].astype(np.int64)
+    text_ids = np.frombuffer(text.encode()[:20], dtype=np.uint8)[None].astype(np.int64)
+    assert relative_error(model(ids), base(np.concatenate([text_ids, ids], axis=1))[:, 20:]) <= 1e-13
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(prefix_init="WORDS"), "prefix_init must be one of ('RANDOM', 'TEXT'); got 'WORDS'"),
+        (dict(prefix_init="TEXT"), "prefix_init='TEXT' needs a non-empty prefix_init_text; got None"),
+        (dict(prefix_init="TEXT", prefix_init_text=""), "needs a non-empty prefix_init_text"),
+        (dict(prefix_init="TEXT", prefix_init_text="\udcff"), "prefix_init_text must be text"),
+        (dict(prefix_init="TEXT", prefix_init_text="a", init_weights="zero"), "two initialisations; choose one"),
+    ],
+)
+def test_text_init_config_errors(kwargs, message):
+    with pytest.raises(tp.ConfigError, match=re.escape(message)):
+        tp.PrefixTuningConfig(**kwargs)
+
+
+def test_text_init_errors_that_need_the_base():
+    base = small()  # vocab_size 37: bytes of ASCII letters are no tokens of it
+    with pytest.raises(tp.ConfigError, match="prefix_init_text holds byte 104, which is no token of this model"):
+        tp.get_peft_model(base, prefix_config(4, False, prefix_init="TEXT", prefix_init_text="hello"))
+    text = "\x01\x02"
+    with pytest.raises(tp.ConfigError, match=r"needs encoder_hidden_size >= num_virtual_tokens.*got 3 < 4"):
+        tp.get_peft_model(base, prefix_config(4, True, 3, prefix_init="TEXT", prefix_init_text=text))
+    tp.get_peft_model(base, prefix_config(4, True, 4, prefix_init="TEXT", prefix_init_text=text))
+
+
+def test_the_init_is_recorded_but_adapter_config_json_holds_peft_s_fields_alone(tmp_path):
+    """to_dict (summary.json, a run's identity) says TEXT and the text; adapter_config.json has no field PEFT
+    lacks (PEFT would warn of it), and a RANDOM config's dict is as it was (golden vectors unchanged)."""
+    base = perturbed_model(tp.GPTConfig(vocab_size=128, n_positions=32, n_embd=12, n_layer=2, n_head=3), 0)
+    config = prefix_config(4, False, prefix_init="TEXT", prefix_init_text="Hi!")
+    model = tp.get_peft_model(base, config)
+    recorded = model.active.config.to_dict()
+    assert recorded["prefix_init"] == "TEXT" and recorded["prefix_init_text"] == "Hi!"
+    assert tp.PrefixTuningConfig.from_dict(recorded) == model.active.config
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert not {"prefix_init", "prefix_init_text"} & set(saved)
+    loaded = tp.PeftModel.from_pretrained(base, tmp_path)
+    np.testing.assert_array_equal(loaded(np.array([[1, 2, 3]])), model(np.array([[1, 2, 3]])))
+    assert not {"prefix_init", "prefix_init_text"} & set(prefix_config(4, False).to_dict())
 
 
 def test_zero_init_dilutes_attention_instead_of_being_the_identity():
