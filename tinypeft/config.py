@@ -60,7 +60,9 @@ class GPTConfig:
                 f"n_head must divide n_embd (for example n_head in {_divisors(self.n_embd)})"
             )
         if self.dtype not in DTYPES:
-            raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}; got {shown(self.dtype)}")
+            half = self.dtype in ("float16", "bfloat16")
+            hint = "; to store weights in half precision and compute in float32, see tinypeft.precision" if half else ""
+            raise ConfigError(f"GPTConfig.dtype must be one of {DTYPES}; got {shown(self.dtype)}{hint}")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and (

@@ -281,9 +281,15 @@ CONFIG_CASES = [
     Bad("GPTConfig.n_inner = True", lambda w: tp.GPTConfig(n_inner=True), ConfigError, ("n_inner", "True")),
     Bad(
         "GPTConfig.dtype not float32/float64",
-        lambda w: tp.GPTConfig(dtype="float16"),
+        lambda w: tp.GPTConfig(dtype="int8"),
         ConfigError,
-        ("'float16'", "float32", "float64"),
+        ("'int8'", "float32", "float64"),
+    ),
+    Bad(
+        "GPTConfig.dtype bfloat16: no method computes in it",
+        lambda w: tp.GPTConfig(dtype="bfloat16"),
+        ConfigError,
+        ("'bfloat16'", "float32", "float64", "store weights in half precision", "tinypeft.precision"),
     ),
     *[
         Bad(
