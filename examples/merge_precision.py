@@ -5,7 +5,7 @@
     python examples/merge_precision.py --quick    # seconds: 3 training steps per adapter, into runs/quick
 
 Adapters are trained on the shipped base for 100 steps (the code corpus, float32, as `tinypeft finetune`): LoRA at
-r = 1, 8, 64 (alpha = 2r), DoRA r = 8 and IA3. Each is then evaluated four ways on the same validation windows:
+r = 1, 8, 64 (alpha = 2r), DoRA r = 8, IA3 and VeRA. Each is then evaluated four ways on the same validation windows:
 the float64 model (the ground truth: base and adapter in float64, unmerged), and, for each storage dtype
 (float32, float16, bfloat16; tinypeft/precision.py: values rounded to the dtype, computed in float32), the
 model unmerged and merged. LoRA merges as PEFT merges a (b)float16 weight on a CPU (ΔW in float32, cast to the
@@ -44,6 +44,7 @@ ADAPTERS = (
     ("LoRA r=64", "lora", ("--rank", "64")),
     ("DoRA r=8", "lora", ("--rank", "8", "--use_dora")),
     ("IA3", "ia3", ()),
+    ("VeRA r=256", "vera", ()),
 )
 SCALES = (1 / 16, 1 / 4, 1, 4, 16)
 CYCLES = (1, 10, 100, 1000)
