@@ -28,7 +28,14 @@ def test_merge_precision_quick(tmp_path):
     assert (tmp_path / "merge_precision.png").read_bytes()[:8] == PNG_MAGIC
     results = json.loads((tmp_path / "merge_precision.json").read_text())
     assert results["experiment"] == "merge_precision" and results["settings"]["steps"] == 3
-    assert [row["label"] for row in results["adapters"]] == ["LoRA r=1", "LoRA r=8", "LoRA r=64", "DoRA r=8", "IA3", "VeRA r=256"]
+    assert [row["label"] for row in results["adapters"]] == [
+        "LoRA r=1",
+        "LoRA r=8",
+        "LoRA r=64",
+        "DoRA r=8",
+        "IA3",
+        "VeRA r=256",
+    ]
     for row in results["adapters"] + results["scales"]:
         d = row["dtypes"]
         assert d["float32"]["unmerged_logits_error"] < 1e-5 and d["float32"]["merged_logits_error"] < 1e-5
