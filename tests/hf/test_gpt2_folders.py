@@ -198,6 +198,23 @@ def test_prompt_tuning_s_text_init_tokenizes_with_the_folder_s_tokenizer_as_peft
     np.testing.assert_array_equal(ours.trainable_parameters()["prompt_embeddings"], table)
 
 
+def test_prefix_tuning_s_text_init_reads_the_text_with_the_folder_s_tokenizer(gpt2_small):
+    """On a BPE folder the prefix starts as the base reading the text's tokens, not its bytes: the adapted
+    model on ids computes what the base computes on concat(text tokens, ids). (With byte ids the prefix
+    would be the keys and values of other tokens: the test fails that way.)"""
+    base = tp.GPT.from_pretrained(gpt2_small, dtype="float64")
+    text = "def main():\n    return 0\n"
+    text_ids = load_tokenizer(gpt2_small).encode(text)
+    NV = len(text_ids)
+    assert NV < len(text.encode())  # BPE merged some bytes: bytes and tokens differ
+    model = tp.get_peft_model(
+        base, tp.PrefixTuningConfig(num_virtual_tokens=NV, prefix_init="TEXT", prefix_init_text=text)
+    )
+    ids = load_tokenizer(gpt2_small).encode("x = 1\n")[None]
+    full = base(np.concatenate([text_ids[None], ids], axis=1))[:, NV:]
+    assert relative_error(model(ids), full) <= 1e-12
+
+
 @pytest.mark.slow
 def test_a_gpt2_124m_folder_fine_tunes_with_lora(gpt2_124m, tmp_path, capsys):
     """gpt2's own shape (12 layers, n_embd 768, 12 heads, 50,257 tokens, 1,024 positions): the folder

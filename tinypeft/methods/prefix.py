@@ -23,10 +23,10 @@ Initialisation: N(0, 1) (torch.nn.Embedding's default), or zeros with init_weigh
 projection, the last Linear is zeroed, so the table starts at zero). Zero keys and values are not
 the identity: every query gives the NV prefix entries the score 0, so they take a share of the
 attention weight (their values are 0, so the output shrinks). No finite prefix is the identity.
-tinypeft adds prefix_init="TEXT" (Li & Liang's initialisation from real words): the table starts as
-the base model's own keys and values for the bytes of prefix_init_text (repeated/truncated to NV), so
-the model starts as the base model reading that text first (with the projection, its last Linear is
-solved so that the MLP computes that table). PEFT has no such init; the saved table is the same kind.
+tinypeft adds prefix_init="TEXT" (Li & Liang's initialisation from real words): the table starts as the
+base model's own keys and values for prefix_init_text's tokens (the base folder's tokenizer, else bytes;
+repeated/truncated to NV): the model starts as the base reading that text first (with the projection, its
+last Linear is solved so that the MLP computes that table). PEFT has no such init; its files are the same.
 """
 
 from __future__ import annotations
@@ -44,7 +44,14 @@ from ..errors import CheckpointError, ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
 from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
-from .virtual_tokens import NUM_VIRTUAL_TOKENS, SHAPE_FIELDS_INERT, VirtualTokenConfig, check_init_text, init_text_ids
+from .virtual_tokens import (
+    NUM_VIRTUAL_TOKENS,
+    SHAPE_FIELDS_INERT,
+    VirtualTokenConfig,
+    base_tokenizer,
+    check_init_text,
+    init_text_ids,
+)
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -209,11 +216,16 @@ class PrefixTuningConfig(VirtualTokenConfig):
                     "choose one (init_weights=None with TEXT)"
                 )
 
+    def text_ids(self, base: GPT) -> np.ndarray:
+        """The TEXT init's tokens (the base folder's tokenizer, else bytes), tiled or cut to NV."""
+        args = (self.prefix_init_text, self.num_virtual_tokens, base.config.vocab_size, base_tokenizer(base))
+        return init_text_ids("prefix_init_text", *args)
+
     def validate(self, base: GPT) -> None:
         super().validate(base)
         if self.prefix_init != "TEXT":
             return
-        init_text_ids("prefix_init_text", self.prefix_init_text, self.num_virtual_tokens, base.config.vocab_size)
+        self.text_ids(base)
         hidden = self.encoder_hidden_size or base.config.n_embd
         if self.prefix_projection and hidden < self.num_virtual_tokens:
             raise ConfigError(
@@ -251,7 +263,7 @@ class PrefixTuningConfig(VirtualTokenConfig):
         hidden = self.encoder_hidden_size or C
         text = None
         if self.prefix_init == "TEXT":
-            text = text_table(base, init_text_ids("prefix_init_text", self.prefix_init_text, NV, cfg.vocab_size))
+            text = text_table(base, self.text_ids(base))
         if self.prefix_projection:
             k1, k2 = 1 / np.sqrt(C), 1 / np.sqrt(hidden)
             params = {

@@ -24,8 +24,6 @@ of the rows in float64). In float32 the two are identical. See docs/prompt_tunin
 from __future__ import annotations
 
 import argparse
-import math
-import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -38,7 +36,14 @@ from ..errors import ConfigError, InputError, MergeError
 from ..sites import Sites
 from .base import Adapter, register
 from .registry import BYTES, ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
-from .virtual_tokens import NUM_VIRTUAL_TOKENS, SHAPE_FIELDS_INERT, VirtualTokenConfig, check_init_text
+from .virtual_tokens import (
+    NUM_VIRTUAL_TOKENS,
+    SHAPE_FIELDS_INERT,
+    VirtualTokenConfig,
+    base_tokenizer,
+    check_init_text,
+    init_text_ids,
+)
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -135,25 +140,8 @@ class PromptTuningConfig(VirtualTokenConfig):
     def init_token_ids(self, vocab_size: int, tokenizer: Tokenizer | None = None) -> np.ndarray:
         """TEXT init: the text's token ids (byte ids without a tokenizer), repeated then truncated to
         num_virtual_tokens (PEFT's rule)."""
-        from ..data import encode
-
-        ids = (
-            encode(self.prompt_tuning_init_text)
-            if tokenizer is None
-            else tokenizer.encode(self.prompt_tuning_init_text)
-        )
-        if not ids.size:  # a tokenizer may read a text as no token at all
-            raise ConfigError(
-                f"prompt_tuning_init_text {self.prompt_tuning_init_text!r} is no token of {tokenizer.name}"
-            )
-        too_big = ids[ids >= vocab_size]
-        if too_big.size:
-            raise ConfigError(
-                f"prompt_tuning_init_text holds byte {int(too_big[0])}, which is no token of this model "
-                f"(vocab_size={vocab_size}); the byte tokenizer needs vocab_size >= 256 for arbitrary text"
-            )
-        repeats = math.ceil(self.num_virtual_tokens / len(ids))
-        return np.tile(ids, repeats)[: self.num_virtual_tokens]
+        text = self.prompt_tuning_init_text
+        return init_text_ids("prompt_tuning_init_text", text, self.num_virtual_tokens, vocab_size, tokenizer)
 
     def validate(self, base: GPT) -> None:
         super().validate(base)
@@ -178,16 +166,6 @@ class PromptTuningConfig(VirtualTokenConfig):
             tokenizer = BYTE_TOKENIZER if base_tokenizer(base) is None else base.config.name_or_path
         config = self.filled(base, tokenizer_name_or_path=tokenizer)
         return PromptTuningAdapter(config, base, {PROMPT_EMBEDDINGS: base.xp.asarray(table.astype(base.config.dtype))})
-
-
-def base_tokenizer(base: GPT) -> Tokenizer | None:
-    """The tokenizer of the folder `base` was loaded from where it holds a tokenizer.json, else None (bytes)."""
-    from ..tokenizer import TOKENIZER_FILE, load_tokenizer
-
-    folder = base.config.name_or_path
-    if folder is None or not os.path.lexists(os.path.join(folder, TOKENIZER_FILE)):
-        return None
-    return load_tokenizer(folder, base.config)
 
 
 class PromptTuningAdapter(Adapter):

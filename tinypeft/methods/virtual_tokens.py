@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from .registry import Flag
 
 if TYPE_CHECKING:
     from ..model import GPT
+    from ..tokenizer import Tokenizer
 
 # the --num_virtual_tokens option of prompt and prefix tuning (one declaration, so the two agree)
 NUM_VIRTUAL_TOKENS = Flag(("--num_virtual_tokens",), {"type": int, "default": 20, "help": "virtual tokens"})
@@ -98,12 +100,17 @@ def check_init_text(init: str, name: str, text: Any) -> None:
         ) from None
 
 
-def init_text_ids(name: str, text: str, num_virtual_tokens: int, vocab_size: int) -> np.ndarray:
-    """A TEXT init's tokens: the text's byte ids, repeated then truncated to num_virtual_tokens (PEFT's
-    rule for prompt tuning). The tokenizer is tinypeft's UTF-8 byte tokenizer (`tinypeft.data.encode`)."""
+def init_text_ids(
+    name: str, text: str, num_virtual_tokens: int, vocab_size: int, tokenizer: Tokenizer | None = None
+) -> np.ndarray:
+    """A TEXT init's tokens: the text's ids, repeated then truncated to num_virtual_tokens (PEFT's rule for
+    prompt tuning). The tokenizer is the base folder's (`base_tokenizer`), as PEFT tokenizes with the
+    model's; without one, tinypeft's UTF-8 byte tokenizer (`tinypeft.data.encode`)."""
     from ..data import encode
 
-    ids = encode(text)
+    ids = encode(text) if tokenizer is None else tokenizer.encode(text)
+    if not ids.size:  # a tokenizer may read a text as no token at all
+        raise ConfigError(f"{name} {text!r} is no token of {tokenizer.name}")
     too_big = ids[ids >= vocab_size]
     if too_big.size:
         raise ConfigError(
@@ -111,3 +118,13 @@ def init_text_ids(name: str, text: str, num_virtual_tokens: int, vocab_size: int
             f"(vocab_size={vocab_size}); the byte tokenizer needs vocab_size >= 256 for arbitrary text"
         )
     return np.tile(ids, math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens]
+
+
+def base_tokenizer(base: GPT) -> Tokenizer | None:
+    """The tokenizer of the folder `base` was loaded from where it holds a tokenizer.json, else None (bytes)."""
+    from ..tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    folder = base.config.name_or_path
+    if folder is None or not os.path.lexists(os.path.join(folder, TOKENIZER_FILE)):
+        return None
+    return load_tokenizer(folder, base.config)
