@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -65,3 +68,14 @@ def linear_twin(model: tp.GPT) -> GPT2LMHeadModel:
             parent, _, child = name.rpartition(".")
             setattr(hf.get_submodule(parent), child, linear)
     return hf.eval()
+
+
+@contextlib.contextmanager
+def torch_float64() -> Iterator[None]:
+    """PEFT makes adapter tensors in torch's default dtype; float64 keeps loaded values exact."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)

@@ -2,7 +2,7 @@
 to nn.Linear only (OFT, BOFT): PEFT 0.21.2 refuses GPT-2's Conv1D for them.
 
 GPT-2's Conv1D computes y = x W + b with W stored (in, out); nn.Linear computes y = x Wᵀ + b with W stored
-(out, in). `linear_gpt2_twin` swaps every Conv1D of the transformers twin (tests/hf_utils.py) for an
+(out, in). `hf_utils.linear_twin` swaps every Conv1D of the transformers twin for an
 nn.Linear holding the transposed weight and the same bias, so the model computes the same function, and
 PEFT's OFT/BOFT can wrap its c_attn, c_proj and c_fc. The module names (transformer.h.0.attn.c_attn, ...)
 do not change, so PEFT's tensor names are tinypeft's. Then the helpers of the comparisons: a PEFT model holding
@@ -11,48 +11,15 @@ a tinypeft adapter's tensors, and the float64 differences of logits, loss and ev
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
 import peft
 import torch
-from hf_utils import hf_causal_lm_loss, hf_twin
-from transformers import GPT2LMHeadModel
-from transformers.pytorch_utils import Conv1D
+from hf_utils import hf_causal_lm_loss, linear_twin, torch_float64
 
 import tinypeft as tp
 from tinypeft.gradcheck import relative_error
-
-
-def conv1d_to_linear(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every Conv1D under `model` by an equivalent nn.Linear (weight transposed), in place."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Conv1D):
-                n_in, n_out = child.weight.shape
-                linear = torch.nn.Linear(n_in, n_out, dtype=child.weight.dtype)
-                with torch.no_grad():
-                    linear.weight.copy_(child.weight.T)
-                    linear.bias.copy_(child.bias)
-                setattr(parent, name, linear)
-    return model
-
-
-def linear_gpt2_twin(model: tp.GPT) -> GPT2LMHeadModel:
-    """The float64 transformers twin of `model` with nn.Linear layers in place of Conv1D."""
-    return conv1d_to_linear(hf_twin(model))
-
-
-@contextlib.contextmanager
-def torch_float64():
-    """PEFT makes adapter tensors in torch's default dtype; float64 keeps loaded values exact."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def peft_name_to_ours(name: str) -> str:
@@ -68,7 +35,7 @@ def peft_trainable(pm: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def peft_linear_twin(ours: tp.PeftModel, peft_config: Any) -> Any:
     """PEFT's model of `peft_config` on the nn.Linear twin of ours' base, in float64, holding ours' tensors."""
     with torch_float64():
-        pm = peft.get_peft_model(linear_gpt2_twin(ours.base_model), peft_config).double().eval()
+        pm = peft.get_peft_model(linear_twin(ours.base_model), peft_config).double().eval()
     params = ours.trainable_parameters()
     copied = set()
     for name, p in peft_trainable(pm).items():

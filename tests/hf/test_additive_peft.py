@@ -10,7 +10,6 @@ initialisations (TEXT prompts, zero prefixes, IA3 ones) are compared too, and gr
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import numpy as np
@@ -19,7 +18,7 @@ import pytest
 import torch
 import transformers
 from additive_utils import virtual_token_cases
-from hf_utils import hf_causal_lm_loss, hf_twin
+from hf_utils import hf_causal_lm_loss, hf_twin, torch_float64
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from strategies import cases, perturbed_model
@@ -29,17 +28,6 @@ from tinypeft.data import encode
 from tinypeft.gradcheck import relative_error
 
 TOL = 1e-10  # both sides compute the same float64 formulas; measured differences are ~1e-15
-
-
-@contextlib.contextmanager
-def torch_float64():
-    """PEFT makes adapter tensors in torch's default dtype; float64 keeps loaded values exact."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def ours_name(peft_name: str, ours: tp.PeftModel) -> str:

@@ -18,12 +18,11 @@ import numpy as np
 import peft
 import pytest
 import torch
+from hf_utils import linear_twin, torch_float64
 from hypothesis import given, settings
 from linear_gpt2 import (
     compare_with_peft,
-    linear_gpt2_twin,
     peft_linear_twin,
-    torch_float64,
     without_unseen_predictions,
 )
 from orthogonal_utils import _TorchBlockDiag, boft_kwargs
@@ -98,7 +97,7 @@ def test_peft_without_its_cuda_extension_makes_one_factor():
     with warnings.catch_warnings(record=True) as caught, torch_float64():
         warnings.simplefilter("always")
         config = peft.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=["c_attn"])
-        pm = peft.get_peft_model(linear_gpt2_twin(small_base()), config)
+        pm = peft.get_peft_model(linear_twin(small_base()), config)
     assert any("Setting boft_n_butterfly_factor to 1" in str(w.message) for w in caught)
     (shape,) = {tuple(v.shape) for k, v in peft.get_peft_model_state_dict(pm).items() if k.endswith("boft_R")}
     assert shape == (1, 6, 2, 2)
@@ -148,7 +147,7 @@ def test_our_adapter_loads_in_peft(cuda_kernel, tmp_path, name):
     )
     ours.save_pretrained(tmp_path)
     with torch_float64():
-        pm = peft.PeftModel.from_pretrained(linear_gpt2_twin(small_base()), tmp_path).eval()
+        pm = peft.PeftModel.from_pretrained(linear_twin(small_base()), tmp_path).eval()
     assert pm.peft_config["default"].peft_type == "BOFT"
     with torch.no_grad():
         assert relative_error(ours(IDS), pm(input_ids=torch.tensor(IDS)).logits.numpy()) <= TOL
@@ -159,7 +158,7 @@ def test_peft_adapter_loads_here(cuda_kernel, tmp_path, name):
     torch.manual_seed(7)
     with torch_float64():
         config = peft.BOFTConfig(task_type="CAUSAL_LM", init_weights=False, **MERGE_CONFIGS[name])
-        pm = peft.get_peft_model(linear_gpt2_twin(small_base()), config).eval()
+        pm = peft.get_peft_model(linear_twin(small_base()), config).eval()
     pm.save_pretrained(tmp_path)
     with torch.no_grad():
         theirs = pm(input_ids=torch.tensor(IDS)).logits.numpy()
@@ -174,7 +173,7 @@ def test_identity_init_is_peft_s(cuda_kernel):
     kwargs = dict(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=["c_attn", "mlp.c_proj"], bias="all")
     ours = tp.get_peft_model(small_base(), tp.BOFTConfig(**kwargs))
     with torch_float64():
-        pm = peft.get_peft_model(linear_gpt2_twin(small_base()), peft.BOFTConfig(**kwargs))
+        pm = peft.get_peft_model(linear_twin(small_base()), peft.BOFTConfig(**kwargs))
     theirs = peft.get_peft_model_state_dict(pm)
     state = ours.adapter_state_dict()
     assert {k: v.shape for k, v in state.items()} == {k: tuple(v.shape) for k, v in theirs.items()}

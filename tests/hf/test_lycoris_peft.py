@@ -19,7 +19,7 @@ import numpy as np
 import peft
 import pytest
 import torch
-from hf_utils import hf_causal_lm_loss, hf_twin, linear_twin
+from hf_utils import hf_causal_lm_loss, hf_twin, linear_twin, torch_float64
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from lycoris_strategies import FixedRand, loha_configs, lokr_configs, peft_draws, perturb_adapter
@@ -34,16 +34,6 @@ TOL = 1e-10  # the same float64 formulas on both sides; measured differences are
 MERGE_TOL = 1e-12
 PEFT_CONFIGS = {"LOHA": peft.LoHaConfig, "LOKR": peft.LoKrConfig}
 LAYER_MODULES = {"LOHA": peft.tuners.loha.layer, "LOKR": peft.tuners.lokr.layer}
-
-
-@contextlib.contextmanager
-def torch_float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 @contextlib.contextmanager

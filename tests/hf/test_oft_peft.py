@@ -14,14 +14,12 @@ import numpy as np
 import peft
 import pytest
 import torch
-from hf_utils import hf_causal_lm_loss, hf_twin
+from hf_utils import hf_causal_lm_loss, hf_twin, linear_twin, torch_float64
 from hypothesis import assume, given, settings
 from linear_gpt2 import (
     compare_with_peft,
-    linear_gpt2_twin,
     peft_linear_twin,
     peft_trainable,
-    torch_float64,
     without_unseen_predictions,
 )
 from orthogonal_utils import oft_kwargs
@@ -147,7 +145,7 @@ def test_our_adapter_loads_in_peft(tmp_path, name):
     ours = away_from_identity(tp.get_peft_model(small_base(), tp.OFTConfig(init_weights=False, **kwargs)), 6)
     ours.save_pretrained(tmp_path)
     with torch_float64():
-        pm = peft.PeftModel.from_pretrained(linear_gpt2_twin(small_base()), tmp_path).eval()
+        pm = peft.PeftModel.from_pretrained(linear_twin(small_base()), tmp_path).eval()
     assert pm.peft_config["default"].peft_type == "OFT"
     with torch.no_grad():
         assert relative_error(ours(IDS), pm(input_ids=torch.tensor(IDS)).logits.numpy()) <= TOL
@@ -158,7 +156,7 @@ def test_peft_adapter_loads_here(tmp_path, name):
     torch.manual_seed(7)
     with torch_float64():
         config = peft.OFTConfig(task_type="CAUSAL_LM", init_weights=False, **MERGE_CONFIGS[name])
-        pm = peft.get_peft_model(linear_gpt2_twin(small_base()), config).eval()
+        pm = peft.get_peft_model(linear_twin(small_base()), config).eval()
     pm.save_pretrained(tmp_path)
     with torch.no_grad():
         theirs = pm(input_ids=torch.tensor(IDS)).logits.numpy()
@@ -173,7 +171,7 @@ def test_zero_init_is_peft_s():
     kwargs = dict(oft_block_size=4, target_modules=["c_attn", "mlp.c_proj"], bias="oft_only")
     ours = tp.get_peft_model(small_base(), tp.OFTConfig(**kwargs))
     with torch_float64():
-        pm = peft.get_peft_model(linear_gpt2_twin(small_base()), peft.OFTConfig(**kwargs))
+        pm = peft.get_peft_model(linear_twin(small_base()), peft.OFTConfig(**kwargs))
     theirs = peft.get_peft_model_state_dict(pm)
     state = ours.adapter_state_dict()
     assert {k: v.shape for k, v in state.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
