@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -59,6 +60,7 @@ def build_step(setup: Setup, seed: int = 0):
                 n_head=setup.n_head,
             ),
             seed=seed,
+            device=setup.device,
         )
         model = base if setup.method == "full" else tp.get_peft_model(base, tinypeft_config(setup))
         params = model.trainable_parameters()
@@ -430,6 +432,14 @@ def machine() -> dict[str, Any]:
 
 
 def run_all(args) -> int:
+    if args.device == "cuda":
+        try:  # said here, not as an AttributeError from inside the first contender
+            import cupy
+
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception as e:
+            print(f"--device cuda needs CuPy and a CUDA device (pip install cupy-cuda12x): {e!r}", file=sys.stderr)
+            return 2
     if args.quick:
         configs = {"tiny": (1, 16, 2, 16, 2)}
         args.steps, args.warmup = 1, 1

@@ -364,3 +364,16 @@ def test_run_case_with_cuda_as_the_default_device_passes_compare(cases, monkeypa
     with fake_cupy.installed():
         report = compare(cases[0], run_case(cases[0].port_input()))
     assert report.passed, report
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "prompt"])
+def test_the_gpu_benchmark_runs_tinypeft_on_the_device(device, method, monkeypatch):
+    """benchmarks/gpu_check.sh's tinypeft contender builds its model on the device: until 2026-11-28 it
+    built it on the CPU whatever --device said, and broke at its first synchronize on a real GPU."""
+    from benchmarks.run import Setup, build_step
+
+    built = []
+    monkeypatch.setattr(tp, "GPT", lambda *a, **k: built.append(tp.model.GPT(*a, **k)) or built[-1])
+    step = build_step(Setup("tinypeft", method, 1, 16, 2, 16, 2, device="cuda"))
+    step()
+    assert built[0].xp.__name__ == "cupy"

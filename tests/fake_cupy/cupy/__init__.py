@@ -328,8 +328,19 @@ class _Runtime:
         return DEVICE_MEMORY
 
 
+class _Device:
+    """cupy.cuda.Device(): the stand-in computes synchronously, so there is nothing to wait for."""
+
+    def __init__(self, device: int = 0) -> None:
+        self.id = device
+
+    def synchronize(self) -> None:
+        pass
+
+
 class _Cuda:
     runtime = _Runtime()
+    Device = _Device
 
 
 cuda = _Cuda()
