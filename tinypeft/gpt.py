@@ -18,7 +18,7 @@ for the gradients of parameters in `trainable`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, NamedTuple
 
 from .backend import Array, namespace
@@ -68,9 +68,21 @@ class LinearCall(NamedTuple):
     cache: Any
 
 
+class Attention(NamedTuple):
+    """Causal self-attention as a forward/backward pair: `ops`' reference pair here; the engine passes
+    its blocked one (`attention_blocks.py`), the same function in less memory."""
+
+    forward: Callable
+    backward: Callable
+
+
+REFERENCE_ATTENTION = Attention(attention_forward, attention_backward)
+
+
 class BlockCache(NamedTuple):
     ln_1: tuple
     c_attn: LinearCall
+    attention: Attention
     attn: Any  # ops.AttentionCache: its k and v (past included) are what a KV cache keeps
     attn_proj: LinearCall
     ln_2: tuple
@@ -104,13 +116,20 @@ def trainable_only(grads: Mapping[str, Array | None], trainable: Collection[str]
 
 # ------------------------------------------------------------------ forward
 def forward(
-    params: Params, config: Any, input_ids: Array, attention_mask: Array | None = None, sites: Sites = NO_SITES
+    params: Params,
+    config: Any,
+    input_ids: Array,
+    attention_mask: Array | None = None,
+    sites: Sites = NO_SITES,
+    attention: Attention | None = None,
 ) -> tuple[Array, GPTCache]:
     """logits (B, T', V) for token ids (B, T); T' = T plus any positions an embedding site adds.
 
     attention_mask (B, T) of 0/1 marks padding. Keys/values from a prefix site (P per layer) are
-    the attention's past: always visible, and the real tokens take positions P..P+T'-1.
+    the attention's past: always visible, and the real tokens take positions P..P+T'-1. `attention`:
+    the kernel (None: the reference pair in ops.py).
     """
+    attention = REFERENCE_ATTENTION if attention is None else attention
     wte, wpe = params["transformer.wte.weight"], params["transformer.wpe.weight"]
     x, tokens = embedding_forward(wte, input_ids)  # [B, T] -> [B, T, C]
     embedding_site = prefix_site = None
@@ -129,7 +148,7 @@ def forward(
     visible = attention_visibility(xp, T, P, attention_mask)  # [B or 1, 1, T, P + T]
     blocks = []
     for i in range(config.n_layer):
-        x, block = block_forward(params, config, sites, i, x, visible, past[i])
+        x, block = block_forward(params, config, sites, i, x, visible, past[i], attention)
         blocks.append(block)
     ln_w, ln_b = params["transformer.ln_f.weight"], params["transformer.ln_f.bias"]
     x, ln_f = layernorm_forward(x, ln_w, ln_b, config.layer_norm_epsilon)  # [B, T, C]
@@ -138,13 +157,20 @@ def forward(
 
 
 def block_forward(
-    params: Params, config: Any, sites: Sites, i: int, x: Array, visible: Array, past: tuple
+    params: Params,
+    config: Any,
+    sites: Sites,
+    i: int,
+    x: Array,
+    visible: Array,
+    past: tuple,
+    attention: Attention,
 ) -> tuple[Array, BlockCache]:
     """x + attn(ln_1(x)), then + mlp(ln_2(.)): GPT-2's pre-LayerNorm residual block. x: [B, T, C]."""
     h, eps = f"transformer.h.{i}", config.layer_norm_epsilon
     a, ln_1 = layernorm_forward(x, params[f"{h}.ln_1.weight"], params[f"{h}.ln_1.bias"], eps)  # [B, T, C]
     qkv, c_attn = linear(params, sites, f"{h}.attn.c_attn", a)  # [B, T, C] -> [B, T, 3C]
-    a, attn = attention_forward(qkv, config.n_head, visible, *past)  # [B, T, 3C] -> [B, T, C]
+    a, attn = attention.forward(qkv, config.n_head, visible, *past)  # [B, T, 3C] -> [B, T, C]
     a, attn_proj = linear(params, sites, f"{h}.attn.c_proj", a)  # [B, T, C] -> [B, T, C]
     x = x + a  # [B, T, C]
     m, ln_2 = layernorm_forward(x, params[f"{h}.ln_2.weight"], params[f"{h}.ln_2.bias"], eps)  # [B, T, C]
@@ -152,7 +178,7 @@ def block_forward(
     m, gelu = gelu_tanh_forward(m)  # [B, T, 4C]
     m, mlp_proj = linear(params, sites, f"{h}.mlp.c_proj", m)  # [B, T, 4C] -> [B, T, C]
     x = x + m  # [B, T, C]
-    return x, BlockCache(ln_1, c_attn, attn, attn_proj, ln_2, mlp_fc, gelu, mlp_proj)
+    return x, BlockCache(ln_1, c_attn, attention, attn, attn_proj, ln_2, mlp_fc, gelu, mlp_proj)
 
 
 # ------------------------------------------------------------------ backward
@@ -208,7 +234,7 @@ def block_backward(
     # in the forward this was: x_mid = x_in + attn_proj(attention(c_attn(ln_1(x_in)))), so:
     da, g = linear_backward_call(dx, cache.attn_proj, trainable)  # [B, T, C]
     grads |= g
-    dqkv, dpast_k, dpast_v = attention_backward(da, cache.attn)  # [B, T, C] -> [B, T, 3C]
+    dqkv, dpast_k, dpast_v = cache.attention.backward(da, cache.attn)  # [B, T, C] -> [B, T, 3C]
     da, g = linear_backward_call(dqkv, cache.c_attn, trainable)  # [B, T, 3C] -> [B, T, C]
     grads |= g
     da, g = layernorm_backward_named(da, cache.ln_1, f"{h}.ln_1", trainable)  # [B, T, C]

@@ -136,6 +136,7 @@ def model_loss_fn(
     if labels is not None:
         leading = 0 if view.sites.embedding is None else view.sites.embedding.positions(view.params)
         labels = engine.pad_labels(checks.check_labels(labels, ids.shape, view.config.vocab_size, leading), leading)
+        labels = view.xp.asarray(labels)  # on the model's device (the vectors' trajectories run there too)
 
     def loss_fn(params: Params) -> Any:
         logits, _ = gpt.forward(params, view.config, ids, mask, view.sites)

@@ -11,8 +11,8 @@ peak / estimate (tracemalloc; tests/model/test_memory.py keeps the first three w
 
     a GPT's parameters (GPT(config); each tensor is drawn in float64, then cast)    1.14 - 1.31
     a training step (loss_and_grad), B 4-16, T 64-256, C 32-128, V 64-2048,
-        the base, LoRA, prompt, prefix, IA3 (IA3's own caches are not counted)     1.00 - 1.41
-    an evaluation (loss)                                                           1.00 - 1.25
+        the base, LoRA, prompt, prefix (IA3 1.47: its own caches are not counted)   1.00 - 1.37
+    an evaluation (loss)                                                           1.00 - 1.28
     an adapter (get_peft_model): LoRA, bottleneck in float64                       1.10 - 1.13
         in float32 (drawn in float64, then cast)                                   1.27 - 1.39
         a table drawn whole and tiny (prompt, prefix: kilobytes)                   up to 2.5
@@ -21,9 +21,12 @@ On the CPU a large batch runs as row blocks on threads (engine.py), whose logits
 may or may not overlap; where the vocabulary dominates, a step then measured up to 1.9 times its
 estimate (V 4096, four blocks).
 
-A training step holds, per block, the caches `gpt.py` keeps (eight [B, T, C]: the LayerNorms'
-normalised inputs and outputs, q, k and v, the attention's output; two [B, T, 4C]: the MLP's hidden
-layer before and after GELU; [B, NH, T, P+T]: the attention weights), the final LayerNorm's, and at the
+A training step holds, per block, the caches `gpt.py` keeps (nine [B, T, C]: the LayerNorms'
+normalised inputs and outputs, c_attn's q, k and v and the scaled copy of q, the attention's output
+(with prefix keys and values, k and v joined to them in place of c_attn's output); two [B, T, 4C]: the
+MLP's hidden layer before and after GELU; [B, NH, T]: each query's log-sum-exp, from which the engine's
+blocked attention rebuilds the weights, so no [B, NH, T, P+T] array is kept), the final LayerNorm's,
+one block of attention scores (two in the backward), and at the
 head the logits [B, T, V], the loss's copy of them and its two temporaries (in the backward, dlogits
 and every gradient); a training run adds the optimizer's state. Available memory is the kernel's
 MemAvailable (else the free pages, else all physical memory) plus the freed memory this process's
@@ -40,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from . import runtime
+from . import attention_blocks, runtime
 from .config import GPTConfig, shown
 from .errors import ConfigError
 
@@ -74,13 +77,15 @@ def activation_count(
     B, C, F, V, NH = batch, config.n_embd, config.inner_dim, config.vocab_size, config.n_head
     T = min(seq_len, max(config.n_positions - embedding - prefix, 1)) + embedding  # a longer one is refused later
     S, N, k = prefix + T, batch * T, row_blocks
-    per_block = 8 * N * C + 2 * N * F + B * NH * T * S + (2 * B * S * C if prefix else 0)  # gpt.BlockCache
+    keys_values = 2 * B * S * C if prefix else 3 * N * C  # k, v joined to the past, else views of c_attn's qkv
+    per_block = 6 * N * C + keys_values + 2 * N * F + B * NH * T  # gpt.BlockCache
     caches = config.n_layer * per_block + 2 * N * C  # every block's, and the final LayerNorm's
     targets = batch * (T - 1) * V  # [B, T-1, V]: the loss's copy of the logits, and each of its temporaries
     loss = targets + (N * V + 2 * targets) // k  # the copies; a row block's logits and two temporaries
     backward = targets + N * V // k + gradients  # the copies, a row block's dlogits and every gradient, at the end
-    softmax = (2 * B * NH * T * S - 5 * N * C - 2 * N * F) // k  # the last layer's scores and exponentials
-    return caches + max(loss, backward if gradients else 0, softmax)
+    # attention_blocks.py: one block of scores at a time, two in the backward
+    scores = min(B * NH * T * S, attention_blocks.BLOCK_BYTES // np.dtype(config.dtype).itemsize)
+    return caches + max(loss, backward if gradients else 0, scores * (2 if gradients else 1))
 
 
 def bytes_of(count: int, dtype: str) -> int:

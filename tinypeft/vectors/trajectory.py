@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .. import engine
 from ..backend import to_numpy
 from ..errors import CheckpointError, ConfigError
+from ..gradcheck import model_loss_fn
 from ..io import load_json, load_safetensors, save_json, save_safetensors
 from ..optim import SGD, AdamW, Optimizer, clip_grad_norm, cosine_schedule
 from .checker import CaseReport, TensorCheck, _raised, build, check_array
@@ -123,8 +123,10 @@ def train(
     optimizer = make_optimizer(settings)
     ids, labels, mask = case["input_ids"], case["labels"], case["attention_mask"]
     losses, lrs = [], []
+    # the reference forward and backward (gradcheck's hand path), as the cases' expected values are computed
+    _, loss_and_grad = model_loss_fn(view, ids, labels, mask)
     for step in range(settings["steps"]):
-        loss, grads = engine.loss_and_grad(view, ids, labels, mask)
+        loss, grads = loss_and_grad()  # at the parameters as the optimizer left them: it updates in place
         grads, _ = clip_grad_norm(grads, settings["grad_clip"])
         steps, warmup, floor = settings["steps"], settings["warmup_steps"], settings["min_lr_ratio"]
         lr = cosine_schedule(step, steps, settings["lr"], warmup, floor)

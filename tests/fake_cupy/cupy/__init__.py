@@ -285,7 +285,7 @@ class ufunc:  # noqa: N801 (CuPy's name)
 
 
 _FUNCTIONS = (  # noqa: SIM905
-    "all allclose amax amin any arange argmax argmin argsort array_equal broadcast_to clip concatenate cumsum "
+    "all allclose amax amin any arange argmax argmin argsort array_equal broadcast_to clip concatenate copyto cumsum "
     "diag dot einsum empty empty_like expand_dims eye full full_like isclose linspace max mean min moveaxis "
     "ones ones_like outer prod repeat reshape split sort squeeze stack std sum swapaxes take take_along_axis "
     "tensordot tile trace transpose tril triu var where zeros zeros_like"
