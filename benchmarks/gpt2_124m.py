@@ -4,7 +4,7 @@ PyTorch + PEFT.
 The model is gpt2's shape (12 layers, n_embd 768, 12 heads, 50,257 tokens, 1,024 positions: 124M
 parameters), randomly initialised on both sides (the values do not change the work); LoRA is r = 8,
 alpha 16 on c_attn, c_proj and c_fc, as in the other sections; a step is forward, backward and AdamW
-on a batch of B = 4 sequences of T = 128 random token ids, float32. The two contenders are timed
+on a batch of B = 4 sequences of T = 256 random token ids, float32. The two contenders are timed
 round-robin in their own processes (`run.race`), which spreads load from anything else on the machine
 over both alike. Memory is each process's peak resident set (Linux's VmHWM) over the warm-up and timed
 steps, reset once the model is built, so it holds parameters, activations, gradients, the optimizer's
@@ -20,7 +20,7 @@ from typing import Any
 from .run import Setup, build_step, race
 
 GPT2_124M = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
-BATCH_SIZE, SEQ_LEN = 4, 128
+BATCH_SIZE, SEQ_LEN = 4, 256  # the performance issue's shape
 QUICK = {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 1000, "n_positions": 64}  # the smoke run's
 
 

@@ -32,11 +32,13 @@ class Setup:
     device: str = "cpu"  # "cuda": tinypeft on cupy, torch on CUDA
     vocab_size: int = 256  # the byte vocabulary; 50257 for gpt2's shape
     n_positions: int = 0  # 0: max(256, seq_len + the virtual tokens)
+    attention: str = "blocked"  # tinypeft's engine kernel; "reference": ops.py's pair, as before blocks
 
     @property
     def label(self) -> str:
         lib = {"tinypeft": "tinypeft", "torch": "torch" if self.method == "full" else "torch+peft"}[self.library]
-        return f"{lib} {self.method}"
+        kernel = " (reference attention)" if self.library == "tinypeft" and self.attention == "reference" else ""
+        return f"{lib} {self.method}{kernel}"
 
 
 # ---------------------------------------------------------------- contenders (run inside workers)
@@ -49,7 +51,11 @@ def build_step(setup: Setup, seed: int = 0):
     n_positions = setup.n_positions or max(256, setup.seq_len + NUM_VIRTUAL_TOKENS)
     if setup.library == "tinypeft":
         import tinypeft as tp
+        from tinypeft import engine, gpt
         from tinypeft.optim import AdamW
+
+        if setup.attention == "reference":  # this worker process only: the kernel before blocks, for the record
+            engine.BLOCKED_ATTENTION = gpt.REFERENCE_ATTENTION
 
         base = tp.GPT(
             tp.GPTConfig(
@@ -264,23 +270,31 @@ def _autograd_worker(args_tuple, conn) -> None:
     conn.send((statistics.median(hand_t), statistics.median(auto_t)))
 
 
+AUTOGRAD_RUNS = 3  # separate processes: the speed-up is reported as the range over them
+
+
 def section_autograd(args, config) -> dict[str, Any]:
     n_layer, n_embd, n_head, T, B = config
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(
-        target=_autograd_worker, args=((n_layer, n_embd, n_head, T, B, max(1, args.steps), min(args.warmup, 2)), child)
-    )
-    proc.start()
-    hand, auto = parent.recv()
-    proc.join()
+    runs = []
+    for _ in range(1 if args.quick else AUTOGRAD_RUNS):
+        parent, child = ctx.Pipe()
+        settings = (n_layer, n_embd, n_head, T, B, max(1, args.steps), min(args.warmup, 2))
+        proc = ctx.Process(target=_autograd_worker, args=(settings, child))
+        proc.start()
+        runs.append(parent.recv())
+        proc.join()
+    speedups = sorted(auto / hand for hand, auto in runs)
+    hand, auto = statistics.median(h for h, _ in runs), statistics.median(a for _, a in runs)
     print(f"\n### hand-written backward vs HIPS autograd of the same forward (n_embd {n_embd}, T {T}, B {B})\n")
-    print("| tinypeft backward | autograd | speed-up |\n|---|---|---|")
-    print(f"| {1e3 * hand:.1f} ms | {1e3 * auto:.1f} ms | {auto / hand:.1f}x |")
+    print("| tinypeft step | autograd | speed-up (median) | range over runs |\n|---|---|---|---|")
+    print(f"| {1e3 * hand:.1f} ms | {1e3 * auto:.1f} ms | {auto / hand:.1f}x | {speedups[0]:.1f}-{speedups[-1]:.1f}x |")
     return {
         "tinypeft_s": hand,
         "autograd_s": auto,
         "speedup": auto / hand,
+        "speedup_range": [speedups[0], speedups[-1]],
+        "runs": [{"tinypeft_s": h, "autograd_s": a} for h, a in runs],
         "config": dict(n_embd=n_embd, seq_len=T, batch_size=B),
     }
 
@@ -362,13 +376,14 @@ def section_gflops(args, configs) -> dict[str, Any]:
 def section_scaling(args) -> dict[str, Any]:
     steps, warmup = max(1, args.steps // 2), 1
     if args.quick:
-        grid = {"seq_len": [32], "n_embd": [32], "rank": [1]}
+        grid = {"seq_len": [8, 16], "n_embd": [16], "rank": [1], "batch_size": [1]}  # one fit, the rest a point
         base = dict(n_layer=1, n_embd=16, n_head=2, seq_len=16, batch_size=2, rank=4)
     else:
         grid = {
-            "seq_len": [32, 64, 128, 256, 512],
+            "seq_len": [32, 64, 128, 256, 512, 1024],
             "n_embd": [64, 128, 256, 512, 1024],
             "rank": [1, 2, 4, 8, 16, 32, 64],
+            "batch_size": [1, 2, 4, 8, 16, 32],
         }
         base = dict(n_layer=4, n_embd=128, n_head=4, seq_len=128, batch_size=8, rank=8)
     out = {}
@@ -465,6 +480,19 @@ def run_all(args) -> int:
         results["gflops"] = section_gflops(args, configs)
     if "scaling" in sections:
         results["scaling"] = section_scaling(args)
+    if "scaling" in sections:
+        from .growth import plot_growth, print_exponents
+
+        print_exponents(results["scaling"])
+        plot_growth(results["scaling"], os.path.join(os.path.dirname(os.path.abspath(args.out)), "growth.png"))
+    if "long" in sections:
+        from .long_sequences import section_long
+
+        results["long"] = section_long(args)
+    if "profile" in sections:
+        from .profile_ops import section_profile
+
+        results["profile"] = section_profile(args)
     if "gpt2_124m" in sections:
         from .gpt2_124m import section_gpt2_124m
 

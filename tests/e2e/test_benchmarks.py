@@ -16,7 +16,16 @@ def test_benchmark_smoke_run(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert set(results) >= {"steps", "autograd", "memory", "gflops", "scaling", "machine"}
+    assert set(results) >= {"steps", "autograd", "memory", "gflops", "scaling", "long", "profile", "machine"}
+    assert set(results["scaling"]) == {"seq_len", "n_embd", "rank", "batch_size"}
+    assert (tmp_path / "growth.png").stat().st_size > 0  # the cost-growth plot, beside the JSON
+    long = results["long"]["rows"]
+    assert set(long) == {"tinypeft lora", "tinypeft lora (reference attention)", "torch+peft lora"}
+    assert all(row["rss_over_built_mib"] >= 0 for row in long.values())
+    assert long["tinypeft lora"]["tracemalloc_over_built_mib"] > 0
+    groups = results["profile"]["groups_s"]
+    assert {"linear layers (x W, dy Wᵀ, xᵀ dy)", "attention", "GELU", "LayerNorm", "AdamW"} <= set(groups)
+    assert results["autograd"]["speedup_range"][0] <= results["autograd"]["speedup"]
     row = results["steps"]["tiny"]["median_s"]
     expected = {
         "tinypeft full",
@@ -70,3 +79,12 @@ def test_the_gpt2_124m_section_smoke_run(tmp_path):
         assert row["median_s"] > 0, label
         assert row["memory"]["peak_kib"] >= row["memory"]["built_kib"] > row["memory"]["library_kib"] > 0, label
     assert set(section["ratios"]) == {"step: tinypeft / torch+peft", "peak memory: tinypeft / torch+peft"}
+
+
+def test_the_fitted_exponent_of_a_power_law_is_its_power():
+    from benchmarks.growth import exponents, fit_exponent
+
+    assert fit_exponent({32: 2.0 * 32**1.5, 64: 2.0 * 64**1.5, 512: 2.0 * 512**1.5}) == pytest.approx(1.5)
+    assert fit_exponent({32: 1.0}) is None
+    scaling = {"seq_len": {32: {"tinypeft lora": 1.0, "torch+peft lora": 2.0}, 64: {"tinypeft lora": 4.0}}}
+    assert exponents(scaling) == {"seq_len": {"tinypeft lora": pytest.approx(2.0), "torch+peft lora": None}}
