@@ -48,6 +48,25 @@ def test_sgd_with_momentum_matches_torch():
     )
 
 
+def test_adamw_in_place_is_the_formula_term_by_term_bitwise():
+    """The update goes through one scratch array; each term must be the number the docstring's
+    formula gives when every term is a new array (float32, so any reordering would show)."""
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal((6, 5)).astype(np.float32)
+    p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
+    opt = AdamW(lr=0.03, betas=(0.85, 0.99), eps=1e-6, weight_decay=0.1)
+    params = {"w": p0.copy()}
+    for t in range(1, 4):
+        g = rng.standard_normal(p0.shape).astype(np.float32)
+        opt.step(params, {"w": g}, 0.03)
+        p = p * (1 - 0.03 * 0.1)
+        m = 0.85 * m + (1 - 0.85) * g
+        v = 0.99 * v + (1 - 0.99) * (g * g)
+        denom = np.sqrt(v) / math.sqrt(1 - 0.99**t) + 1e-6
+        p = p - (0.03 / (1 - 0.85**t)) * (m / denom)
+        np.testing.assert_array_equal(params["w"], p)
+
+
 def test_optimizer_state_round_trip():
     rng = np.random.default_rng(0)
     params = {"w": rng.standard_normal((3, 2))}
