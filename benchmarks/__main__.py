@@ -31,8 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--sections",
-        default="steps,autograd,memory,gflops,scaling,long,profile",
-        help="comma-separated subset of steps,autograd,memory,gflops,scaling,long,profile, or gpt2_124m (not in "
+        default="steps,autograd,memory,gflops,scaling,long,floor,profile",
+        help="comma-separated subset of steps,autograd,memory,gflops,scaling,long,floor,profile, or gpt2_124m (not in "
         "the default: a LoRA fine-tune at gpt2's 124M shape, several minutes on 2 cores)",
     )
     p.add_argument("--out", default="benchmarks/results.json", help="where to write the JSON results")

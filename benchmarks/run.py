@@ -14,6 +14,7 @@ from typing import Any
 
 LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
 NUM_VIRTUAL_TOKENS = 20
+STEP_METHODS = ("full", "lora", "prompt", "prefix")
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class Setup:
     """One contender: which library computes which method on which model and batch."""
 
     library: str  # "tinypeft" | "torch"
-    method: str  # "full" | "lora" | "prompt"
+    method: str  # "full" | "lora" | "prompt" | "prefix"
     n_layer: int
     n_embd: int
     n_head: int
@@ -129,6 +130,8 @@ def tinypeft_config(setup: Setup):
         return tp.LoraConfig(r=setup.rank, lora_alpha=2 * setup.rank, target_modules=LORA_TARGETS)
     if setup.method == "prompt":
         return tp.PromptTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)
+    if setup.method == "prefix":
+        return tp.PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS)
     raise ValueError(setup.method)
 
 
@@ -145,6 +148,8 @@ def peft_config(setup: Setup):
         )
     if setup.method == "prompt":
         return peft.PromptTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, task_type="CAUSAL_LM")
+    if setup.method == "prefix":
+        return peft.PrefixTuningConfig(num_virtual_tokens=NUM_VIRTUAL_TOKENS, task_type="CAUSAL_LM")
     raise ValueError(setup.method)
 
 
@@ -213,13 +218,13 @@ def section_steps(args, configs) -> dict[str, Any]:
     for name, (n_layer, n_embd, n_head, T, B) in configs.items():
         setups = [
             Setup(lib, method, n_layer, n_embd, n_head, T, B, threads=args.threads, device=args.device)
-            for method in ("full", "lora", "prompt")
+            for method in STEP_METHODS
             for lib in ("tinypeft", "torch")
         ]
         res = race(setups, args.steps, args.warmup)
         row = {label: r.get("median_s") for label, r in res.items()}
         ratios = {}
-        for method in ("full", "lora", "prompt"):
+        for method in STEP_METHODS:
             ours = row.get(f"tinypeft {method}")
             theirs = row.get(f"{'torch' if method == 'full' else 'torch+peft'} {method}")
             if ours and theirs:
@@ -489,6 +494,10 @@ def run_all(args) -> int:
         from .long_sequences import section_long
 
         results["long"] = section_long(args)
+    if "floor" in sections:
+        from .matmul_floor import section_floor
+
+        results["floor"] = section_floor(args, configs)
     if "profile" in sections:
         from .profile_ops import section_profile
 

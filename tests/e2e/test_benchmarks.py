@@ -16,7 +16,7 @@ def test_benchmark_smoke_run(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
-    assert set(results) >= {"steps", "autograd", "memory", "gflops", "scaling", "long", "profile", "machine"}
+    assert set(results) >= {"steps", "autograd", "memory", "gflops", "scaling", "long", "floor", "profile", "machine"}
     assert set(results["scaling"]) == {"seq_len", "n_embd", "rank", "batch_size"}
     assert (tmp_path / "growth.png").stat().st_size > 0  # the cost-growth plot, beside the JSON
     long = results["long"]["rows"]
@@ -25,6 +25,8 @@ def test_benchmark_smoke_run(tmp_path):
     assert long["tinypeft lora"]["tracemalloc_over_built_mib"] > 0
     groups = results["profile"]["groups_s"]
     assert {"linear layers (x W, dy Wᵀ, xᵀ dy)", "attention", "GELU", "LayerNorm", "AdamW"} <= set(groups)
+    floor = results["floor"]["tiny"]
+    assert len(floor["products"]) == 15 and floor["numpy_s"] > 0 and floor["torch_s"] > 0
     assert results["autograd"]["speedup_range"][0] <= results["autograd"]["speedup"]
     row = results["steps"]["tiny"]["median_s"]
     expected = {
@@ -34,6 +36,8 @@ def test_benchmark_smoke_run(tmp_path):
         "torch+peft lora",
         "tinypeft prompt",
         "torch+peft prompt",
+        "tinypeft prefix",
+        "torch+peft prefix",
     }
     assert set(row) == expected
     assert all(t is not None and t > 0 for t in row.values()), row
