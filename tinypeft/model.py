@@ -77,6 +77,10 @@ class LanguageModel:
         loss, grads = engine.loss_and_grad(view, input_ids, labels, attention_mask)
         return loss, view.public(grads)
 
+    def after_step(self, grads: Mapping[str, Array], step: int) -> None:
+        """What the training loop calls after each optimizer step (`step` from 0) with the gradients it applied:
+        nothing for a GPT; a PeftModel passes it to its adapters (`Adapter.after_step`)."""
+
     def generate(
         self,
         input_ids: Any,
