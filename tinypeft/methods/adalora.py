@@ -33,9 +33,9 @@ import numpy as np
 
 from ..backend import Array
 from ..config import linear_module_names, positive_number, shown
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..sites import Sites
-from .adalora_training import OrthogonalityTerm, RankAllocator
+from .adalora_training import OrthogonalityTerm, RankAllocator, checked_rank_pattern
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
 from .lora import dropout_keep_mask
 from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, inert, register_method
@@ -201,7 +201,7 @@ class AdaLoraConfig(PeftConfig):
                 f"{name[:-1]}: tinypeft does not implement PEFT's {shown(unsupported)}; leave them at their defaults"
             )
         if self.rank_pattern is not None:
-            self.rank_pattern = _checked_rank_pattern(self.rank_pattern, self.init_r)
+            self.rank_pattern = checked_rank_pattern(self.rank_pattern, self.init_r)
 
     @property
     def scale(self) -> float:
@@ -248,23 +248,6 @@ def _pattern_module(key: str) -> str:
     """rank_pattern's key (PEFT's `transformer.h.0.attn.c_attn.lora_E`, `.default` in memory) -> the module."""
     key = key.removesuffix(".default")
     return key.removesuffix(".lora_E")
-
-
-def _checked_rank_pattern(pattern: Any, init_r: int) -> dict[str, list[bool]]:
-    if not isinstance(pattern, Mapping) or not all(isinstance(k, str) and k.endswith(("lora_E", "lora_E.default"))
-                                                   for k in pattern):  # fmt: skip
-        raise ConfigError(
-            "AdaLoraConfig.rank_pattern must map '<module>.lora_E' to a list of init_r booleans (the triplets kept); "
-            f"got {shown(pattern)[:120]}"
-        )
-    checked = {}
-    for key, kept in pattern.items():
-        if not isinstance(kept, (list, tuple)) or len(kept) != init_r or not all(isinstance(b, bool) for b in kept):
-            raise ConfigError(
-                f"AdaLoraConfig.rank_pattern[{key!r}] must be a list of init_r = {init_r} booleans; got {shown(kept)}"
-            )
-        checked[key.removesuffix(".default")] = list(kept)
-    return checked
 
 
 # ===================================================================== adapter
@@ -352,6 +335,19 @@ class AdaLoraAdapter(Adapter):
         """The rank allocator's step (PEFT's `update_and_allocate(global_step)`, called after the optimizer's
         step with the gradients it applied); `step` counts from 0."""
         self.allocator.update_and_allocate(self.params, grads, step)
+
+    def random_state(self) -> dict[str, Any]:
+        """The dropout generator's state and, under "allocator", the rank allocator's (its statistics and the rank
+        pattern): what a training checkpoint keeps besides the tensors, so that a resumed run continues exactly."""
+        return super().random_state() | {"allocator": self.allocator.state()}
+
+    def set_random_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or "allocator" not in state:
+            raise CheckpointError(f"AdaLoRA adapter random state must hold the allocator's; got {shown(state)[:80]}")
+        shapes = {name: tuple(value.shape) for name, value in self.params.items()}
+        allocator_state = self.allocator.parse_state(state["allocator"], shapes)  # checked before anything changes
+        super().set_random_state({k: v for k, v in state.items() if k != "allocator"})
+        self.allocator.restore(*allocator_state)
 
     def merge(self, base_params: dict[str, Array]) -> None:
         """W <- W + c (B (A ⊙ E))ᵀ for every target."""

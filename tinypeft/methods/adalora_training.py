@@ -14,10 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..backend import Array, namespace, to_numpy
-from ..errors import ConfigError
+from ..config import shown
+from ..errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
     from .adalora import AdaLoraConfig, AdaLoraLayer
+
+STATISTICS = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT's names: the importance and its two moving averages
 
 
 # ===================================================================== the regulariser
@@ -94,6 +97,45 @@ class RankAllocator:
         self.init_bgt = sum(layer.rank for layer in layers)
         self.target_bgt = config.target_r * len(layers)
         self.reset_ipt()
+
+    def state(self) -> dict[str, Any]:
+        """The statistics and the rank pattern as JSON (float64 lists: Python's float repr reads back exactly), which a
+        training checkpoint saves so that a resumed run allocates as an uninterrupted one."""
+        stats = {what: {n: a.tolist() for n, a in getattr(self, what).items()} for what in STATISTICS}
+        return stats | {"rank_pattern": self.config.rank_pattern}
+
+    def parse_state(
+        self, state: Any, shapes: Mapping[str, tuple[int, ...]]
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[bool]] | None]:
+        """`state()` read back and checked (each statistic names a tensor this allocator follows, in its shape), for
+        `restore`; changes nothing."""
+        if not isinstance(state, Mapping) or set(state) != {*STATISTICS, "rank_pattern"}:
+            raise CheckpointError(
+                f"AdaLoRA allocator state must hold {[*STATISTICS, 'rank_pattern']}; got {state!r:.80}"
+            )
+        loaded = {}
+        for what in STATISTICS:
+            arrays = state[what]
+            if not isinstance(arrays, Mapping) or not set(arrays) <= set(shapes):
+                raise CheckpointError(f"AdaLoRA allocator state {what!r} names tensors this adapter lacks")
+            try:
+                loaded[what] = {n: np.asarray(v, dtype=np.float64).reshape(shapes[n]) for n, v in arrays.items()}
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"AdaLoRA allocator state {what!r} is malformed: {e}") from None
+        pattern = state["rank_pattern"]
+        if pattern is not None:
+            try:
+                pattern = checked_rank_pattern(pattern, self.config.init_r)
+            except ConfigError as e:
+                raise CheckpointError(f"AdaLoRA allocator state: {e}") from None
+        return loaded, pattern
+
+    def restore(
+        self, statistics: Mapping[str, dict[str, np.ndarray]], rank_pattern: dict[str, list[bool]] | None
+    ) -> None:
+        for what, arrays in statistics.items():
+            setattr(self, what, arrays)
+        self.config.rank_pattern = rank_pattern
 
     def reset_ipt(self) -> None:
         self.ipt: dict[str, np.ndarray] = {}
@@ -175,3 +217,21 @@ class RankAllocator:
             self.reset_ipt()
         elif c.rank_pattern is not None:
             self.mask_using_rank_pattern(params)
+
+
+def checked_rank_pattern(pattern: Any, init_r: int) -> dict[str, list[bool]]:
+    """rank_pattern as PEFT writes it ('<module>.lora_E': init_r booleans, True: kept), keys without `.default`."""
+    if not isinstance(pattern, Mapping) or not all(isinstance(k, str) and k.endswith(("lora_E", "lora_E.default"))
+                                                   for k in pattern):  # fmt: skip
+        raise ConfigError(
+            "AdaLoraConfig.rank_pattern must map '<module>.lora_E' to a list of init_r booleans (the triplets kept); "
+            f"got {shown(pattern)[:120]}"
+        )
+    checked = {}
+    for key, kept in pattern.items():
+        if not isinstance(kept, (list, tuple)) or len(kept) != init_r or not all(isinstance(b, bool) for b in kept):
+            raise ConfigError(
+                f"AdaLoraConfig.rank_pattern[{key!r}] must be a list of init_r = {init_r} booleans; got {shown(kept)}"
+            )
+        checked[key.removesuffix(".default")] = list(kept)
+    return checked
