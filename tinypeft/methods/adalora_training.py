@@ -32,8 +32,8 @@ def orthogonality_forward(pairs: list[tuple[Array, Array]], weight: float) -> tu
     total, cache = 0.0, []
     for A, B in pairs:
         xp = namespace(A, B)
-        D_A = A @ A.T - xp.eye(A.shape[0])  # [r, in] @ [in, r] -> [r, r]
-        D_B = B.T @ B - xp.eye(B.shape[1])  # [r, out] @ [out, r] -> [r, r]
+        D_A = A @ A.T - xp.eye(A.shape[0], dtype=A.dtype)  # [r, in] @ [in, r] -> [r, r]
+        D_B = B.T @ B - xp.eye(B.shape[1], dtype=B.dtype)  # [r, out] @ [out, r] -> [r, r]
         n_A, n_B = _frobenius(D_A), _frobenius(D_B)
         total = total + n_A + n_B
         cache.append((A, B, D_A, D_B, n_A, n_B))
