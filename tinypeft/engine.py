@@ -128,7 +128,8 @@ def loss_and_grad(
     parts = runtime.map_blocks(lambda rows: _forward_block(view, ids, mask, host_labels, leading, rows), blocks)
     n_total = sum(part.n_targets for part in parts)
     loss = sum(part.loss * part.n_targets for part in parts) / n_total
-    term_value, term_grads = loss_terms(view, need_grads and bool(view.trainable))
+    # the sites' loss terms (a regulariser) belong to the training objective: loss() reports the data's loss alone
+    term_value, term_grads = loss_terms(view) if need_grads else (0.0, {})
     loss += term_value
     if not need_grads or not view.trainable:
         return loss, {}
@@ -144,15 +145,14 @@ def loss_and_grad(
     return loss, add_grads(grads, term_grads)
 
 
-def loss_terms(view: ComputeView, need_grads: bool = True) -> tuple[float, Grads]:
+def loss_terms(view: ComputeView) -> tuple[float, Grads]:
     """The sum of the sites' loss terms (`Sites.loss_terms`, which depend on the parameters alone) and its
-    gradients for the trainable names: what every loss adds to the batch's mean cross-entropy."""
+    gradients for the trainable names: what the training objective adds to the batch's mean cross-entropy."""
     value, grads = 0.0, {}
     for term in view.sites.loss_terms:
         term_value, cache = term.forward(view.params)
         value += float(term_value)
-        if need_grads:
-            grads = add_grads(grads, term.backward(cache, view.trainable))
+        grads = add_grads(grads, term.backward(cache, view.trainable))
     return value, grads
 
 

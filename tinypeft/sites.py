@@ -8,9 +8,10 @@ added to, its own computation, and it calls whatever a method puts there:
 - `prefix`: supplies keys/values that every layer's attention sees before the real tokens, as a
   KV cache's past does (prefix tuning; the engine's cached generation uses the same door).
 
-Beside the sites, `loss_terms`: terms a method adds to the training loss that depend on its tensors
-alone, not on the batch (AdaLoRA's orthogonality regulariser). Each is a forward/backward pair over
-the parameters; the loss (and `loss()`, as PEFT adds its term to every loss it computes) includes them.
+Beside the sites, `loss_terms`: terms a method adds to the training objective that depend on its
+tensors alone, not on the batch (AdaLoRA's orthogonality regulariser). Each is a forward/backward pair
+over the parameters; `loss_and_grad` (and the gradient checks) include them, `loss()` (evaluation:
+nats per token, comparable across methods) does not.
 
 Every site is a forward/backward pair, like the ops. A backward returns the gradient flowing on
 to the model and a dict of gradients for the parameters it owns, keyed by their full names in

@@ -158,14 +158,16 @@ def test_the_regulariser_and_its_gradient(shapes):
     assert not dA.any() and not dB.any()
 
 
-def test_the_loss_includes_the_regulariser():
+def test_the_training_loss_includes_the_regulariser_and_evaluation_does_not():
     model = random_adalora(small_model(), orth_reg_weight=2.0)
     ids = ids_for()
-    with_term = model.loss(ids, ids)
+    with_term, _ = model.loss_and_grad(ids, ids)
+    evaluated = model.loss(ids, ids)
     model.active.config.orth_reg_weight = 0.0
-    without = model.loss(ids, ids)
+    without, _ = model.loss_and_grad(ids, ids)
     A_B = [(model.active.params[lay.lora_A], model.active.params[lay.lora_B]) for lay in model.active.layers]
     assert abs(with_term - without - orthogonality_forward(A_B, 2.0)[0]) <= 1e-12 * with_term
+    assert evaluated == without
 
 
 # ------------------------------------------------------------------ init, merge
