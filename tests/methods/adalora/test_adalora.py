@@ -51,11 +51,25 @@ def adalora_configs(draw, dropout: bool = True) -> tp.AdaLoraConfig:
 
 
 def perturb(model: tp.PeftModel, seed: int, scale: float = 0.3) -> tp.PeftModel:
-    """Every trained tensor moved off its init, so no gradient vanishes by construction."""
+    """Every trained tensor moved off its init, so no gradient vanishes by construction, then sized as a trained
+    AdaLoRA's are: A's rows and B's columns of about unit length (the regulariser's aim: Gram matrices near I, so
+    the regulariser does not dwarf the loss), and E such that the update c B (A ⊙ E) has entries about the size
+    of W's (0.3). An update that dominates the layer saturates the attention and makes the loss so curved that
+    finite differences err (lora_strategies scales LoRA's B for the same reason)."""
     rng = np.random.default_rng(seed)
     params = model.active.params
+    c = model.active.config.scale
     for name, value in params.items():
-        params[name] = value + scale * rng.standard_normal(value.shape)
+        moved = value + scale * rng.standard_normal(value.shape)
+        if name.endswith("lora_A"):
+            moved = moved / moved.shape[1] ** 0.5  # rows of length about 1
+        elif name.endswith("lora_B"):
+            moved = moved / moved.shape[0] ** 0.5  # columns of length about 1
+        else:  # E: entries of B (A ⊙ E) are about |E| √r / √(in · out)
+            layer = next(lay for lay in model.active.layers if lay.lora_E == name)
+            size = (layer.in_features * layer.out_features / max(1, len(value))) ** 0.5
+            moved = moved * (0.3 * size / c)
+        params[name] = moved
     return model
 
 
@@ -252,7 +266,7 @@ def test_a_mask_prunes_init_bgt_minus_budget_triplets_and_the_final_pattern_hold
 
 
 def test_after_step_changes_nothing_for_other_methods():
-    model = perturb(tp.get_peft_model(small_model(), tp.LoraConfig(r=2, init_lora_weights=False)), 0)
+    model = tp.get_peft_model(small_model(), tp.LoraConfig(r=2, init_lora_weights=False))
     before = {k: v.copy() for k, v in model.trainable_parameters().items()}
     model.after_step({k: np.ones_like(v) for k, v in before.items()}, 0)
     for k, v in model.trainable_parameters().items():
