@@ -497,8 +497,7 @@ def _error_cases() -> list[ErrorCase]:
 
 register_method(MethodSpec(
     name="adalora",
-    help="AdaLoRA: LoRA in SVD form (P Λ Q) on --target_modules, its ranks pruned from --init_r to --target_r on a "
-    "budget schedule over the run, with an orthogonality regulariser",
+    help="AdaLoRA: LoRA as P Λ Q on --target_modules, ranks pruned from --init_r to --target_r over the run",
     default_lr=1e-1,  # the best of 3e-3, 1e-2, 3e-2, 1e-1, 3e-1 at finetune's 200 steps (docs/adalora.md)
     build=_build,
     example=lambda cfg: AdaLoraConfig(init_r=2, target_r=1, total_step=10, target_modules=ALL_LINEAR,
