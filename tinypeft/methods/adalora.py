@@ -344,8 +344,7 @@ class AdaLoraAdapter(Adapter):
     def set_random_state(self, state: Any) -> None:
         if not isinstance(state, Mapping) or "allocator" not in state:
             raise CheckpointError(f"AdaLoRA adapter random state must hold the allocator's; got {shown(state)[:80]}")
-        shapes = {name: tuple(value.shape) for name, value in self.params.items()}
-        allocator_state = self.allocator.parse_state(state["allocator"], shapes)  # checked before anything changes
+        allocator_state = self.allocator.parse_state(state["allocator"], self.params)  # checked before anything changes
         super().set_random_state({k: v for k, v in state.items() if k != "allocator"})
         self.allocator.restore(*allocator_state)
 

@@ -105,10 +105,10 @@ class RankAllocator:
         return stats | {"rank_pattern": self.config.rank_pattern}
 
     def parse_state(
-        self, state: Any, shapes: Mapping[str, tuple[int, ...]]
+        self, state: Any, like: Mapping[str, Array]
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[bool]] | None]:
-        """`state()` read back and checked (each statistic names a tensor this allocator follows, in its shape), for
-        `restore`; changes nothing."""
+        """`state()` read back and checked (each statistic names a tensor this allocator follows, in its shape and
+        dtype: `like`, the adapter's tensors), for `restore`; changes nothing."""
         if not isinstance(state, Mapping) or set(state) != {*STATISTICS, "rank_pattern"}:
             raise CheckpointError(
                 f"AdaLoRA allocator state must hold {[*STATISTICS, 'rank_pattern']}; got {state!r:.80}"
@@ -116,10 +116,10 @@ class RankAllocator:
         loaded = {}
         for what in STATISTICS:
             arrays = state[what]
-            if not isinstance(arrays, Mapping) or not set(arrays) <= set(shapes):
+            if not isinstance(arrays, Mapping) or not set(arrays) <= set(like):
                 raise CheckpointError(f"AdaLoRA allocator state {what!r} names tensors this adapter lacks")
             try:
-                loaded[what] = {n: np.asarray(v, dtype=np.float64).reshape(shapes[n]) for n, v in arrays.items()}
+                loaded[what] = {n: np.asarray(v, dtype=like[n].dtype).reshape(like[n].shape) for n, v in arrays.items()}
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"AdaLoRA allocator state {what!r} is malformed: {e}") from None
         pattern = state["rank_pattern"]
