@@ -38,7 +38,19 @@ from ..sites import Sites
 from .adalora_training import OrthogonalityTerm, RankAllocator, checked_rank_pattern
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
 from .lora import dropout_keep_mask
-from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, inert, register_method
+from .registry import (
+    ODD_EPS,
+    SMALL,
+    UNIMPLEMENTED_FIELDS,
+    Batch,
+    ErrorCase,
+    Flag,
+    GoldenCase,
+    MethodSpec,
+    as_is,
+    inert,
+    register_method,
+)
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -122,8 +134,8 @@ class AdaLoraConfig(PeftConfig):
     --steps); rank_pattern: which triplets each layer keeps (set by the allocator, saved for PEFT; a config that
     has one builds its layers at those ranks, as PEFT's loader does); lora_alpha, lora_dropout, target_modules,
     init_lora_weights (True: E = 0, A, B ~ N(0, 0.02²); False: all N(0, 1)) as LoRA's. fan_in_fan_out is forced
-    True for GPT-2's Conv1D, as PEFT does. bias, modules_to_save, layers_to_transform, layers_pattern are PEFT
-    options tinypeft does not implement: fields only so that a file using them is refused.
+    True for GPT-2's Conv1D, as PEFT does. bias, exclude_modules, modules_to_save, layers_to_transform and
+    layers_pattern are PEFT options tinypeft does not implement: fields only so that a file using them is refused.
     """
 
     peft_type = "ADALORA"
@@ -143,6 +155,7 @@ class AdaLoraConfig(PeftConfig):
     init_lora_weights: bool = True
     fan_in_fan_out: bool = True
     bias: str = "none"
+    exclude_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
@@ -193,7 +206,7 @@ class AdaLoraConfig(PeftConfig):
             warnings.warn("fan_in_fan_out=False, but GPT-2's linear layers are Conv1D (weights stored (in, out)); "
                           "setting fan_in_fan_out=True, as PEFT does", UserWarning, stacklevel=3)  # fmt: skip
             self.fan_in_fan_out = True
-        unsupported = {k: getattr(self, k) for k in ("modules_to_save", "layers_to_transform", "layers_pattern")}
+        unsupported = {k: getattr(self, k) for k in UNIMPLEMENTED_FIELDS}
         if self.bias != "none":
             unsupported["bias"] = self.bias
         if any(v is not None and v != [] and v != "none" for v in unsupported.values()):
@@ -217,8 +230,7 @@ class AdaLoraConfig(PeftConfig):
         if self.rank_pattern is None:
             return dict.fromkeys(targets, self.init_r)
         pattern = {_pattern_module(k): v for k, v in self.rank_pattern.items()}
-        unknown = sorted(set(pattern) - set(targets))
-        if unknown or set(pattern) != set(targets):
+        if set(pattern) != set(targets):
             raise ConfigError(
                 f"AdaLoraConfig.rank_pattern names {sorted(pattern)[:3]} ...; it must name every target "
                 f"({targets[:3]} ...) and nothing else"
@@ -485,6 +497,8 @@ def _error_cases() -> list[ErrorCase]:
                  ("'q_proj'", "matches no module", "'attn.c_attn'")),
         _refused("AdaLoRA bias (a PEFT option tinypeft lacks)", {"bias": "all"},
                  ("AdaLoraConfig", "does not implement", "'bias': 'all'")),
+        _refused("AdaLoRA exclude_modules (a PEFT option tinypeft lacks)", {"exclude_modules": ["c_proj"]},
+                 ("AdaLoraConfig", "does not implement", "'exclude_modules': ['c_proj']")),
         _refused("AdaLoRA rank_pattern of the wrong length", {"init_r": 3, "target_r": 1, "rank_pattern": {
                  "transformer.h.0.attn.c_attn.lora_E": [True, False]}},
                  ("rank_pattern['transformer.h.0.attn.c_attn.lora_E']", "init_r = 3 booleans")),
@@ -519,7 +533,7 @@ register_method(MethodSpec(
     ),
     golden_cases=GOLDEN_CASES,
     error_cases=_error_cases,
-    inert_fields=inert(("layers_pattern", "layers_to_transform", "modules_to_save"), ("bias",), ["lora_dropout"],
+    inert_fields=inert(UNIMPLEMENTED_FIELDS, ("bias",), ["lora_dropout"],
                        ["init_lora_weights"], linear=True,
                        **{f: "the rank allocator's schedule: it acts between training steps, not in one forward"
                           for f in ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "total_step")}),
