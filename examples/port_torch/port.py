@@ -535,3 +535,95 @@ def update(p: Tensor, g: Tensor, s: dict[str, Tensor], opt: dict[str, Any], lr: 
         if opt["momentum"]:
             g = s["b"] = g.clone() if "b" not in s else opt["momentum"] * s["b"] + g
         p.sub_(lr * g)
+
+
+# ================================================================ merge and unmerge (lora.md, ia3.md: Merge)
+def build(case: dict[str, Any]) -> tuple[GPT, dict[str, Tensor]]:
+    """The case's model with its method attached, in the case's dtype, nothing requiring a gradient."""
+    dtype = {"float64": torch.float64, "float32": torch.float32}[case["dtype"]]
+    params = {name: torch.tensor(w, dtype=dtype) for name, w in case["weights"].items()}
+    model, derived = GPT(case["model_config"], params), {}
+    attach(model, case["method_config"] or {}, derived)
+    return model, derived
+
+
+def base_names(config: dict[str, Any]) -> list[str]:
+    """model.md §0: the base model's parameters."""
+    names = ["transformer.wte.weight", "transformer.wpe.weight"]
+    for i in range(config["n_layer"]):
+        h = f"transformer.h.{i}"
+        names += [f"{h}.{ln}.{w}" for ln in ("ln_1", "ln_2") for w in ("weight", "bias")]
+        names += [f"{h}.{m}.{w}" for m in LINEAR_MODULES for w in ("weight", "bias")]
+    return [*names, "transformer.ln_f.weight", "transformer.ln_f.bias"]
+
+
+def read_off(site: Callable[[Tensor], Tensor], n_in: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Any adapted linear layer is affine in x, y = x W' + b': b' = site(0), and W' = site(I) - b' row by row."""
+    b = site(torch.zeros(1, n_in, dtype=dtype))[0]
+    return site(torch.eye(n_in, dtype=dtype)) - b, b
+
+
+def lora_update(model: GPT, cfg: dict[str, Any], module: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """lora.md: the weight the sites compute with (PiSSA's residual or W), s (BA)^T in (in, out), DoRA's k."""
+    p, r = model.params, cfg["r"]
+    s = cfg["lora_alpha"] / (math.sqrt(r) if cfg["use_rslora"] else r)
+    W = p[module + ".weight"]
+    if cfg["init_lora_weights"] == "pissa":
+        W = pissa_residual(W, r, s)
+    delta = s * (p[f"{PEFT}{module}.lora_B.weight"] @ p[f"{PEFT}{module}.lora_A.weight"]).T
+    if not cfg["use_dora"]:
+        return W, delta, None
+    return W, delta, p[f"{PEFT}{module}.lora_magnitude_vector"] / (W + delta).norm(dim=0)
+
+
+def merge_weights(model: GPT, cfg: dict[str, Any]) -> dict[str, Tensor]:
+    """Each adapted layer's (W', b'): LoRA's and IA3's by their formulas, every other method's read off its site."""
+    p, kind, out = model.params, cfg.get("peft_type"), {}
+    for module, site in model.linear.items():
+        W, b = p[module + ".weight"], p[module + ".bias"]
+        if kind == "LORA":  # W' = W + s (BA)^T; DoRA: each output column times k = m / ||W + s (BA)^T||
+            W_used, delta, k = lora_update(model, cfg, module)
+            W = W_used + delta if k is None else (W_used + delta) * k
+        elif kind == "IA3":
+            l, ff = p[f"{PEFT}{module}.ia3_l"], cfg["feedforward_modules"]
+            if re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff)):
+                W = W * l[:, None]  # diag(l) W: the rows
+            else:
+                W, b = W * l[None, :], b * l  # W diag(l): the columns, and the bias
+        else:
+            W, b = read_off(site, W.shape[0], W.dtype)
+        out[module + ".weight"], out[module + ".bias"] = W, b
+    return out
+
+
+def merge_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Every base parameter after folding the adapter into the base weights."""
+    with torch.no_grad():
+        model, _ = build(case)
+        merged = merge_weights(model, case["method_config"])
+        return {n: merged.get(n, model.params[n]).numpy() for n in base_names(case["model_config"])}
+
+
+def unmerge_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Every base parameter after merging, then taking the adapter back out of the merged weights as PEFT does:
+    subtracting the update, dividing by DoRA's k or IA3's l (exactly: not l + 1e-8)."""
+    with torch.no_grad():
+        model, _ = build(case)
+        cfg, p = case["method_config"], model.params
+        merged = merge_weights(model, cfg)
+        for module in model.linear:
+            W, b = merged[module + ".weight"], merged[module + ".bias"]
+            if cfg["peft_type"] == "LORA":
+                W_used, delta, k = lora_update(model, cfg, module)
+                W = (W if k is None else W / k) - delta
+                W = W + (p[module + ".weight"] - W_used)  # PiSSA: back from the residual to the base it came from
+            elif cfg["peft_type"] == "IA3":
+                l, ff = p[f"{PEFT}{module}.ia3_l"], cfg["feedforward_modules"]
+                if re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff)):
+                    W = W / l[:, None]
+                else:
+                    W, b = W / l[None, :], b / l
+            else:  # subtract the update the merge added
+                W, b = W - (merged[module + ".weight"] - p[module + ".weight"]), b - (b - p[module + ".bias"])
+            merged[module + ".weight"], merged[module + ".bias"] = W, b
+        return {n: merged.get(n, model.params[n]).numpy() for n in base_names(case["model_config"])}

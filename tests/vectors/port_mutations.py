@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinypeft.vectors import Case, Trajectory
+from tinypeft.vectors import Case, MergeVector, Trajectory
 
 PORT = Path(__file__).resolve().parents[2] / "examples" / "port_torch" / "port.py"
 
@@ -209,7 +209,7 @@ MUTATIONS = {
 
 def broken_port(name: str) -> str:
     """The port's source with mutation `name` applied (its `old` must occur exactly once)."""
-    mutation = {**MUTATIONS, **TRAJECTORY_MUTATIONS}[name]
+    mutation = {**MUTATIONS, **TRAJECTORY_MUTATIONS, **MERGE_MUTATIONS}[name]
     source = PORT.read_text()
     assert source.count(mutation.old) == 1, f"the port no longer holds {mutation.old!r} exactly once"
     return source.replace(mutation.old, mutation.new)
@@ -254,4 +254,38 @@ TRAJECTORY_MUTATIONS = {
         'g.clone() if "b" not in s else opt["momentum"] * s["b"] + g',
         '(1 - opt["momentum"]) * g if "b" not in s else opt["momentum"] * s["b"] + (1 - opt["momentum"]) * g',
         lambda t: t.spec["optimizer"]["name"] == "SGD" and t.spec["optimizer"]["momentum"] > 0),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------ breaks of the port's merge and unmerge
+def merges_with(m: MergeVector, peft_type: str, **fields: object) -> bool:
+    return is_peft_type(m.case, peft_type, **fields)
+
+
+READ_OFF = ("VERA", "LOHA", "LOKR", "OFT", "BOFT")  # the methods whose merge the port reads off the site
+
+MERGE_MUTATIONS = {
+    "LoRA's update reshaped, not transposed, to GPT-2's (in, out)": Mutation(
+        'p[f"{PEFT}{module}.lora_A.weight"]).T', 'p[f"{PEFT}{module}.lora_A.weight"]).reshape(W.shape)',
+        lambda m: merges_with(m, "LORA")),
+    "DoRA merged without its magnitude": Mutation(
+        "W = W_used + delta if k is None else (W_used + delta) * k", "W = W_used + delta",
+        lambda m: merges_with(m, "LORA", use_dora=True)),
+    "DoRA's k from the base weight's norm": Mutation(
+        "/ (W + delta).norm(dim=0)", "/ W.norm(dim=0)", lambda m: merges_with(m, "LORA", use_dora=True)),
+    "IA3's merge leaves the bias unscaled": Mutation(
+        "W, b = W * l[None, :], b * l", "W = W * l[None, :]", lambda m: merges_with(m, "IA3")),
+    "IA3's feed-forward merge scales the columns, not the rows": Mutation(
+        "W = W * l[:, None]", "W = W * l[None, : W.shape[1]]", lambda m: merges_with(m, "IA3")),
+    "the read-off merge does not subtract site(0)": Mutation(
+        "return site(torch.eye(n_in, dtype=dtype)) - b, b", "return site(torch.eye(n_in, dtype=dtype)), b",
+        lambda m: m.case.method_config["peft_type"] in READ_OFF),
+    "DoRA unmerged by subtracting, then dividing by k": Mutation(
+        "W = (W if k is None else W / k) - delta", "W = W - delta if k is None else (W - delta) / k",
+        lambda m: merges_with(m, "LORA", use_dora=True)),
+    "PiSSA unmerged to its residual": Mutation(
+        'W = W + (p[module + ".weight"] - W_used)', "W = W",
+        lambda m: merges_with(m, "LORA", init_lora_weights="pissa")),
+    "IA3 unmerged by dividing by l + 1e-8, as PEFT does": Mutation(
+        "W = W / l[:, None]", "W = W / (l[:, None] + 1e-8)", lambda m: merges_with(m, "IA3")),
 }  # fmt: skip
