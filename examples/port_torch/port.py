@@ -40,9 +40,12 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def attention(qkv: Tensor, n_head: int, visible: Tensor, past: tuple[Tensor, Tensor] | None) -> Tensor:
+def attention(
+    qkv: Tensor, n_head: int, visible: Tensor, past: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """model.md §5: q, k, v split from c_attn's output in that order, past keys/values in front, scores
-    scaled by 1/sqrt(head size), hidden scores *replaced* by the dtype's most negative finite value."""
+    scaled by 1/sqrt(head size), hidden scores *replaced* by the dtype's most negative finite value. Also the
+    keys and values, past included: what a KV cache holds after these positions."""
     B, T, C3 = qkv.shape
     C = C3 // 3
 
@@ -55,7 +58,7 @@ def attention(qkv: Tensor, n_head: int, visible: Tensor, past: tuple[Tensor, Ten
     scores = q @ k.transpose(-1, -2) / math.sqrt(C // n_head)  # [B, NH, T, P + T]
     scores = torch.where(visible, scores, torch.finfo(scores.dtype).min)
     y = torch.softmax(scores, -1) @ v  # [B, NH, T, hs]
-    return y.transpose(1, 2).reshape(B, T, C)
+    return y.transpose(1, 2).reshape(B, T, C), (k, v)
 
 
 class GPT:
@@ -82,14 +85,23 @@ class GPT:
         return layernorm(x, self.params[name + ".weight"], self.params[name + ".bias"], eps)
 
     def __call__(self, ids: Tensor, mask: Tensor | None) -> Tensor:
+        return self.forward(ids, mask)[0]
+
+    def forward(
+        self, ids: Tensor, mask: Tensor | None, cache: list[tuple[Tensor, Tensor]] | None = None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """logits, and every layer's keys and values so far (the KV cache). With a cache, ids are the tokens after
+        the cached positions: virtual tokens and the prefix are in the cache already."""
         p, n_head = self.params, self.config["n_head"]
         B = ids.shape[0]
         x = p["transformer.wte.weight"][ids]  # [B, T, C]
-        if self.prompt is not None:  # prompt_tuning.md: the table in front of every row, mask ones in front
+        if self.prompt is not None and cache is None:  # prompt_tuning.md: the table in front, mask ones in front
             table = self.prompt()
             x = torch.cat([table.expand(B, -1, -1), x], 1)
             mask = None if mask is None else torch.cat([torch.ones(B, table.shape[0], dtype=mask.dtype), mask], 1)
         pasts = self.prefix(B) if self.prefix is not None else None
+        if cache is not None:  # a cached step: the keys and values of every position so far, the prefix's included
+            pasts = cache
         P = 0 if pasts is None else pasts[0][0].shape[2]
         if P and mask is not None:  # prefix_tuning.md: every token sees every prefix entry
             mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], 1)
@@ -97,14 +109,16 @@ class GPT:
         x = x + p["transformer.wpe.weight"][P : P + T]  # model.md §1: positions P..P+T-1, padding or not
         visible = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]  # [T, P + T], causal
         visible = visible[None, None] if mask is None else visible[None, None] & (mask[:, None, None, :] != 0)
+        keys_values = []
         for i in range(self.config["n_layer"]):
             h = f"transformer.h.{i}"
             past = None if pasts is None else pasts[i]
-            a = attention(self.layer(f"{h}.attn.c_attn", self.ln(f"{h}.ln_1", x)), n_head, visible, past)
+            a, kv = attention(self.layer(f"{h}.attn.c_attn", self.ln(f"{h}.ln_1", x)), n_head, visible, past)
+            keys_values.append(kv)
             x = x + self.layer(f"{h}.attn.c_proj", a)
             m = gelu_tanh(self.layer(f"{h}.mlp.c_fc", self.ln(f"{h}.ln_2", x)))
             x = x + self.layer(f"{h}.mlp.c_proj", m)
-        return self.ln("transformer.ln_f", x) @ p["transformer.wte.weight"].T  # tied head: [B, T, V]
+        return self.ln("transformer.ln_f", x) @ p["transformer.wte.weight"].T, keys_values  # tied head: [B, T, V]
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -627,3 +641,20 @@ def unmerge_case(case: dict[str, Any]) -> dict[str, Any]:
                 W, b = W - (merged[module + ".weight"] - p[module + ".weight"]), b - (b - p[module + ".bias"])
             merged[module + ".weight"], merged[module + ".bias"] = W, b
         return {n: merged.get(n, model.params[n]).numpy() for n in base_names(case["model_config"])}
+
+
+# ================================================================ greedy generation (VECTORS.md: Generation)
+def generate_case(g: dict[str, Any], use_cache: bool) -> dict[str, Any]:
+    """max_new_tokens greedy tokens after input_ids, and the last position's logits at each step: with the cache, a
+    step reads the newest token and the keys and values so far; without, the whole sequence again."""
+    with torch.no_grad():
+        model, _ = build(g)
+        tokens, steps, cache = torch.from_numpy(g["input_ids"]), [], None
+        for _ in range(g["max_new_tokens"]):
+            if use_cache:
+                logits, cache = model.forward(tokens if cache is None else tokens[:, -1:], None, cache)
+            else:
+                logits, _ = model.forward(tokens, None)
+            steps.append(logits[:, -1])
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return {"tokens": tokens.numpy(), "logits": torch.stack(steps).numpy()}

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinypeft.vectors import Case, MergeVector, Trajectory
+from tinypeft.vectors import Case, GenerationVector, MergeVector, Trajectory
 
 PORT = Path(__file__).resolve().parents[2] / "examples" / "port_torch" / "port.py"
 
@@ -209,7 +209,7 @@ MUTATIONS = {
 
 def broken_port(name: str) -> str:
     """The port's source with mutation `name` applied (its `old` must occur exactly once)."""
-    mutation = {**MUTATIONS, **TRAJECTORY_MUTATIONS, **MERGE_MUTATIONS}[name]
+    mutation = {**MUTATIONS, **TRAJECTORY_MUTATIONS, **MERGE_MUTATIONS, **GENERATION_MUTATIONS}[name]
     source = PORT.read_text()
     assert source.count(mutation.old) == 1, f"the port no longer holds {mutation.old!r} exactly once"
     return source.replace(mutation.old, mutation.new)
@@ -288,4 +288,27 @@ MERGE_MUTATIONS = {
         lambda m: merges_with(m, "LORA", init_lora_weights="pissa")),
     "IA3 unmerged by dividing by l + 1e-8, as PEFT does": Mutation(
         "W = W / l[:, None]", "W = W / (l[:, None] + 1e-8)", lambda m: merges_with(m, "IA3")),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------ breaks of the port's KV cache
+def generates_with(g: GenerationVector, method: str) -> bool:
+    return g.case.method == method
+
+
+# each breaks the cached generations only: `breaks` says which (the uncached ones must still pass)
+GENERATION_MUTATIONS = {
+    "the prefix prepended again at every cached step": Mutation(
+        "            pasts = cache\n",
+        "            pasts = cache if pasts is None else [(torch.cat([a, k], 2), torch.cat([b, v], 2))"
+        " for (a, b), (k, v) in zip(pasts, cache)]\n",
+        lambda g: generates_with(g, "prefix_tuning")),
+    "the virtual tokens prepended again at every cached step": Mutation(
+        "if self.prompt is not None and cache is None:", "if self.prompt is not None:",
+        lambda g: generates_with(g, "prompt_tuning")),
+    "the cache not grown past the prompt": Mutation(
+        "logits, cache = model.forward(tokens if cache is None else tokens[:, -1:], None, cache)",
+        "logits, kept = model.forward(tokens if cache is None else tokens[:, -1:], None, cache)"
+        "; cache = kept if cache is None else cache",
+        lambda g: True),
 }  # fmt: skip

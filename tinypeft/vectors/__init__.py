@@ -16,6 +16,7 @@ The package, by concern:
 - checker.py: `compare`, `check_vectors`, `load_impl`, and `run_case` (tinypeft itself as a port);
 - trajectory.py: training trajectories, ten optimizer steps from a case (`run_trajectory`, a kind a port opts into);
 - merge.py: the base weights after merging and unmerging a case's adapter (`merge_case`, `unmerge_case`);
+- generation.py: greedy generation with and without the KV cache (`generate_case`);
 - kinds.py: every kind, and `check_all`, what `tinypeft check-vectors` runs.
 The same command writes the same bytes.
 """
@@ -47,6 +48,7 @@ from .format import (
     Case,
     write_case,
 )
+from .generation import GenerationVector, check_generations, generate_case, load_generations
 from .kinds import KINDS, Kind, KindResult, check_all
 from .load import load_case, load_vectors
 from .merge import MergeVector, check_merges, load_merges, merge_case, unmerge_case
@@ -83,6 +85,7 @@ __all__ = [
     "Batch",
     "Case",
     "CaseReport",
+    "GenerationVector",
     "Kind",
     "KindResult",
     "MergeVector",
@@ -91,6 +94,7 @@ __all__ = [
     "Trajectory",
     "TrajectorySpec",
     "check_all",
+    "check_generations",
     "check_merges",
     "check_trajectories",
     "check_vectors",
@@ -99,8 +103,10 @@ __all__ = [
     "compute_case",
     "error_vs_expected",
     "export_vectors",
+    "generate_case",
     "load_case",
     "load_entry_points",
+    "load_generations",
     "load_impl",
     "load_merges",
     "load_port",

@@ -23,6 +23,7 @@ from ..methods.registry import GoldenCase
 from ..model import GPT, GPTConfig
 from ..peft_model import get_peft_model
 from .format import DTYPES, FORMAT, INDEX_NAME, MODEL_CONFIG_FIELDS, VERSION, Array, Case, write_case
+from .generation import export_generations
 from .merge import export_merges
 from .specs import SPECS, make_batch
 from .tolerances import TOLERANCE_NOTES, tolerances
@@ -125,6 +126,7 @@ def export_vectors(
         "tolerance_notes": TOLERANCE_NOTES,
         "trajectories": export_trajectories(folder, written),  # those whose case is among the cases written
         "merges": export_merges(folder, written),
+        "generations": export_generations(folder, written),
     }
     save_json(os.path.join(os.fspath(folder), INDEX_NAME), index)
     return names

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checker import CaseReport, TensorCheck, check_vectors
+from .generation import check_generations, load_generations
 from .load import load_vectors
 from .merge import check_merges, load_merges
 from .trajectory import check_trajectories, load_trajectories
@@ -35,6 +36,8 @@ KINDS: tuple[Kind, ...] = (
          lambda vectors, entry: check_trajectories(vectors, entry["run_trajectory"])),
     Kind("merges", "merges", "merge_case", load_merges,
          lambda vectors, entry: check_merges(vectors, entry["merge_case"], entry.get("unmerge_case"))),
+    Kind("generations", "generations", "generate_case", load_generations,
+         lambda vectors, entry: check_generations(vectors, entry["generate_case"])),
 )  # fmt: skip
 
 
