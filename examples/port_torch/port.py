@@ -14,7 +14,9 @@ the training trajectories: ten AdamW or SGD steps from a case, {"losses", "param
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -658,3 +660,65 @@ def generate_case(g: dict[str, Any], use_cache: bool) -> dict[str, Any]:
             steps.append(logits[:, -1])
             tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
         return {"tokens": tokens.numpy(), "logits": torch.stack(steps).numpy()}
+
+
+# ================================================================ adapter files (VECTORS.md: Adapter round trips)
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """The safetensors format: 8 bytes little-endian, the length of a JSON header naming each tensor's dtype, shape
+    and byte range; then the tensors' bytes, little-endian, C order."""
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        data = value.astype(value.dtype.newbyteorder("<")).tobytes()
+        dtype = {"float64": "F64", "float32": "F32"}[value.dtype.name]
+        header[name] = {"dtype": dtype, "shape": list(value.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(np.array([len(text)], dtype="<u8").tobytes() + text + b"".join(blobs))
+
+
+def adapter_file(case: dict[str, Any], model: GPT, derived: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors PEFT's adapter_model.safetensors holds, under its names (each method page's "Names in the
+    golden vectors"): the method's own tensors, with these differences from the vectors' names."""
+    cfg, p = case["method_config"], model.params
+    base = set(base_names(case["model_config"]))
+    out = {n: t for n, t in p.items() if n not in base}
+    kind = cfg["peft_type"]
+    if kind == "LORA":  # lora.md: a trained bias of a targeted layer is the base layer's; others keep their names
+        for name in case["trainable"]:
+            if name in base:
+                module = name.removesuffix(".bias")
+                targeted = module in model.linear
+                out[f"{PEFT}{module}.base_layer.bias" if targeted else PEFT + name] = p[name]
+    elif kind == "IA3":  # ia3.md: (out, 1), or (1, in) for a feed-forward target
+        ff = cfg["feedforward_modules"]
+        for module in model.linear:
+            name = f"{PEFT}{module}.ia3_l"
+            feedforward = re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
+            out[name] = out[name].reshape(1, -1) if feedforward else out[name].reshape(-1, 1)
+    elif kind == "PREFIX_TUNING" and cfg["prefix_projection"]:  # prefix_tuning.md: the table the projection computes
+        out = {"prompt_embeddings": prefix_table(model.prefix)}
+    elif kind == "P_TUNING":  # ptuning.md: only the encoder's output
+        out = {"prompt_embeddings": model.prompt()}
+    elif kind == "VERA":  # vera.md: the shared projections, saved though never trained
+        out["base_model.vera_A"], out["base_model.vera_B"] = derived["base_model.vera_A"], derived["base_model.vera_B"]
+    return out
+
+
+def prefix_table(prefix: Callable[[int], list[tuple[Tensor, Tensor]]]) -> Tensor:
+    """The (NV, 2 L C) table back from the per-layer keys and values of one row (prefix_tuning.md's layout)."""
+    kv = torch.stack([t[0] for pair in prefix(1) for t in pair])  # [2 L, NH, NV, hs]
+    return kv.permute(2, 0, 1, 3).reshape(kv.shape[2], -1)
+
+
+def save_adapter(case: dict[str, Any], folder: str) -> None:
+    """adapter_model.safetensors and adapter_config.json, as PEFT writes them, in the case's dtype."""
+    with torch.no_grad():
+        model, derived = build(case)
+        tensors = {n: t.numpy() for n, t in adapter_file(case, model, derived).items()}
+    write_safetensors(os.path.join(folder, "adapter_model.safetensors"), tensors)
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({**case["method_config"], "base_model_name_or_path": None}, f, indent=2)

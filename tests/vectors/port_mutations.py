@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinypeft.vectors import Case, GenerationVector, MergeVector, Trajectory
+from tinypeft.vectors import Case, GenerationVector, MergeVector, RoundTrip, Trajectory
 
 PORT = Path(__file__).resolve().parents[2] / "examples" / "port_torch" / "port.py"
 
@@ -209,7 +209,7 @@ MUTATIONS = {
 
 def broken_port(name: str) -> str:
     """The port's source with mutation `name` applied (its `old` must occur exactly once)."""
-    mutation = {**MUTATIONS, **TRAJECTORY_MUTATIONS, **MERGE_MUTATIONS, **GENERATION_MUTATIONS}[name]
+    mutation = ALL_MUTATIONS[name]
     source = PORT.read_text()
     assert source.count(mutation.old) == 1, f"the port no longer holds {mutation.old!r} exactly once"
     return source.replace(mutation.old, mutation.new)
@@ -312,3 +312,36 @@ GENERATION_MUTATIONS = {
         "; cache = kept if cache is None else cache",
         lambda g: True),
 }  # fmt: skip
+
+
+# ------------------------------------------------------------------ breaks of the port's adapter files
+def saves(t: RoundTrip, peft_type: str) -> bool:
+    return is_peft_type(t.case, peft_type)
+
+
+ROUND_TRIP_MUTATIONS = {
+    "IA3's vectors saved flat": Mutation(
+        "out[name].reshape(1, -1) if feedforward else out[name].reshape(-1, 1)", "out[name]",
+        lambda t: saves(t, "IA3")),
+    "IA3's feed-forward vectors saved as (n, 1)": Mutation(
+        "out[name].reshape(1, -1) if feedforward else", "out[name].reshape(-1, 1) if feedforward else",
+        lambda t: saves(t, "IA3")),
+    "LoRA's trained bias of a targeted layer saved under the bias's own name": Mutation(
+        'f"{PEFT}{module}.base_layer.bias" if targeted else PEFT + name', "PEFT + name", lambda t: saves(t, "LORA")),
+    "the prefix projection's encoder saved, not its table": Mutation(
+        'out = {"prompt_embeddings": prefix_table(model.prefix)}', "out = out",
+        lambda t: saves(t, "PREFIX_TUNING")),
+    "the prefix table laid out [layer][head] with keys and values swapped": Mutation(
+        "kv.permute(2, 0, 1, 3)", "kv.permute(2, 1, 0, 3)", lambda t: saves(t, "PREFIX_TUNING")),
+    "P-tuning's file holds the encoder's input, not its output": Mutation(
+        'out = {"prompt_embeddings": model.prompt()}',
+        'out = {"prompt_embeddings": p["prompt_encoder.embedding.weight"]}',
+        lambda t: saves(t, "P_TUNING")),
+    "VeRA's shared projections not saved": Mutation(
+        'out["base_model.vera_A"], out["base_model.vera_B"] = derived', "_ = derived", lambda t: saves(t, "VERA")),
+    "a float32 adapter saved in float64": Mutation(
+        "tensors = {n: t.numpy() for n, t in", "tensors = {n: t.double().numpy() for n, t in",
+        lambda t: t.case.dtype == "float32"),
+}  # fmt: skip
+
+ALL_MUTATIONS = {**MUTATIONS, **TRAJECTORY_MUTATIONS, **MERGE_MUTATIONS, **GENERATION_MUTATIONS, **ROUND_TRIP_MUTATIONS}

@@ -14,7 +14,7 @@ from port_mutations import MUTATIONS, PORT, broken_port
 from tinypeft.cli import main
 from tinypeft.vectors import DTYPES, SPECS, TRAJECTORY_SPECS, check_vectors, load_impl
 
-ALLOWED_IMPORTS = {"__future__", "math", "re", "collections.abc", "typing", "numpy", "torch"}
+ALLOWED_IMPORTS = {"__future__", "json", "math", "os", "re", "collections.abc", "typing", "numpy", "torch"}
 
 
 def test_the_port_passes_every_case_at_the_stated_tolerances(vectors, tmp_path, capsys):

@@ -17,6 +17,7 @@ The package, by concern:
 - trajectory.py: training trajectories, ten optimizer steps from a case (`run_trajectory`, a kind a port opts into);
 - merge.py: the base weights after merging and unmerging a case's adapter (`merge_case`, `unmerge_case`);
 - generation.py: greedy generation with and without the KV cache (`generate_case`);
+- roundtrip.py: a port's adapter files read back by tinypeft (`save_adapter`);
 - kinds.py: every kind, and `check_all`, what `tinypeft check-vectors` runs.
 The same command writes the same bytes.
 """
@@ -52,6 +53,7 @@ from .generation import GenerationVector, check_generations, generate_case, load
 from .kinds import KINDS, Kind, KindResult, check_all
 from .load import load_case, load_vectors
 from .merge import MergeVector, check_merges, load_merges, merge_case, unmerge_case
+from .roundtrip import RoundTrip, check_round_trips, load_round_trips, save_adapter
 from .specs import SPECS, Batch, make_batch
 from .tolerances import FLOAT32_TOLERANCES, FLOAT64_TOLERANCE, TOLERANCE_NOTES, tolerance_for, tolerances
 from .trajectory import SPECS as TRAJECTORY_SPECS
@@ -89,6 +91,7 @@ __all__ = [
     "Kind",
     "KindResult",
     "MergeVector",
+    "RoundTrip",
     "RunCase",
     "TensorCheck",
     "Trajectory",
@@ -96,6 +99,7 @@ __all__ = [
     "check_all",
     "check_generations",
     "check_merges",
+    "check_round_trips",
     "check_trajectories",
     "check_vectors",
     "compare",
@@ -110,12 +114,14 @@ __all__ = [
     "load_impl",
     "load_merges",
     "load_port",
+    "load_round_trips",
     "load_trajectories",
     "load_vectors",
     "make_batch",
     "merge_case",
     "run_case",
     "run_trajectory",
+    "save_adapter",
     "tolerance_for",
     "tolerances",
     "unmerge_case",

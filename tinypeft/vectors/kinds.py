@@ -15,6 +15,7 @@ from .checker import CaseReport, TensorCheck, check_vectors
 from .generation import check_generations, load_generations
 from .load import load_vectors
 from .merge import check_merges, load_merges
+from .roundtrip import check_round_trips, load_round_trips
 from .trajectory import check_trajectories, load_trajectories
 
 
@@ -38,6 +39,8 @@ KINDS: tuple[Kind, ...] = (
          lambda vectors, entry: check_merges(vectors, entry["merge_case"], entry.get("unmerge_case"))),
     Kind("generations", "generations", "generate_case", load_generations,
          lambda vectors, entry: check_generations(vectors, entry["generate_case"])),
+    Kind("round_trips", "adapter round trips", "save_adapter", load_round_trips,
+         lambda vectors, entry: check_round_trips(vectors, entry["save_adapter"])),
 )  # fmt: skip
 
 
