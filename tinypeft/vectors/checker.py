@@ -54,9 +54,15 @@ class CaseReport:
     def worst(self) -> TensorCheck | None:
         """The compared tensor furthest over, or closest to, its tolerance (a failure before any pass)."""
         compared = [c for c in self.checks if c.passed is not None]
-        return max(
-            compared, key=lambda c: (not c.passed, c.error / c.tolerance if c.tolerance else math.inf), default=None
-        )
+        return max(compared, key=over_tolerance, default=None)
+
+
+def over_tolerance(check: TensorCheck) -> tuple[bool, float]:
+    """How far a check is over its tolerance, failures first: error / tolerance (an exact check, tolerance 0,
+    that passed counts as 0)."""
+    if not check.tolerance:
+        return (not check.passed, 0.0 if check.error == 0 else math.inf)
+    return (not check.passed, check.error / check.tolerance)
 
 
 # Not gradcheck.relative_error, on purpose: that one compares two computations of equal standing, so it is

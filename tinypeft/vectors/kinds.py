@@ -5,13 +5,12 @@ adapter round trips). A kind whose entry point a port lacks is counted as not ru
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checker import CaseReport, TensorCheck, check_vectors
+from .checker import CaseReport, TensorCheck, check_vectors, over_tolerance
 from .generation import check_generations, load_generations
 from .load import load_vectors
 from .merge import check_merges, load_merges
@@ -57,11 +56,7 @@ class KindResult:
     def worst(self) -> tuple[str, TensorCheck] | None:
         """The (vector name, tensor check) furthest over, or closest to, its tolerance over every report."""
         found = [(r.name, w) for r in self.reports if (w := r.worst()) is not None]
-        return max(found, key=lambda nw: _over(nw[1]), default=None)
-
-
-def _over(check: TensorCheck) -> tuple[bool, float]:
-    return (not check.passed, check.error / check.tolerance if check.tolerance else math.inf)
+        return max(found, key=lambda nw: over_tolerance(nw[1]), default=None)
 
 
 def check_all(
