@@ -9,7 +9,9 @@ the gradients the vectors hold. It imports neither tinypeft, nor transformers, n
 
 `run_case(case)` is the interface VECTORS.md defines: a case (configs, weights, inputs, the trainable
 tensor names) in, {"logits", "loss", "grads", "derived"} out, as NumPy arrays. `run_trajectory(t)` opts into
-the training trajectories: ten AdamW or SGD steps from a case, {"losses", "params"} out.
+the training trajectories: ten AdamW or SGD steps from a case, {"losses", "params"} out. `merge_case` and
+`unmerge_case` opt into the merges, `generate_case` into greedy generation with and without the KV cache,
+`save_adapter` into the adapter round trips (VECTORS.md describes each).
 """
 
 from __future__ import annotations

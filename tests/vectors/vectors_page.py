@@ -370,7 +370,9 @@ def render_counts(m: Mapping[str, Any]) -> str:
     x = m["export"]
     return (
         f"{x['cases']} cases, each in float64 and in float32 ({x['folders']} case folders), and {x['trajectories']} "
-        f"[training trajectories](#training-trajectories) from {x['trajectories'] // 2} of them: {x['files']} files, "
+        f"[training trajectories](#training-trajectories) from {x['trajectories'] // 2} of them, {x['merges']} "
+        f"[merges](#merges), {x['generations']} [generations](#generation-with-and-without-the-kv-cache) and "
+        f"{x['round_trips']} [adapter round trips](#adapter-round-trips): {x['files']} files, "
         f"{x['bytes']:,} bytes in files, about {x['bytes'] / 1e6:.1f} MB (a disk-usage tool that counts the "
         "folders' own blocks too says more)."
     )
