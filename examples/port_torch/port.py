@@ -160,8 +160,13 @@ def pissa_residual(W: Tensor, r: int, s: float) -> Tensor:
     return (W.detach().double() - s * (B @ A).T).to(W.dtype)
 
 
+def lora_scaling(cfg: dict[str, Any]) -> float:
+    """lora.md: s = alpha / r, or alpha / sqrt(r) with rsLoRA (under DoRA and PiSSA too)."""
+    return cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+
+
 def add_lora(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> None:
-    r, s = cfg["r"], cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+    r, s = cfg["r"], lora_scaling(cfg)
     p = model.params
     for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
         W = p[module + ".weight"]
@@ -256,11 +261,15 @@ def add_prefix(model: GPT, cfg: dict[str, Any]) -> None:
 
 
 # ================================================================ IA3 (docs/ia3.md)
+def ia3_feedforward(module: str, ff: str | list[str]) -> bool:
+    """ia3.md: feedforward_modules is a plain endswith per entry (no "." boundary), or a full-match regex string."""
+    return re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
+
+
 def add_ia3(model: GPT, cfg: dict[str, Any]) -> None:
     p, ff = model.params, cfg["feedforward_modules"]
     for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
-        # feedforward: a plain endswith per entry (no "." boundary), or a full-match regex string
-        feedforward = re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
+        feedforward = ia3_feedforward(module, ff)
         W, b, l = p[module + ".weight"], p[module + ".bias"], p[f"{PEFT}{module}.ia3_l"]
         if feedforward:
             model.linear[module] = lambda x, W=W, b=b, l=l: (x * l) @ W + b
@@ -583,11 +592,10 @@ def read_off(site: Callable[[Tensor], Tensor], n_in: int, dtype: torch.dtype) ->
 
 def lora_update(model: GPT, cfg: dict[str, Any], module: str) -> tuple[Tensor, Tensor, Tensor | None]:
     """lora.md: the weight the sites compute with (PiSSA's residual or W), s (BA)^T in (in, out), DoRA's k."""
-    p, r = model.params, cfg["r"]
-    s = cfg["lora_alpha"] / (math.sqrt(r) if cfg["use_rslora"] else r)
+    p, r, s = model.params, cfg["r"], lora_scaling(cfg)
     W = p[module + ".weight"]
     if cfg["init_lora_weights"] == "pissa":
-        W = pissa_residual(W, r, s)
+        W = pissa_residual(p[module + ".weight"], r, s)  # the merge adds to the residual the sites compute with
     delta = s * (p[f"{PEFT}{module}.lora_B.weight"] @ p[f"{PEFT}{module}.lora_A.weight"]).T
     if not cfg["use_dora"]:
         return W, delta, None
@@ -604,7 +612,7 @@ def merge_weights(model: GPT, cfg: dict[str, Any]) -> dict[str, Tensor]:
             W = W_used + delta if k is None else (W_used + delta) * k
         elif kind == "IA3":
             l, ff = p[f"{PEFT}{module}.ia3_l"], cfg["feedforward_modules"]
-            if re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff)):
+            if ia3_feedforward(module, ff):
                 W = W * l[:, None]  # diag(l) W: the rows
             else:
                 W, b = W * l[None, :], b * l  # W diag(l): the columns, and the bias
@@ -637,7 +645,7 @@ def unmerge_case(case: dict[str, Any]) -> dict[str, Any]:
                 W = W + (p[module + ".weight"] - W_used)  # PiSSA: back from the residual to the base it came from
             elif cfg["peft_type"] == "IA3":
                 l, ff = p[f"{PEFT}{module}.ia3_l"], cfg["feedforward_modules"]
-                if re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff)):
+                if ia3_feedforward(module, ff):
                     W = W / l[:, None]
                 else:
                     W, b = W / l[None, :], b / l
@@ -699,7 +707,7 @@ def adapter_file(case: dict[str, Any], model: GPT, derived: dict[str, Tensor]) -
         ff = cfg["feedforward_modules"]
         for module in model.linear:
             name = f"{PEFT}{module}.ia3_l"
-            feedforward = re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
+            feedforward = ia3_feedforward(module, ff)
             out[name] = out[name].reshape(1, -1) if feedforward else out[name].reshape(-1, 1)
     elif kind == "PREFIX_TUNING" and cfg["prefix_projection"]:  # prefix_tuning.md: the table the projection computes
         out = {"prompt_embeddings": prefix_table(model.prefix)}
