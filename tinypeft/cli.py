@@ -259,13 +259,10 @@ def cmd_export_vectors(args: argparse.Namespace) -> int:
 
 def cmd_check_vectors(args: argparse.Namespace) -> int:
     from .io import save_json
-    from .vectors import check_trajectories, check_vectors, load_port, load_trajectories, load_vectors
+    from .vectors import check_all, load_entry_points
 
-    run, run_trajectory = load_port(args.impl)
-    reports = check_vectors(args.dir, run, args.cases)
-    trajectories = load_trajectories(args.dir, load_vectors(args.dir, args.cases))
-    if run_trajectory is not None:
-        reports += check_trajectories(trajectories, run_trajectory)
+    results = check_all(args.dir, load_entry_points(args.impl), args.cases)
+    reports = [r for result in results for r in result.reports]
     width = max(len(r.name) for r in reports) + 2
     print(f"{'case':{width}s}result  worst tensor: error / tolerance")
     for report in reports:
@@ -280,18 +277,33 @@ def cmd_check_vectors(args: argparse.Namespace) -> int:
                 note = f" ({check.note})" if check.note else ""
                 print(f"    {check.tensor}: {check.error:.2e} / {check.tolerance:.0e} {verdict}{note}")
     failed = [r.name for r in reports if not r.passed]
-    if trajectories and run_trajectory is None:
-        print(f"{len(trajectories)} training trajectories not run: {args.impl} has no run_trajectory (VECTORS.md)")
+    print()
+    print(f"{'kind':23s}{'run':>5s}{'passed':>8s}  worst: error / tolerance (vector, tensor)")
+    for result in results:
+        if not result.reports:
+            continue
+        passed = sum(r.passed for r in result.reports)
+        found = result.worst()
+        worst = (
+            "" if found is None else f"{found[1].error:.2e} / {found[1].tolerance:.0e} ({found[0]}, {found[1].tensor})"
+        )
+        print(f"{result.noun:23s}{len(result.reports):5d}{passed:8d}  {worst}")
+    for result in results:
+        if result.not_run:
+            print(
+                f"{result.not_run} {result.noun} not run: {args.impl} has no {result.missing_entry_point} (VECTORS.md)"
+            )
     print(f"{len(reports)} cases: {len(reports) - len(failed)} passed, {len(failed)} failed")
     if args.report:
-        save_json(args.report, {"impl": args.impl, "cases": [_report_json(r) for r in reports]})
+        cases = [_report_json(r, result.key) for result in results for r in result.reports]
+        save_json(args.report, {"impl": args.impl, "cases": cases})
     if failed:  # what a non-zero status means, in one line where every command says it (the table is on stdout)
         names = ", ".join(failed[:3]) + (f" and {len(failed) - 3} more" if len(failed) > 3 else "")
         print(f"tinypeft check-vectors: {len(failed)} of {len(reports)} cases failed: {names}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def _report_json(report: Any) -> dict[str, Any]:
+def _report_json(report: Any, kind: str) -> dict[str, Any]:
     """A CaseReport for --report: errors as numbers, or strings where they are inf or nan (not JSON numbers)."""
 
     def number(x: float) -> float | str:
@@ -303,6 +315,7 @@ def _report_json(report: Any) -> dict[str, Any]:
     ]
     return {
         "name": report.name,
+        "kind": kind,
         "method": report.method,
         "dtype": report.dtype,
         "passed": report.passed,

@@ -9,12 +9,16 @@ the gradients the vectors hold. It imports neither tinypeft, nor transformers, n
 
 `run_case(case)` is the interface VECTORS.md defines: a case (configs, weights, inputs, the trainable
 tensor names) in, {"logits", "loss", "grads", "derived"} out, as NumPy arrays. `run_trajectory(t)` opts into
-the training trajectories: ten AdamW or SGD steps from a case, {"losses", "params"} out.
+the training trajectories: ten AdamW or SGD steps from a case, {"losses", "params"} out. `merge_case` and
+`unmerge_case` opt into the merges, `generate_case` into greedy generation with and without the KV cache,
+`save_adapter` into the adapter round trips (VECTORS.md describes each).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -40,9 +44,12 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def attention(qkv: Tensor, n_head: int, visible: Tensor, past: tuple[Tensor, Tensor] | None) -> Tensor:
+def attention(
+    qkv: Tensor, n_head: int, visible: Tensor, past: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """model.md §5: q, k, v split from c_attn's output in that order, past keys/values in front, scores
-    scaled by 1/sqrt(head size), hidden scores *replaced* by the dtype's most negative finite value."""
+    scaled by 1/sqrt(head size), hidden scores *replaced* by the dtype's most negative finite value. Also the
+    keys and values, past included: what a KV cache holds after these positions."""
     B, T, C3 = qkv.shape
     C = C3 // 3
 
@@ -55,7 +62,7 @@ def attention(qkv: Tensor, n_head: int, visible: Tensor, past: tuple[Tensor, Ten
     scores = q @ k.transpose(-1, -2) / math.sqrt(C // n_head)  # [B, NH, T, P + T]
     scores = torch.where(visible, scores, torch.finfo(scores.dtype).min)
     y = torch.softmax(scores, -1) @ v  # [B, NH, T, hs]
-    return y.transpose(1, 2).reshape(B, T, C)
+    return y.transpose(1, 2).reshape(B, T, C), (k, v)
 
 
 class GPT:
@@ -83,14 +90,23 @@ class GPT:
         return layernorm(x, self.params[name + ".weight"], self.params[name + ".bias"], eps)
 
     def __call__(self, ids: Tensor, mask: Tensor | None) -> Tensor:
+        return self.forward(ids, mask)[0]
+
+    def forward(
+        self, ids: Tensor, mask: Tensor | None, cache: list[tuple[Tensor, Tensor]] | None = None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """logits, and every layer's keys and values so far (the KV cache). With a cache, ids are the tokens after
+        the cached positions: virtual tokens and the prefix are in the cache already."""
         p, n_head = self.params, self.config["n_head"]
         B = ids.shape[0]
         x = p["transformer.wte.weight"][ids]  # [B, T, C]
-        if self.prompt is not None:  # prompt_tuning.md: the table in front of every row, mask ones in front
+        if self.prompt is not None and cache is None:  # prompt_tuning.md: the table in front, mask ones in front
             table = self.prompt()
             x = torch.cat([table.expand(B, -1, -1), x], 1)
             mask = None if mask is None else torch.cat([torch.ones(B, table.shape[0], dtype=mask.dtype), mask], 1)
         pasts = self.prefix(B) if self.prefix is not None else None
+        if cache is not None:  # a cached step: the keys and values of every position so far, the prefix's included
+            pasts = cache
         P = 0 if pasts is None else pasts[0][0].shape[2]
         if P and mask is not None:  # prefix_tuning.md: every token sees every prefix entry
             mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], 1)
@@ -98,14 +114,16 @@ class GPT:
         x = x + p["transformer.wpe.weight"][P : P + T]  # model.md §1: positions P..P+T-1, padding or not
         visible = torch.arange(P + T)[None, :] <= (P + torch.arange(T))[:, None]  # [T, P + T], causal
         visible = visible[None, None] if mask is None else visible[None, None] & (mask[:, None, None, :] != 0)
+        keys_values = []
         for i in range(self.config["n_layer"]):
             h = f"transformer.h.{i}"
             past = None if pasts is None else pasts[i]
-            a = attention(self.layer(f"{h}.attn.c_attn", self.ln(f"{h}.ln_1", x)), n_head, visible, past)
+            a, kv = attention(self.layer(f"{h}.attn.c_attn", self.ln(f"{h}.ln_1", x)), n_head, visible, past)
+            keys_values.append(kv)
             x = x + self.layer(f"{h}.attn.c_proj", a)
             m = gelu_tanh(self.layer(f"{h}.mlp.c_fc", self.ln(f"{h}.ln_2", x)))
             x = x + self.layer(f"{h}.mlp.c_proj", m)
-        return self.ln("transformer.ln_f", x) @ p["transformer.wte.weight"].T  # tied head: [B, T, V]
+        return self.ln("transformer.ln_f", x) @ p["transformer.wte.weight"].T, keys_values  # tied head: [B, T, V]
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -143,8 +161,13 @@ def pissa_residual(W: Tensor, r: int, s: float) -> Tensor:
     return (W.detach().double() - s * (B @ A).T).to(W.dtype)
 
 
+def lora_scaling(cfg: dict[str, Any]) -> float:
+    """lora.md: s = alpha / r, or alpha / sqrt(r) with rsLoRA (under DoRA and PiSSA too)."""
+    return cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+
+
 def add_lora(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> None:
-    r, s = cfg["r"], cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+    r, s = cfg["r"], lora_scaling(cfg)
     p = model.params
     for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
         W = p[module + ".weight"]
@@ -239,11 +262,15 @@ def add_prefix(model: GPT, cfg: dict[str, Any]) -> None:
 
 
 # ================================================================ IA3 (docs/ia3.md)
+def ia3_feedforward(module: str, ff: str | list[str]) -> bool:
+    """ia3.md: feedforward_modules is a plain endswith per entry (no "." boundary), or a full-match regex string."""
+    return re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
+
+
 def add_ia3(model: GPT, cfg: dict[str, Any]) -> None:
     p, ff = model.params, cfg["feedforward_modules"]
     for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
-        # feedforward: a plain endswith per entry (no "." boundary), or a full-match regex string
-        feedforward = re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
+        feedforward = ia3_feedforward(module, ff)
         W, b, l = p[module + ".weight"], p[module + ".bias"], p[f"{PEFT}{module}.ia3_l"]
         if feedforward:
             model.linear[module] = lambda x, W=W, b=b, l=l: (x * l) @ W + b
@@ -566,3 +593,173 @@ def update(p: Tensor, g: Tensor, s: dict[str, Tensor], opt: dict[str, Any], lr: 
         if opt["momentum"]:
             g = s["b"] = g.clone() if "b" not in s else opt["momentum"] * s["b"] + g
         p.sub_(lr * g)
+
+
+# ================================================================ merge and unmerge (lora.md, ia3.md: Merge)
+def build(case: dict[str, Any]) -> tuple[GPT, dict[str, Tensor]]:
+    """The case's model with its method attached, in the case's dtype, nothing requiring a gradient."""
+    dtype = {"float64": torch.float64, "float32": torch.float32}[case["dtype"]]
+    params = {name: torch.tensor(w, dtype=dtype) for name, w in case["weights"].items()}
+    model, derived = GPT(case["model_config"], params), {}
+    attach(model, case["method_config"] or {}, derived)
+    return model, derived
+
+
+def base_names(config: dict[str, Any]) -> list[str]:
+    """model.md §0: the base model's parameters."""
+    names = ["transformer.wte.weight", "transformer.wpe.weight"]
+    for i in range(config["n_layer"]):
+        h = f"transformer.h.{i}"
+        names += [f"{h}.{ln}.{w}" for ln in ("ln_1", "ln_2") for w in ("weight", "bias")]
+        names += [f"{h}.{m}.{w}" for m in LINEAR_MODULES for w in ("weight", "bias")]
+    return [*names, "transformer.ln_f.weight", "transformer.ln_f.bias"]
+
+
+def read_off(site: Callable[[Tensor], Tensor], n_in: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Any adapted linear layer is affine in x, y = x W' + b': b' = site(0), and W' = site(I) - b' row by row."""
+    b = site(torch.zeros(1, n_in, dtype=dtype))[0]
+    return site(torch.eye(n_in, dtype=dtype)) - b, b
+
+
+def lora_update(model: GPT, cfg: dict[str, Any], module: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    """lora.md: the weight the sites compute with (PiSSA's residual or W), s (BA)^T in (in, out), DoRA's k."""
+    p, r, s = model.params, cfg["r"], lora_scaling(cfg)
+    W = p[module + ".weight"]
+    if cfg["init_lora_weights"] == "pissa":
+        W = pissa_residual(p[module + ".weight"], r, s)  # the merge adds to the residual the sites compute with
+    delta = s * (p[f"{PEFT}{module}.lora_B.weight"] @ p[f"{PEFT}{module}.lora_A.weight"]).T
+    if not cfg["use_dora"]:
+        return W, delta, None
+    return W, delta, p[f"{PEFT}{module}.lora_magnitude_vector"] / (W + delta).norm(dim=0)
+
+
+def merge_weights(model: GPT, cfg: dict[str, Any]) -> dict[str, Tensor]:
+    """Each adapted layer's (W', b'): LoRA's and IA3's by their formulas, every other method's read off its site."""
+    p, kind, out = model.params, cfg.get("peft_type"), {}
+    for module, site in model.linear.items():
+        W, b = p[module + ".weight"], p[module + ".bias"]
+        if kind == "LORA":  # W' = W + s (BA)^T; DoRA: each output column times k = m / ||W + s (BA)^T||
+            W_used, delta, k = lora_update(model, cfg, module)
+            W = W_used + delta if k is None else (W_used + delta) * k
+        elif kind == "IA3":
+            l, ff = p[f"{PEFT}{module}.ia3_l"], cfg["feedforward_modules"]
+            if ia3_feedforward(module, ff):
+                W = W * l[:, None]  # diag(l) W: the rows
+            else:
+                W, b = W * l[None, :], b * l  # W diag(l): the columns, and the bias
+        else:
+            W, b = read_off(site, W.shape[0], W.dtype)
+        out[module + ".weight"], out[module + ".bias"] = W, b
+    return out
+
+
+def merge_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Every base parameter after folding the adapter into the base weights."""
+    with torch.no_grad():
+        model, _ = build(case)
+        merged = merge_weights(model, case["method_config"])
+        return {n: merged.get(n, model.params[n]).numpy() for n in base_names(case["model_config"])}
+
+
+def unmerge_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Every base parameter after merging, then taking the adapter back out of the merged weights as PEFT does:
+    subtracting the update, dividing by DoRA's k or IA3's l (exactly: not l + 1e-8)."""
+    with torch.no_grad():
+        model, _ = build(case)
+        cfg, p = case["method_config"], model.params
+        merged = merge_weights(model, cfg)
+        for module in model.linear:
+            W, b = merged[module + ".weight"], merged[module + ".bias"]
+            if cfg["peft_type"] == "LORA":
+                W_used, delta, k = lora_update(model, cfg, module)
+                W = (W if k is None else W / k) - delta
+                W = W + (p[module + ".weight"] - W_used)  # PiSSA: back from the residual to the base it came from
+            elif cfg["peft_type"] == "IA3":
+                l, ff = p[f"{PEFT}{module}.ia3_l"], cfg["feedforward_modules"]
+                if ia3_feedforward(module, ff):
+                    W = W / l[:, None]
+                else:
+                    W, b = W / l[None, :], b / l
+            else:  # subtract the update the merge added
+                W, b = W - (merged[module + ".weight"] - p[module + ".weight"]), b - (b - p[module + ".bias"])
+            merged[module + ".weight"], merged[module + ".bias"] = W, b
+        return {n: merged.get(n, model.params[n]).numpy() for n in base_names(case["model_config"])}
+
+
+# ================================================================ greedy generation (VECTORS.md: Generation)
+def generate_case(g: dict[str, Any], use_cache: bool) -> dict[str, Any]:
+    """max_new_tokens greedy tokens after input_ids, and the last position's logits at each step: with the cache, a
+    step reads the newest token and the keys and values so far; without, the whole sequence again."""
+    with torch.no_grad():
+        model, _ = build(g)
+        tokens, steps, cache = torch.from_numpy(g["input_ids"]), [], None
+        for _ in range(g["max_new_tokens"]):
+            if use_cache:
+                logits, cache = model.forward(tokens if cache is None else tokens[:, -1:], None, cache)
+            else:
+                logits, _ = model.forward(tokens, None)
+            steps.append(logits[:, -1])
+            tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return {"tokens": tokens.numpy(), "logits": torch.stack(steps).numpy()}
+
+
+# ================================================================ adapter files (VECTORS.md: Adapter round trips)
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """The safetensors format: 8 bytes little-endian, the length of a JSON header naming each tensor's dtype, shape
+    and byte range; then the tensors' bytes, little-endian, C order."""
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        data = value.astype(value.dtype.newbyteorder("<")).tobytes()
+        dtype = {"float64": "F64", "float32": "F32"}[value.dtype.name]
+        header[name] = {"dtype": dtype, "shape": list(value.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(np.array([len(text)], dtype="<u8").tobytes() + text + b"".join(blobs))
+
+
+def adapter_file(case: dict[str, Any], model: GPT, derived: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The tensors PEFT's adapter_model.safetensors holds, under its names (each method page's "Names in the
+    golden vectors"): the method's own tensors, with these differences from the vectors' names."""
+    cfg, p = case["method_config"], model.params
+    base = set(base_names(case["model_config"]))
+    out = {n: t for n, t in p.items() if n not in base}
+    kind = cfg["peft_type"]
+    if kind == "LORA":  # lora.md: a trained bias of a targeted layer is the base layer's; others keep their names
+        for name in case["trainable"]:
+            if name in base:
+                module = name.removesuffix(".bias")
+                targeted = module in model.linear
+                out[f"{PEFT}{module}.base_layer.bias" if targeted else PEFT + name] = p[name]
+    elif kind == "IA3":  # ia3.md: (out, 1), or (1, in) for a feed-forward target
+        ff = cfg["feedforward_modules"]
+        for module in model.linear:
+            name = f"{PEFT}{module}.ia3_l"
+            feedforward = ia3_feedforward(module, ff)
+            out[name] = out[name].reshape(1, -1) if feedforward else out[name].reshape(-1, 1)
+    elif kind == "PREFIX_TUNING" and cfg["prefix_projection"]:  # prefix_tuning.md: the table the projection computes
+        out = {"prompt_embeddings": prefix_table(model.prefix)}
+    elif kind == "P_TUNING":  # ptuning.md: only the encoder's output
+        out = {"prompt_embeddings": model.prompt()}
+    elif kind == "VERA":  # vera.md: the shared projections, saved though never trained
+        out["base_model.vera_A"], out["base_model.vera_B"] = derived["base_model.vera_A"], derived["base_model.vera_B"]
+    return out
+
+
+def prefix_table(prefix: Callable[[int], list[tuple[Tensor, Tensor]]]) -> Tensor:
+    """The (NV, 2 L C) table back from the per-layer keys and values of one row (prefix_tuning.md's layout)."""
+    kv = torch.stack([t[0] for pair in prefix(1) for t in pair])  # [2 L, NH, NV, hs]
+    return kv.permute(2, 0, 1, 3).reshape(kv.shape[2], -1)
+
+
+def save_adapter(case: dict[str, Any], folder: str) -> None:
+    """adapter_model.safetensors and adapter_config.json, as PEFT writes them, in the case's dtype."""
+    with torch.no_grad():
+        model, derived = build(case)
+        tensors = {n: t.numpy() for n, t in adapter_file(case, model, derived).items()}
+    write_safetensors(os.path.join(folder, "adapter_model.safetensors"), tensors)
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({**case["method_config"], "base_model_name_or_path": None}, f, indent=2)

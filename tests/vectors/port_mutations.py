@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinypeft.vectors import Case, Trajectory
+from tinypeft.vectors import Case, GenerationVector, MergeVector, RoundTrip, Trajectory
 
 PORT = Path(__file__).resolve().parents[2] / "examples" / "port_torch" / "port.py"
 
@@ -216,7 +216,7 @@ MUTATIONS = {
 
 def broken_port(name: str) -> str:
     """The port's source with mutation `name` applied (its `old` must occur exactly once)."""
-    mutation = {**MUTATIONS, **TRAJECTORY_MUTATIONS}[name]
+    mutation = ALL_MUTATIONS[name]
     source = PORT.read_text()
     assert source.count(mutation.old) == 1, f"the port no longer holds {mutation.old!r} exactly once"
     return source.replace(mutation.old, mutation.new)
@@ -262,3 +262,93 @@ TRAJECTORY_MUTATIONS = {
         '(1 - opt["momentum"]) * g if "b" not in s else opt["momentum"] * s["b"] + (1 - opt["momentum"]) * g',
         lambda t: t.spec["optimizer"]["name"] == "SGD" and t.spec["optimizer"]["momentum"] > 0),
 }  # fmt: skip
+
+
+# ------------------------------------------------------------------ breaks of the port's merge and unmerge
+def merges_with(m: MergeVector, peft_type: str, **fields: object) -> bool:
+    return is_peft_type(m.case, peft_type, **fields)
+
+
+READ_OFF = ("VERA", "LOHA", "LOKR", "OFT", "BOFT")  # the methods whose merge the port reads off the site
+
+MERGE_MUTATIONS = {
+    "LoRA's update reshaped, not transposed, to GPT-2's (in, out)": Mutation(
+        'p[f"{PEFT}{module}.lora_A.weight"]).T', 'p[f"{PEFT}{module}.lora_A.weight"]).reshape(W.shape)',
+        lambda m: merges_with(m, "LORA")),
+    "DoRA merged without its magnitude": Mutation(
+        "W = W_used + delta if k is None else (W_used + delta) * k", "W = W_used + delta",
+        lambda m: merges_with(m, "LORA", use_dora=True)),
+    "DoRA's k from the base weight's norm": Mutation(
+        "/ (W + delta).norm(dim=0)", "/ W.norm(dim=0)", lambda m: merges_with(m, "LORA", use_dora=True)),
+    "IA3's merge leaves the bias unscaled": Mutation(
+        "W, b = W * l[None, :], b * l", "W = W * l[None, :]", lambda m: merges_with(m, "IA3")),
+    "IA3's feed-forward merge scales the columns, not the rows": Mutation(
+        "W = W * l[:, None]", "W = W * l[None, : W.shape[1]]", lambda m: merges_with(m, "IA3")),
+    "the read-off merge does not subtract site(0)": Mutation(
+        "return site(torch.eye(n_in, dtype=dtype)) - b, b", "return site(torch.eye(n_in, dtype=dtype)), b",
+        lambda m: m.case.method_config["peft_type"] in READ_OFF),
+    "DoRA unmerged by subtracting, then dividing by k": Mutation(
+        "W = (W if k is None else W / k) - delta", "W = W - delta if k is None else (W - delta) / k",
+        lambda m: merges_with(m, "LORA", use_dora=True)),
+    "PiSSA unmerged to its residual": Mutation(
+        'W = W + (p[module + ".weight"] - W_used)', "W = W",
+        lambda m: merges_with(m, "LORA", init_lora_weights="pissa")),
+    "IA3 unmerged by dividing by l + 1e-8, as PEFT does": Mutation(
+        "W = W / l[:, None]", "W = W / (l[:, None] + 1e-8)", lambda m: merges_with(m, "IA3")),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------ breaks of the port's KV cache
+def generates_with(g: GenerationVector, method: str) -> bool:
+    return g.case.method == method
+
+
+# each breaks the cached generations only: `breaks` says which (the uncached ones must still pass)
+GENERATION_MUTATIONS = {
+    "the prefix prepended again at every cached step": Mutation(
+        "            pasts = cache\n",
+        "            pasts = cache if pasts is None else [(torch.cat([a, k], 2), torch.cat([b, v], 2))"
+        " for (a, b), (k, v) in zip(pasts, cache)]\n",
+        lambda g: generates_with(g, "prefix_tuning")),
+    "the virtual tokens prepended again at every cached step": Mutation(
+        "if self.prompt is not None and cache is None:", "if self.prompt is not None:",
+        lambda g: generates_with(g, "prompt_tuning")),
+    "the cache not grown past the prompt": Mutation(
+        "logits, cache = model.forward(tokens if cache is None else tokens[:, -1:], None, cache)",
+        "logits, kept = model.forward(tokens if cache is None else tokens[:, -1:], None, cache)"
+        "; cache = kept if cache is None else cache",
+        lambda g: True),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------ breaks of the port's adapter files
+def saves(t: RoundTrip, peft_type: str) -> bool:
+    return is_peft_type(t.case, peft_type)
+
+
+ROUND_TRIP_MUTATIONS = {
+    "IA3's vectors saved flat": Mutation(
+        "out[name].reshape(1, -1) if feedforward else out[name].reshape(-1, 1)", "out[name]",
+        lambda t: saves(t, "IA3")),
+    "IA3's feed-forward vectors saved as (n, 1)": Mutation(
+        "out[name].reshape(1, -1) if feedforward else", "out[name].reshape(-1, 1) if feedforward else",
+        lambda t: saves(t, "IA3")),
+    "LoRA's trained bias of a targeted layer saved under the bias's own name": Mutation(
+        'f"{PEFT}{module}.base_layer.bias" if targeted else PEFT + name', "PEFT + name", lambda t: saves(t, "LORA")),
+    "the prefix projection's encoder saved, not its table": Mutation(
+        'out = {"prompt_embeddings": prefix_table(model.prefix)}', "out = out",
+        lambda t: saves(t, "PREFIX_TUNING")),
+    "the prefix table laid out [layer][head] with keys and values swapped": Mutation(
+        "kv.permute(2, 0, 1, 3)", "kv.permute(2, 1, 0, 3)", lambda t: saves(t, "PREFIX_TUNING")),
+    "P-tuning's file holds the encoder's input, not its output": Mutation(
+        'out = {"prompt_embeddings": model.prompt()}',
+        'out = {"prompt_embeddings": p["prompt_encoder.embedding.weight"]}',
+        lambda t: saves(t, "P_TUNING")),
+    "VeRA's shared projections not saved": Mutation(
+        'out["base_model.vera_A"], out["base_model.vera_B"] = derived', "_ = derived", lambda t: saves(t, "VERA")),
+    "a float32 adapter saved in float64": Mutation(
+        "tensors = {n: t.numpy() for n, t in", "tensors = {n: t.double().numpy() for n, t in",
+        lambda t: t.case.dtype == "float32"),
+}  # fmt: skip
+
+ALL_MUTATIONS = {**MUTATIONS, **TRAJECTORY_MUTATIONS, **MERGE_MUTATIONS, **GENERATION_MUTATIONS, **ROUND_TRIP_MUTATIONS}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 from port_mutations import MUTATIONS, PORT, broken_port
@@ -14,7 +14,7 @@ from port_mutations import MUTATIONS, PORT, broken_port
 from tinypeft.cli import main
 from tinypeft.vectors import DTYPES, SPECS, TRAJECTORY_SPECS, check_vectors, load_impl
 
-ALLOWED_IMPORTS = {"__future__", "math", "re", "collections.abc", "typing", "numpy", "torch"}
+ALLOWED_IMPORTS = {"__future__", "json", "math", "os", "re", "collections.abc", "typing", "numpy", "torch"}
 
 
 def test_the_port_passes_every_case_at_the_stated_tolerances(vectors, tmp_path, capsys):
@@ -23,13 +23,14 @@ def test_the_port_passes_every_case_at_the_stated_tolerances(vectors, tmp_path, 
     out = capsys.readouterr().out
     assert code == 0, out
     cases = json.loads(report.read_text())["cases"]
-    # every case, and every training trajectory (the port has run_trajectory)
-    assert len(cases) == (len(SPECS) + len(TRAJECTORY_SPECS)) * len(DTYPES) and all(c["passed"] for c in cases)
+    # every case, every training trajectory, every merge (the port has run_trajectory and merge_case)
+    kinds = Counter(c["kind"] for c in cases)
+    assert kinds["cases"] == len(SPECS) * len(DTYPES) and kinds["trajectories"] == len(TRAJECTORY_SPECS) * len(DTYPES)
+    assert kinds["merges"] > 0 and all(c["passed"] for c in cases)
     assert all(t["passed"] is True for c in cases for t in c["tensors"]), "every derived tensor is checked too"
     worst: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
-    trajectories = {f"{spec.name}-{dtype}" for spec in TRAJECTORY_SPECS for dtype in DTYPES}
     for case in cases:
-        if case["name"] in trajectories:  # their errors: tests/vectors/test_trajectories.py and VECTORS.md
+        if case["kind"] != "cases":  # the other kinds' errors: their own tests and VECTORS.md
             continue
         for t in case["tensors"]:
             kind = t["tensor"] if t["tensor"] in ("loss", "logits") else "derived" if " " in t["tensor"] else "grads"

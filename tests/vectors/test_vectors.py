@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ from tinypeft.vectors import (
     load_vectors,
     run_case,
 )
+from tinypeft.vectors.generation import SPECS as GENERATION_SPECS
+from tinypeft.vectors.roundtrip import CASES as ROUND_TRIP_CASES
 
 ROOT = Path(__file__).resolve().parents[2]
 # every label a registered method's golden cases carry (a method's variants, rsLoRA say, have labels of their own)
@@ -51,7 +54,11 @@ def test_the_same_command_writes_the_same_bytes(vectors, tmp_path):
     export_in_a_fresh_process(second)
     files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
-    assert len(files) == 1 + 3 * 2 * len(SPECS) + 2 * 2 * len(TRAJECTORY_SPECS)
+    index = json.loads((first / "index.json").read_text())
+    assert len(index["trajectories"]) == 2 * len(TRAJECTORY_SPECS)
+    # index.json, three files per case, two per trajectory, merge and generation (round trips store nothing)
+    others = sum(len(index[key]) for key in ("trajectories", "merges", "generations"))
+    assert len(files) == 1 + 3 * 2 * len(SPECS) + 2 * others
     for rel in files:
         assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
 
@@ -141,13 +148,20 @@ def test_check_vectors_passes_tinypeft_and_reports_every_tensor(vectors, tmp_pat
     code = main([*command, "--report", str(report)])
     out = capsys.readouterr().out
     assert code == 0
-    # the cases, and the training trajectories that start from them (tinypeft has run_trajectory)
-    n = 2 * sum(spec.name.startswith("lora-") for spec in SPECS)
-    n += 2 * sum(spec.case.startswith("lora-") for spec in TRAJECTORY_SPECS)
+    # the cases, and every other kind that starts from them (tinypeft has every entry point)
+    lora = sum(spec.name.startswith("lora-") for spec in SPECS)
+    counts = {
+        "cases": 2 * lora,
+        "trajectories": 2 * sum(spec.case.startswith("lora-") for spec in TRAJECTORY_SPECS),
+        "merges": 2 * lora,  # every LoRA case merges
+        "generations": 2 * 2 * sum(spec.case.startswith("lora-") for spec in GENERATION_SPECS),  # cached or not
+        "round_trips": 2 * sum(name.startswith("lora-") for name in ROUND_TRIP_CASES),
+    }
+    n = sum(counts.values())
     assert f"{n} cases: {n} passed, 0 failed" in out
     assert "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight" in out
     cases = json.loads(report.read_text())["cases"]
-    assert len(cases) == n and all(c["passed"] for c in cases)
+    assert Counter(c["kind"] for c in cases) == counts and all(c["passed"] for c in cases)
     assert all(t["error"] <= t["tolerance"] for c in cases for t in c["tensors"])
 
 

@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from port_mutations import MUTATIONS, PORT, TRAJECTORY_MUTATIONS, broken_port
+from port_mutations import (
+    GENERATION_MUTATIONS,
+    MERGE_MUTATIONS,
+    MUTATIONS,
+    PORT,
+    ROUND_TRIP_MUTATIONS,
+    TRAJECTORY_MUTATIONS,
+    Mutation,
+    broken_port,
+)
 from walkthrough_table import render as targets
 
 from tinypeft.vectors import (
@@ -37,17 +46,30 @@ from tinypeft.vectors import (
     Case,
     CaseReport,
     Trajectory,
+    check_generations,
+    check_merges,
+    check_round_trips,
     check_trajectories,
     compare,
     error_vs_expected,
     export_vectors,
+    generate_case,
+    load_entry_points,
+    load_generations,
     load_impl,
+    load_merges,
     load_port,
+    load_round_trips,
     load_trajectories,
     load_vectors,
+    merge_case,
     run_case,
     run_trajectory,
+    save_adapter,
+    unmerge_case,
 )
+from tinypeft.vectors.generation import SPECS as GENERATION_SPECS
+from tinypeft.vectors.merge import TOLERANCES as MERGE_TOLERANCES
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "VECTORS.md"
@@ -160,6 +182,77 @@ def trajectory_breaks(trajectories: list[Trajectory], folder: Path) -> dict[str,
     return out
 
 
+# ------------------------------------------------------------------ the kinds a port opts into
+Check = Callable[[list[Any], Mapping[str, Callable[..., Any]]], list[CaseReport]]
+CHECK_MERGES: Check = lambda vectors, entry: check_merges(vectors, entry["merge_case"], entry["unmerge_case"])  # noqa: E731
+CHECK_GENERATIONS: Check = lambda vectors, entry: check_generations(vectors, entry["generate_case"])  # noqa: E731
+CHECK_ROUND_TRIPS: Check = lambda vectors, entry: check_round_trips(vectors, entry["save_adapter"])  # noqa: E731
+TINYPEFT = {"merge_case": merge_case, "unmerge_case": unmerge_case, "generate_case": generate_case,
+            "save_adapter": save_adapter}  # fmt: skip
+
+
+def passed(reports: list[CaseReport]) -> list[CaseReport]:
+    for r in reports:
+        assert r.passed, (r.name, r.failure, [c for c in r.checks if not c.passed])
+    return reports
+
+
+def merge_errors(entry: Mapping[str, Callable[..., Any]], merges: list[Any]) -> dict[str, Any]:
+    """dtype -> method label -> {"merged", "unmerged"}: the largest errors; every merge must pass."""
+    table: dict[str, dict[str, dict[str, float]]] = defaultdict(
+        lambda: defaultdict(lambda: {"merged": 0.0, "unmerged": 0.0})
+    )
+    for m, report in zip(merges, passed(CHECK_MERGES(merges, entry)), strict=True):
+        cell = table[m.case.dtype][m.case.method]
+        for c in report.checks:
+            key = "unmerged" if c.tensor.startswith("unmerged ") else "merged"
+            cell[key] = max(cell[key], c.error)
+    return {dtype: {label: dict(cell) for label, cell in by_label.items()} for dtype, by_label in table.items()}
+
+
+def generation_errors(entry: Mapping[str, Callable[..., Any]], generations: list[Any]) -> dict[str, Any]:
+    """case -> dtype -> {"uncached", "cached"}: the logits' errors (the tokens are equal: every run must pass)."""
+    table: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    reports = passed(CHECK_GENERATIONS(generations, entry))
+    for g, pair in zip(generations, zip(reports[::2], reports[1::2], strict=True), strict=True):
+        for key, report in zip(("uncached", "cached"), pair, strict=True):
+            table[g.case.name.removesuffix("-" + g.case.dtype)][g.case.dtype][key] = report.checks[1].error
+    return {name: dict(by_dtype) for name, by_dtype in table.items()}
+
+
+def round_trip_errors(entry: Mapping[str, Callable[..., Any]], trips: list[Any]) -> dict[str, Any]:
+    """case -> dtype -> the logits' error after tinypeft reads the files back; every round trip must pass."""
+    table: dict[str, dict[str, float]] = defaultdict(dict)
+    for t, report in zip(trips, passed(CHECK_ROUND_TRIPS(trips, entry)), strict=True):
+        table[t.case.name.removesuffix("-" + t.case.dtype)][t.case.dtype] = report.checks[-1].error
+    return dict(table)
+
+
+def kind_breaks(mutations: Mapping[str, Mutation], vectors: list[Any], check: Check, folder: Path,
+                runs: Callable[[CaseReport], bool] = lambda r: True) -> dict[str, Any]:  # fmt: skip
+    """For each break, per dtype: the runs it is meant to break (`runs` picks them among a vector's reports), how
+    many fail, how many raise, the least of their largest errors; and how many of the other runs fail."""
+    out = {}
+    for i, (name, mutation) in enumerate(mutations.items()):
+        path = folder / f"broken_kind_{len(name)}_{i}.py"
+        path.write_text(broken_port(name))
+        entry = load_entry_points(str(path))
+        per_dtype = {}
+        for dtype in ("float64", "float32"):
+            reports = check([v for v in vectors if v.case.dtype == dtype and mutation.breaks(v)], entry)
+            meant = [r for r in reports if runs(r)]
+            largest = [max(c.error for c in r.checks) for r in meant if not r.failure and r.checks]
+            per_dtype[dtype] = {
+                "cases": len(meant),
+                "failed": sum(not r.passed for r in meant),
+                "raised": sum(bool(r.failure) for r in meant),
+                "least": min(largest, default=None),
+                "others_failed": sum(not r.passed for r in reports if not runs(r)),
+            }
+        out[name] = per_dtype
+    return out
+
+
 def float32_svd_residuals(cases: list[Case]) -> float:
     """The largest error of PiSSA's residual computed with the SVD in float32, as PEFT computes it."""
     errors = [0.0]
@@ -181,15 +274,25 @@ def measure(folder: str | os.PathLike) -> dict[str, Any]:
     files = [p for p in folder.rglob("*") if p.is_file()]
     cases = load_vectors(folder)
     trajectories = load_trajectories(folder, cases)
+    merges, generations = load_merges(folder, cases), load_generations(folder, cases)
+    trips = load_round_trips(folder, cases)
     port, port_trajectory = load_port(str(PORT))
+    entry = load_entry_points(str(PORT))
     with tempfile.TemporaryDirectory() as scratch:
         mutations = mutation_effects(cases, Path(scratch))
         breaks = trajectory_breaks(trajectories, Path(scratch))
+        merge_breaks = kind_breaks(MERGE_MUTATIONS, merges, CHECK_MERGES, Path(scratch))
+        generation_breaks = kind_breaks(GENERATION_MUTATIONS, generations, CHECK_GENERATIONS, Path(scratch),
+                                        lambda r: r.name.endswith(" cached"))  # fmt: skip
+        round_trip_breaks = kind_breaks(ROUND_TRIP_MUTATIONS, trips, CHECK_ROUND_TRIPS, Path(scratch))
     return {
         "export": {
             "cases": len(cases) // 2,
             "folders": len(cases),
             "trajectories": len(trajectories),
+            "merges": len(merges),
+            "generations": len(generations),
+            "round_trips": len(trips),
             "files": len(files),
             "bytes": sum(p.stat().st_size for p in files),
             "most_rows": max(c.input_ids.size for c in cases),
@@ -203,7 +306,13 @@ def measure(folder: str | os.PathLike) -> dict[str, Any]:
             "port": trajectory_errors(port_trajectory, trajectories),
             "breaks": breaks,
         },
-    }
+        "merges": {"tinypeft": merge_errors(TINYPEFT, merges), "port": merge_errors(entry, merges),
+                   "breaks": merge_breaks},
+        "generations": {"tinypeft": generation_errors(TINYPEFT, generations),
+                        "port": generation_errors(entry, generations), "breaks": generation_breaks},
+        "round_trips": {"tinypeft": round_trip_errors(TINYPEFT, trips), "port": round_trip_errors(entry, trips),
+                        "breaks": round_trip_breaks},
+    }  # fmt: skip
 
 
 def disagreements(kept: Any, fresh: Any, where: str = "") -> list[str]:
@@ -261,7 +370,9 @@ def render_counts(m: Mapping[str, Any]) -> str:
     x = m["export"]
     return (
         f"{x['cases']} cases, each in float64 and in float32 ({x['folders']} case folders), and {x['trajectories']} "
-        f"[training trajectories](#training-trajectories) from {x['trajectories'] // 2} of them: {x['files']} files, "
+        f"[training trajectories](#training-trajectories) from {x['trajectories'] // 2} of them, {x['merges']} "
+        f"[merges](#merges), {x['generations']} [generations](#generation-with-and-without-the-kv-cache) and "
+        f"{x['round_trips']} [adapter round trips](#adapter-round-trips): {x['files']} files, "
         f"{x['bytes']:,} bytes in files, about {x['bytes'] / 1e6:.1f} MB (a disk-usage tool that counts the "
         "folders' own blocks too says more)."
     )
@@ -405,11 +516,110 @@ def render_trajectories(m: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def render_breaks(breaks: Mapping[str, Any], noun: str, others: str = "") -> str:
+    """The table of a kind's breaks: per dtype, how many of the runs each is meant to break fail, and the least of
+    their largest errors ("raises" when every one raised, empty when it is meant to break none of that dtype)."""
+
+    def cells(b: Mapping[str, Any]) -> str:
+        raised = f" ({b['raised']} raise)" if b["raised"] else ""
+        least = "" if not b["cases"] else "raises" if b["raised"] == b["cases"] else e(b["least"])
+        extra = f" | {b['others_failed']}" if others else ""
+        return f"{b['failed']} of {b['cases']}{raised}{extra} | {least}"
+
+    other = f" | {others}" if others else ""
+    rows = [
+        f"| break | float64: {noun} failed{other} | least error | float32: {noun} failed{other} | least error |",
+        "|---|---|---|---|---|" + ("---|---|" if others else ""),
+    ]
+    rows += [f"| {name} | {cells(b['float64'])} | {cells(b['float32'])} |" for name, b in breaks.items()]
+    return "\n".join(rows)
+
+
+def render_merges(m: Mapping[str, Any]) -> str:
+    k = m["merges"]
+
+    def cell(impl: str, dtype: str, label: str) -> str:
+        errors = k[impl][dtype][label]
+        return f"{e(errors['merged'], 1)} / {e(errors['unmerged'], 1)}"
+
+    port32 = max(v for cell in k["port"]["float32"].values() for v in cell.values())
+    rows = [
+        f"{m['export']['merges']} merges ({m['export']['merges'] // 2} cases, each dtype). Largest errors per method "
+        f"label, merged / unmerged (float32's tolerance {latex(MERGE_TOLERANCES['float32']['merged'], 1)} is "
+        f"{ratio(MERGE_TOLERANCES['float32']['merged'] / port32)} times the port's largest):",
+        "",
+        "| method | port float64: merged / unmerged | port float32 | tinypeft float32 |",
+        "|---|---|---|---|",
+    ]
+    rows += [f"| {label} | {cell('port', 'float64', label)} | {cell('port', 'float32', label)} | "
+             f"{cell('tinypeft', 'float32', label)} |" for label in k["port"]["float64"]]  # fmt: skip
+    rows += [
+        "",
+        "Each one-line break of the torch port's merge or unmerge (`MERGE_MUTATIONS` in "
+        "`tests/vectors/port_mutations.py`) fails every float64 merge it is meant to break:",
+        "",
+        render_breaks(k["breaks"], "merges"),
+    ]
+    return "\n".join(rows)
+
+
+def render_generations(m: Mapping[str, Any]) -> str:
+    k = m["generations"]
+    specs = {s.case: s for s in GENERATION_SPECS}
+
+    def cell(impl: str, name: str, dtype: str) -> str:
+        errors = k[impl][name][dtype]
+        return f"{e(errors['uncached'], 1)} / {e(errors['cached'], 1)}"
+
+    rows = [
+        f"{m['export']['generations']} generations, each run without and with the cache; the tokens are equal in "
+        "every run, and the logits' largest errors are, uncached / cached:",
+        "",
+        "| generation | what it covers | port float64 | port float32 | tinypeft float32 |",
+        "|---|---|---|---|---|",
+    ]
+    rows += [f"| `{name}` | {specs[name].description} | {cell('port', name, 'float64')} | "
+             f"{cell('port', name, 'float32')} | {cell('tinypeft', name, 'float32')} |"
+             for name in k["port"]]  # fmt: skip
+    rows += [
+        "",
+        "Each one-line break of the torch port's KV cache (`GENERATION_MUTATIONS`) fails the cached runs it is meant "
+        "to break and none of the uncached ones (a break may raise, when a position falls off the table):",
+        "",
+        render_breaks(k["breaks"], "cached runs", "uncached runs failed"),
+    ]
+    return "\n".join(rows)
+
+
+def render_round_trips(m: Mapping[str, Any]) -> str:
+    k = m["round_trips"]
+    rows = [
+        f"{m['export']['round_trips']} round trips. The logits tinypeft computes from the port's files (in the case's "
+        "dtype, so the float32 column is tinypeft's own rounding), against the case's:",
+        "",
+        "| case | port's files, float64 | port's files, float32 | tinypeft's files, float32 |",
+        "|---|---|---|---|",
+    ]
+    rows += [f"| `{name}` | {e(k['port'][name]['float64'], 1)} | {e(k['port'][name]['float32'], 1)} | "
+             f"{e(k['tinypeft'][name]['float32'], 1)} |" for name in k["port"]]  # fmt: skip
+    rows += [
+        "",
+        "Each one-line break of the torch port's file writing (`ROUND_TRIP_MUTATIONS`) fails the round trips it is "
+        "meant to break (a misnamed, misshaped or mistyped tensor fails before any logits, with an error of inf):",
+        "",
+        render_breaks(k["breaks"], "round trips"),
+    ]
+    return "\n".join(rows)
+
+
 RENDERERS = {
     "counts": render_counts,
     "tolerances": render_tolerances,
     "errors": render_errors,
     "trajectories": render_trajectories,
+    "merges": render_merges,
+    "generations": render_generations,
+    "round_trips": render_round_trips,
 }
 
 

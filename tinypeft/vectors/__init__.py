@@ -14,7 +14,11 @@ The package, by concern:
 - tolerances.py: how close a port must come, per tensor;
 - format.py: the files (names, `Case`, `write_case`); load.py: reading them back, validated;
 - checker.py: `compare`, `check_vectors`, `load_impl`, and `run_case` (tinypeft itself as a port);
-- trajectory.py: training trajectories, ten optimizer steps from a case (`run_trajectory`, a kind a port opts into).
+- trajectory.py: training trajectories, ten optimizer steps from a case (`run_trajectory`, a kind a port opts into);
+- merge.py: the base weights after merging and unmerging a case's adapter (`merge_case`, `unmerge_case`);
+- generation.py: greedy generation with and without the KV cache (`generate_case`);
+- roundtrip.py: a port's adapter files read back by tinypeft (`save_adapter`);
+- kinds.py: every kind, and `check_all`, what `tinypeft check-vectors` runs.
 The same command writes the same bytes.
 """
 
@@ -25,6 +29,7 @@ from .checker import (
     check_vectors,
     compare,
     error_vs_expected,
+    load_entry_points,
     load_impl,
     load_port,
     run_case,
@@ -44,7 +49,11 @@ from .format import (
     Case,
     write_case,
 )
+from .generation import GenerationVector, check_generations, generate_case, load_generations
+from .kinds import KINDS, Kind, KindResult, check_all
 from .load import load_case, load_vectors
+from .merge import MergeVector, check_merges, load_merges, merge_case, unmerge_case
+from .roundtrip import RoundTrip, check_round_trips, load_round_trips, save_adapter
 from .specs import SPECS, Batch, make_batch
 from .tolerances import FLOAT32_TOLERANCES, FLOAT64_TOLERANCE, TOLERANCE_NOTES, tolerance_for, tolerances
 from .trajectory import SPECS as TRAJECTORY_SPECS
@@ -67,6 +76,7 @@ __all__ = [
     "FORMAT",
     "GRAD_PREFIX",
     "INDEX_NAME",
+    "KINDS",
     "MODEL_CONFIG_FIELDS",
     "PERTURBATION",
     "SPECS",
@@ -77,10 +87,19 @@ __all__ = [
     "Batch",
     "Case",
     "CaseReport",
+    "GenerationVector",
+    "Kind",
+    "KindResult",
+    "MergeVector",
+    "RoundTrip",
     "RunCase",
     "TensorCheck",
     "Trajectory",
     "TrajectorySpec",
+    "check_all",
+    "check_generations",
+    "check_merges",
+    "check_round_trips",
     "check_trajectories",
     "check_vectors",
     "compare",
@@ -88,15 +107,23 @@ __all__ = [
     "compute_case",
     "error_vs_expected",
     "export_vectors",
+    "generate_case",
     "load_case",
+    "load_entry_points",
+    "load_generations",
     "load_impl",
+    "load_merges",
     "load_port",
+    "load_round_trips",
     "load_trajectories",
     "load_vectors",
     "make_batch",
+    "merge_case",
     "run_case",
     "run_trajectory",
+    "save_adapter",
     "tolerance_for",
     "tolerances",
+    "unmerge_case",
     "write_case",
 ]

@@ -54,9 +54,15 @@ class CaseReport:
     def worst(self) -> TensorCheck | None:
         """The compared tensor furthest over, or closest to, its tolerance (a failure before any pass)."""
         compared = [c for c in self.checks if c.passed is not None]
-        return max(
-            compared, key=lambda c: (not c.passed, c.error / c.tolerance if c.tolerance else math.inf), default=None
-        )
+        return max(compared, key=over_tolerance, default=None)
+
+
+def over_tolerance(check: TensorCheck) -> tuple[bool, float]:
+    """How far a check is over its tolerance, failures first: error / tolerance (an exact check, tolerance 0,
+    that passed counts as 0)."""
+    if not check.tolerance:
+        return (not check.passed, 0.0 if check.error == 0 else math.inf)
+    return (not check.passed, check.error / check.tolerance)
 
 
 # Not gradcheck.relative_error, on purpose: that one compares two computations of equal standing, so it is
@@ -185,9 +191,19 @@ def load_impl(spec: str) -> RunCase:
     return load_port(spec)[0]
 
 
+# the functions a port may define beside run_case, each opting into one kind of vectors (VECTORS.md)
+OPTIONAL_ENTRY_POINTS = ("run_trajectory", "merge_case", "unmerge_case", "generate_case", "save_adapter")
+
+
 def load_port(spec: str) -> tuple[RunCase, Callable[[dict[str, Any]], Mapping[str, Any]] | None]:
     """An implementation's `run_case`, and its `run_trajectory` if it has one (the training trajectories are
     a kind a port opts into), importing it once."""
+    entry_points = load_entry_points(spec)
+    return entry_points["run_case"], entry_points.get("run_trajectory")
+
+
+def load_entry_points(spec: str) -> dict[str, Callable[..., Any]]:
+    """An implementation's `run_case` and whichever of OPTIONAL_ENTRY_POINTS it defines, importing it once."""
     path = os.path.abspath(spec)
     try:
         if spec.endswith(".py") or os.path.isdir(path):
@@ -211,14 +227,24 @@ def load_port(spec: str) -> tuple[RunCase, Callable[[dict[str, Any]], Mapping[st
     run = getattr(module, "run_case", None)
     if not callable(run):
         raise ConfigError(f"--impl {spec}: the module has no function run_case(case) -> dict (see VECTORS.md)")
-    trajectory = getattr(module, "run_trajectory", None)
-    return run, trajectory if callable(trajectory) else None
+    optional = {name: getattr(module, name, None) for name in OPTIONAL_ENTRY_POINTS}
+    return {"run_case": run} | {name: f for name, f in optional.items() if callable(f)}
 
 
 # ------------------------------------------------------------------ tinypeft as an implementation
 def build(case: Mapping[str, Any], device: str | None = None) -> tuple[Any, dict[str, Array]]:
     """The compute view of the case's model and method, its weights loaded, in the case's dtype, on `device`
     (None: the default); and the tensors the method's init derived from the base weights (in float64)."""
+    model, derived = build_model(case, device)
+    view = model.view()
+    if set(view.trainable) != set(case["trainable"]):
+        raise CheckpointError(f"case {case['name']}: 'trainable' is not what its method trains")
+    return view, derived
+
+
+def build_model(case: Mapping[str, Any], device: str | None = None) -> tuple[Any, dict[str, Array]]:
+    """The case's model (a GPT, or a PeftModel around one), its weights loaded, in the case's dtype, on `device`;
+    and the tensors the method's init derived from the base weights (in float64)."""
     dtype = case["dtype"]
     config = GPTConfig(**case["model_config"], dtype=dtype)
     weights = dict(case["weights"])
@@ -249,10 +275,7 @@ def build(case: Mapping[str, Any], device: str | None = None) -> tuple[Any, dict
         adapter.load_state_dict(state)
     if weights:
         raise CheckpointError(f"case {case['name']}: weights this method does not use: {sorted(weights)[:3]}")
-    view = model.view()
-    if set(view.trainable) != set(case["trainable"]):
-        raise CheckpointError(f"case {case['name']}: 'trainable' is not what its method trains")
-    return view, derived
+    return model, derived
 
 
 def run_case(case: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,9 @@ from ..methods.registry import GoldenCase
 from ..model import GPT, GPTConfig
 from ..peft_model import get_peft_model
 from .format import DTYPES, FORMAT, INDEX_NAME, MODEL_CONFIG_FIELDS, VERSION, Array, Case, write_case
+from .generation import export_generations
+from .merge import export_merges
+from .roundtrip import export_round_trips
 from .specs import SPECS, make_batch
 from .tolerances import TOLERANCE_NOTES, tolerances
 from .trajectory import export_trajectories
@@ -123,6 +126,9 @@ def export_vectors(
         "cases": names,
         "tolerance_notes": TOLERANCE_NOTES,
         "trajectories": export_trajectories(folder, written),  # those whose case is among the cases written
+        "merges": export_merges(folder, written),
+        "generations": export_generations(folder, written),
+        "round_trips": export_round_trips(written),
     }
     save_json(os.path.join(os.fspath(folder), INDEX_NAME), index)
     return names
