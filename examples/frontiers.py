@@ -4,6 +4,7 @@
     python examples/frontiers.py --out docs/experiments   # rewrites the committed results
     python examples/frontiers.py --replot --out docs/experiments   # redraws both PNGs from the JSON
     python examples/frontiers.py --quick    # seconds: 3 steps, two seeds, into runs/quick
+    python examples/frontiers.py --out docs/experiments --resume   # finishes a grid that was stopped
 
 Biderman et al., "LoRA Learns Less and Forgets Less" (TMLR 2024), at tinypeft's scale: the shipped base
 (pretrained on prose) fine-tuned on code. Every method trains at three learning rates with three seeds (the
@@ -20,6 +21,7 @@ seed draws the adapter's initialisation and the batches), evaluated every 10 ste
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -71,13 +73,32 @@ COLORS = dict(
 )
 
 
+# Every finished run is written to NAME.partial.json beside the results; --resume takes the runs found
+# there instead of training them again (same seed, same batches: the same numbers), so a grid stopped
+# halfway is finished, not restarted.
+PARTIAL: dict[str, Any] = {"path": None, "runs": {}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    resume = "--resume" in argv
+    argv = [a for a in argv if a != "--resume"]
+    json_path, _ = output_paths(experiment_parser(NAME, NAME).parse_args(argv), NAME)
+    PARTIAL["path"] = json_path.removesuffix(".json") + ".partial.json"
+    if resume and os.path.exists(PARTIAL["path"]):
+        PARTIAL["runs"] = {run_key(run): run for run in load_json(PARTIAL["path"])["runs"]}
     if "--replot" in argv:  # the analysis is recomputed from the runs in the JSON, then drawn
-        json_path, _ = output_paths(experiment_parser(NAME, NAME).parse_args(argv), NAME)
         results = load_json(json_path)
         save_json(json_path, results | analyse(results["runs"], results["base_losses"], results["seeds"]))
-    return experiment_main(NAME, __doc__, argv, measure, plot, steps=100, eval_every=10)
+    code = experiment_main(NAME, __doc__, argv, measure, plot, steps=100, eval_every=10)
+    if code == 0 and os.path.exists(PARTIAL["path"]):
+        os.remove(PARTIAL["path"])
+    print("\n\n".join(tables(load_json(json_path)).values()))
+    return code
+
+
+def run_key(run: dict) -> tuple[str, float, int]:
+    return run["label"], run["lr"], run["seed"]
 
 
 # ---------------------------------------------------------------- measuring
@@ -108,11 +129,16 @@ def measure(lab: Lab) -> dict[str, Any]:
             config, _ = method_defaults(method, *flags)
             inspect = spectrum_of_update(base_params, seed == seeds[0]) if label in SPECTRA else None
             for lr in rates:
-                row = lab.run(label, config, lr, seed=seed, method=method, flags=list(flags), inspect=inspect)
-                row.pop("train_losses", None)  # the evaluations are the trajectory; the JSON stays small
+                row = PARTIAL["runs"].get((label, lr, seed))
+                if row is None:
+                    row = lab.run(label, config, lr, seed=seed, method=method, flags=list(flags), inspect=inspect)
+                    row.pop("train_losses", None)  # the evaluations are the trajectory; the JSON stays small
                 runs.append(row)
-    return {"runs": runs, "seeds": list(seeds), "gains": list(GAINS), "variance": VARIANCE} | analyse(
-        runs, lab.base_losses, seeds
+                if PARTIAL["path"] is not None:
+                    save_json(PARTIAL["path"], {"runs": runs})
+    resumed = sum(run_key(run) in PARTIAL["runs"] for run in runs)
+    return {"runs": runs, "resumed_runs": resumed, "seeds": list(seeds), "gains": list(GAINS), "variance": VARIANCE} | (
+        analyse(runs, lab.base_losses, seeds)
     )
 
 
@@ -218,6 +244,93 @@ def ranks(runs: Sequence[dict], by: dict) -> dict[str, Any]:
                 "rank90": {name: spread([r["update_rank90"][name] for r in ok]) for name in names},
             }
     return table
+
+
+# ---------------------------------------------------------------- tables (docs/frontiers.md holds them verbatim)
+def pm(cell: dict, seeds: int, signed: bool = True) -> str:
+    """mean ± sd of a spread, with how many seeds when not all; "not reached" when none."""
+    if cell["n"] == 0:
+        return "not reached"
+    text = f"{cell['mean']:+.3f}" if signed else f"{cell['mean']:.3f}"
+    text += f" ± {cell['sd']:.3f}" if cell["sd"] is not None else ""
+    return text + (f" ({cell['n']} of {seeds} seeds)" if cell["n"] < seeds else "")
+
+
+def matrix_shape(name: str, base_config: dict) -> tuple[int, int]:
+    """(in, out) of a block matrix (GPT-2's Conv1D stores W as in x out)."""
+    width = base_config["n_embd"]
+    inner = base_config.get("n_inner") or 4 * width
+    module = name.split(".", 3)[3].removesuffix(".weight")
+    return {"attn.c_attn": (width, 3 * width), "attn.c_proj": (width, width), "mlp.c_fc": (width, inner)}.get(
+        module, (inner, width)
+    )
+
+
+def tables(results: dict) -> dict[str, str]:
+    """The page's tables: the grid's final losses, the matched forgetting, the verdict against full
+    fine-tuning and the ranks of ΔW, as markdown."""
+    seeds = len(results["seeds"])
+    labels = [label for label in METHODS if label in results["reach"]]
+    gains = [str(g) for g in results["gains"]]
+    params = {r["label"]: r["trainable_parameters"] for r in results["runs"] if r["status"] == "ok"}
+
+    grid = ["| method | trainable | low rate | middle rate | high rate |"]
+    grid.append("|---|---|---|---|---|")
+    for label in labels:
+        cells = []
+        for lr in METHODS[label][2]:
+            rs = [r for r in results["runs"] if r["label"] == label and r["lr"] == lr]
+            done = [r for r in rs if r["status"] == "ok"]
+            if len(done) < len(rs):
+                cells.append(f"{lr:g}: {len(rs) - len(done)} of {len(rs)} diverged")
+                continue
+            task = spread([r["task_after"] for r in done])
+            prose = spread([r["prose_after"] for r in done])
+            cells.append(f"{lr:g}: {pm(task, seeds, False)}, {pm(prose, seeds, False)}")
+        grid.append(f"| {label} | {params.get(label, 0):,d} | " + " | ".join(cells) + " |")
+
+    matched = ["| method | best code gain | " + " | ".join(f"forgetting at gain {g}" for g in gains) + " |"]
+    matched.append("|---" * (2 + len(gains)) + "|")
+    for label in labels:
+        cells = [pm(results["matched_forgetting"][label][g], seeds) for g in gains]
+        matched.append(f"| {label} | {pm(results['reach'][label], seeds, False)} | " + " | ".join(cells) + " |")
+
+    verdict = ["| method | " + " | ".join(f"at gain {g}: minus full fine-tuning" for g in gains) + " |"]
+    verdict.append("|---" * (1 + len(gains)) + "|")
+    for label in labels:
+        if label not in results["verdict_vs_full"]:
+            continue
+        per_gain = results["verdict_vs_full"][label]
+        cells = []
+        for g in gains:
+            cell = per_gain[g]
+            cells.append(cell["call"] if cell["n"] < seeds else f"{pm(cell, seeds)}: {cell['call']}")
+        verdict.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    # full fine-tuning at every rate (its code loss rises with the rate here, so one of them may match a
+    # LoRA's), each LoRA at the rate of its lowest code loss
+    chosen = chosen_rates(results)
+    columns = [(FULL, str(lr)) for lr in METHODS[FULL][2] if str(lr) in results["ranks"].get(FULL, {})]
+    columns += [(label, str(chosen[label])) for label in SPECTRA[1:] if label in chosen]
+    rank = ["| block matrix | shape | " + " | ".join(f"{label}, lr {float(lr):g}" for label, lr in columns) + " |"]
+    rank.append("|---" * (2 + len(columns)) + "|")
+    first = results["ranks"][columns[0][0]][columns[0][1]]["rank90"] if columns else {}
+    for name in first:
+        shape = matrix_shape(name, results["base_config"])
+        cells = []
+        for label, lr in columns:
+            cell = results["ranks"][label][lr]["rank90"][name]
+            text = f"{cell['mean']:.1f}"
+            cells.append(text + (f" ({cell['min']}-{cell['max']})" if cell["min"] != cell["max"] else ""))
+        rank.append(f"| {short(name)} | {shape[0]}x{shape[1]} | " + " | ".join(cells) + " |")
+    loss_cells = [pm(results["ranks"][label][lr]["task_after"], seeds, False) for label, lr in columns]
+    rank.append("| **code loss after** | | " + " | ".join(loss_cells) + " |")
+    return {
+        "grid": "\n".join(grid),
+        "matched": "\n".join(matched),
+        "verdict": "\n".join(verdict),
+        "ranks": "\n".join(rank),
+    }
 
 
 # ---------------------------------------------------------------- plots
