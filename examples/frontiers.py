@@ -5,6 +5,7 @@
     python examples/frontiers.py --replot --out docs/experiments   # redraws both PNGs from the JSON
     python examples/frontiers.py --quick    # seconds: 3 steps, two seeds, into runs/quick
     python examples/frontiers.py --out docs/experiments --resume   # finishes a grid that was stopped
+    python examples/frontiers.py --seeds 2   # the first two seeds only
 
 Biderman et al., "LoRA Learns Less and Forgets Less" (TMLR 2024), at tinypeft's scale: the shipped base
 (pretrained on prose) fine-tuned on code. Every method trains at three learning rates with three seeds (the
@@ -21,6 +22,7 @@ seed draws the adapter's initialisation and the batches), evaluated every 10 ste
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -33,6 +35,7 @@ from tinypeft.cli import method_defaults
 from tinypeft.io import load_json, save_json
 from tinypeft.lab import (
     Lab,
+    command_line,
     experiment_main,
     experiment_parser,
     forgetting_at_gain,
@@ -76,23 +79,34 @@ COLORS = dict(
 # Every finished run is written to NAME.partial.json beside the results; --resume takes the runs found
 # there instead of training them again (same seed, same batches: the same numbers), so a grid stopped
 # halfway is finished, not restarted.
-PARTIAL: dict[str, Any] = {"path": None, "runs": {}}
+PARTIAL: dict[str, Any] = {"path": None, "runs": {}, "seeds": None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    resume = "--resume" in argv
-    argv = [a for a in argv if a != "--resume"]
-    json_path, _ = output_paths(experiment_parser(NAME, NAME).parse_args(argv), NAME)
+    # --resume and --seeds N (the first N of SEEDS) are this script's own: the shared parser does not know them
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--resume", action="store_true")
+    own.add_argument("--seeds", type=int, default=None)
+    mine, shared = own.parse_known_args(argv)
+    if mine.seeds is not None and not 1 <= mine.seeds <= len(SEEDS):
+        raise SystemExit(f"--seeds must be 1 to {len(SEEDS)}, got {mine.seeds}")
+    PARTIAL["seeds"] = mine.seeds
+    json_path, _ = output_paths(experiment_parser(NAME, NAME).parse_args(shared), NAME)
     PARTIAL["path"] = json_path.removesuffix(".json") + ".partial.json"
-    if resume and os.path.exists(PARTIAL["path"]):
+    if mine.resume and os.path.exists(PARTIAL["path"]):
         PARTIAL["runs"] = {run_key(run): run for run in load_json(PARTIAL["path"])["runs"]}
     if "--replot" in argv:  # the analysis is recomputed from the runs in the JSON, then drawn
         results = load_json(json_path)
         save_json(json_path, results | analyse(results["runs"], results["base_losses"], results["seeds"]))
-    code = experiment_main(NAME, __doc__, argv, measure, plot, steps=100, eval_every=10)
-    if code == 0 and os.path.exists(PARTIAL["path"]):
-        os.remove(PARTIAL["path"])
+    code = experiment_main(NAME, __doc__, shared, measure, plot, steps=100, eval_every=10)
+    if "--replot" not in argv:
+        results = load_json(json_path)
+        # the command that remakes these numbers: --seeds matters; --resume gives the same numbers
+        command = command_line(NAME, [a for a in argv if a != "--resume"])
+        save_json(json_path, results | {"command": command})
+        if os.path.exists(PARTIAL["path"]):
+            os.remove(PARTIAL["path"])
     print("\n\n".join(tables(load_json(json_path)).values()))
     return code
 
@@ -122,6 +136,7 @@ def spectrum_of_update(base_params: dict[str, np.ndarray], keep_values: bool):
 def measure(lab: Lab) -> dict[str, Any]:
     quick = lab.settings.steps < 10
     seeds = QUICK_SEEDS if quick else SEEDS
+    seeds = seeds[: PARTIAL["seeds"]] if PARTIAL["seeds"] is not None else seeds
     base_params = lab.fresh_base().state_dict()
     runs = []
     for seed in seeds:  # seed outermost: a run cut short still has every method at the first seeds
