@@ -327,8 +327,9 @@ def tables(results: dict) -> dict[str, str]:
     chosen = chosen_rates(results)
     columns = [(FULL, str(lr)) for lr in METHODS[FULL][2] if str(lr) in results["ranks"].get(FULL, {})]
     columns += [(label, str(chosen[label])) for label in SPECTRA[1:] if label in chosen]
-    rank = ["| block matrix | shape | " + " | ".join(f"{label}, lr {float(lr):g}" for label, lr in columns) + " |"]
-    rank.append("|---" * (2 + len(columns)) + "|")
+    header = " | ".join(f"{label}, lr {float(lr):g}" for label, lr in columns)
+    rank = [f"| block matrix | shape | {header} | i.i.d. Gaussian matrix of that shape |"]
+    rank.append("|---" * (3 + len(columns)) + "|")
     first = results["ranks"][columns[0][0]][columns[0][1]]["rank90"] if columns else {}
     for name in first:
         shape = matrix_shape(name, results["base_config"])
@@ -337,9 +338,10 @@ def tables(results: dict) -> dict[str, str]:
             cell = results["ranks"][label][lr]["rank90"][name]
             text = f"{cell['mean']:.1f}"
             cells.append(text + (f" ({cell['min']}-{cell['max']})" if cell["min"] != cell["max"] else ""))
-        rank.append(f"| {short(name)} | {shape[0]}x{shape[1]} | " + " | ".join(cells) + " |")
+        noise = rank_for_variance(np.linalg.svd(np.random.default_rng(0).standard_normal(shape), compute_uv=False))
+        rank.append(f"| {short(name)} | {shape[0]}x{shape[1]} | " + " | ".join(cells) + f" | {noise} |")
     loss_cells = [pm(results["ranks"][label][lr]["task_after"], seeds, False) for label, lr in columns]
-    rank.append("| **code loss after** | | " + " | ".join(loss_cells) + " |")
+    rank.append("| **code loss after** | | " + " | ".join(loss_cells) + " | |")
     return {
         "grid": "\n".join(grid),
         "matched": "\n".join(matched),

@@ -237,3 +237,35 @@ def test_frontiers(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for png in ("frontiers.png", "frontiers_spectra.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_frontiers_page_matches_its_json():
+    """docs/frontiers.md holds the tables examples/frontiers.py makes from the committed JSON, verbatim;
+    every three-decimal number in its text and in the README's row is a number of those tables; the JSON's
+    analysis is what its runs give."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import frontiers
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    results = json.loads((ROOT / "docs" / "experiments" / "frontiers.json").read_text())
+    page = (ROOT / "docs" / "frontiers.md").read_text()
+    again = frontiers.analyse(results["runs"], results["base_losses"], results["seeds"])
+    assert json.loads(json.dumps(again)) == {key: results[key] for key in again}
+    tables = frontiers.tables(results)
+    for name, table in tables.items():
+        assert table in page, f"docs/frontiers.md: the {name} table is not the JSON's"
+    assert f"`{results['command']}`" in page and f"({results['minutes']:.0f} minutes" in page
+    for png in ("frontiers.png", "frontiers_spectra.png"):
+        assert f"(experiments/{png})" in page and (ROOT / "docs" / "experiments" / png).is_file()
+    numbers = set(re.findall(r"[+-]?\d\.\d{3}\b", "\n".join(tables.values())))
+    numbers |= {n.lstrip("+-") for n in numbers} | {f"{v:.3f}" for v in results["base_losses"].values()}
+    text = page
+    for table in tables.values():
+        text = text.replace(table, "")
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| frontiers |"))
+    for where, words in (("docs/frontiers.md", text), ("README.md", row)):
+        for number in re.findall(r"[+-]?\d\.\d{3}\b", words):
+            assert number in numbers or number.lstrip("+-") in numbers, f"{where}: {number} is not in the JSON's tables"
