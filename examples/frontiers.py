@@ -5,7 +5,7 @@
     python examples/frontiers.py --replot --out docs/experiments   # redraws both PNGs from the JSON
     python examples/frontiers.py --quick    # seconds: 3 steps, two seeds, into runs/quick
     python examples/frontiers.py --out docs/experiments --resume   # finishes a grid that was stopped
-    python examples/frontiers.py --seeds 2   # the first two seeds only
+    python examples/frontiers.py --seeds 0 1   # other seeds than the default 0 1 2
 
 Biderman et al., "LoRA Learns Less and Forgets Less" (TMLR 2024), at tinypeft's scale: the shipped base
 (pretrained on prose) fine-tuned on code. Every method trains at three learning rates with three seeds (the
@@ -84,13 +84,13 @@ PARTIAL: dict[str, Any] = {"path": None, "runs": {}, "seeds": None}
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --resume and --seeds N (the first N of SEEDS) are this script's own: the shared parser does not know them
+    # --resume and --seeds are this script's own: the shared parser does not know them
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--resume", action="store_true")
-    own.add_argument("--seeds", type=int, default=None)
+    own.add_argument("--seeds", type=int, nargs="+", default=None)
     mine, shared = own.parse_known_args(argv)
-    if mine.seeds is not None and not 1 <= mine.seeds <= len(SEEDS):
-        raise SystemExit(f"--seeds must be 1 to {len(SEEDS)}, got {mine.seeds}")
+    if mine.seeds is not None and (len(set(mine.seeds)) < len(mine.seeds) or min(mine.seeds) < 0):
+        raise SystemExit(f"--seeds takes distinct seeds >= 0, got {mine.seeds}")
     PARTIAL["seeds"] = mine.seeds
     json_path, _ = output_paths(experiment_parser(NAME, NAME).parse_args(shared), NAME)
     PARTIAL["path"] = json_path.removesuffix(".json") + ".partial.json"
@@ -136,13 +136,13 @@ def spectrum_of_update(base_params: dict[str, np.ndarray], keep_values: bool):
 def measure(lab: Lab) -> dict[str, Any]:
     quick = lab.settings.steps < 10
     seeds = QUICK_SEEDS if quick else SEEDS
-    seeds = seeds[: PARTIAL["seeds"]] if PARTIAL["seeds"] is not None else seeds
+    seeds = tuple(PARTIAL["seeds"]) if PARTIAL["seeds"] is not None else seeds
     base_params = lab.fresh_base().state_dict()
     runs = []
     for seed in seeds:  # seed outermost: a run cut short still has every method at the first seeds
         for label, (method, flags, rates) in METHODS.items():
             config, _ = method_defaults(method, *flags)
-            inspect = spectrum_of_update(base_params, seed == seeds[0]) if label in SPECTRA else None
+            inspect = spectrum_of_update(base_params, seed == SEEDS[0]) if label in SPECTRA else None
             for lr in rates:
                 row = PARTIAL["runs"].get((label, lr, seed))
                 if row is None:
