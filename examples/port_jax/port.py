@@ -485,7 +485,7 @@ def boft(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dic
             R = cayley(0.5 * (X - jnp.swapaxes(X, -1, -2)))  # the skew part of each block, then Cayley
             M = jnp.eye(W.shape[0], dtype=W.dtype)
             for f in range(F):  # M = M_{F-1} ... M_0, M_f = P_f diag(R_f) P_f^T with P_f[i, perm_f[i]] = 1
-                P = jnp.eye(W.shape[0], dtype=W.dtype)[butterfly_perm(W.shape[0], D // 2**f, H // 2, F)]
+                P = jnp.eye(W.shape[0], dtype=W.dtype)[np.array(butterfly_perm(W.shape[0], D // 2**f, H // 2, F))]
                 M = P @ jax.scipy.linalg.block_diag(*R[f]) @ P.T @ M
             return (x @ M @ W) * s[:, 0] + b
 
