@@ -4,8 +4,8 @@
     python examples/forgetting.py --out docs/experiments   # rewrites the committed results
     python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
 
-Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters, BitFit, VeRA, LoHa, LoKr, OFT and
-BOFT, each as `tinypeft finetune --method M` configures it (its default config and learning rate), train for the
+Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters, BitFit, VeRA, LoHa, LoKr, OFT,
+BOFT and AdaLoRA, each as `tinypeft finetune --method M` configures it (its default config and learning rate), train for the
 same steps on the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
 the original (prose) loss rose, both against the base model; the trainable parameters; the median time
 of a training step; and the peak memory of building the model and running two steps (tracemalloc, as
@@ -34,9 +34,10 @@ METHODS = {  # label: `tinypeft finetune --method` name
     "LoKr r=8 (c_attn)": "lokr",
     "OFT (blocks of 32, c_attn)": "oft",
     "BOFT (blocks of 4, c_attn)": "boft",
+    "AdaLoRA r 12 -> 8 (c_attn)": "adalora",
 }
 COLORS = ("black", "tab:blue", "tab:orange", "tab:olive", "tab:green", "tab:purple", "tab:brown", "tab:cyan", "tab:red")
-COLORS += ("tab:pink", "tab:gray", "gold")
+COLORS += ("tab:pink", "tab:gray", "gold", "darkred")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def measure(lab: Lab) -> dict:
     runs = []
     for label, method in METHODS.items():
-        config, lr = method_defaults(method)
+        config, lr = method_defaults(method, "--steps", str(lab.settings.steps))  # AdaLoRA's schedule spans the run
         runs.append(lab.run(label, config, lr, measure_memory=True, method=method))
     # step times from the runs above come from different minutes of a shared machine; these are
     # timed one step of each method in turn, so a change in load hits them all alike

@@ -81,6 +81,7 @@ def test_forgetting(tmp_path):
     results = run_quick("forgetting", tmp_path)
     runs = by(results, "method")
     assert sorted(runs) == [
+        "adalora",
         "adapter",
         "bitfit",
         "boft",
