@@ -117,3 +117,18 @@ def test_the_loader_refuses_a_damaged_merge(vectors, cases, tmp_path, damage, fr
     (copy / name / "merge.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match=fragment):
         load_merges(copy, cases)
+
+
+def test_each_kind_has_its_own_index_key_and_a_folder_without_them_still_checks(vectors, tmp_path, capsys):
+    """A folder written before the kinds existed (index.json with cases only) checks its cases; a key a reader
+    does not know is ignored."""
+    index = json.loads((vectors / "index.json").read_text())
+    assert {"trajectories", "merges", "generations", "round_trips"} <= set(index)
+    name = "ia3-odd-float64"
+    old = tmp_path / "old"
+    shutil.copytree(vectors / name, old / name)
+    kept = {k: index[k] for k in ("format", "version", "generated_by", "tolerance_notes")}
+    (old / "index.json").write_text(json.dumps({**kept, "cases": [name], "a_later_kind": ["x"]}))
+    assert main(["check-vectors", str(old), "--impl", str(PORT)]) == 0
+    out = capsys.readouterr().out
+    assert "1 cases: 1 passed, 0 failed" in out and "merge" not in out
