@@ -12,6 +12,7 @@ from .errors import (
 )
 from .experiment import SHIPPED_BASE
 from .methods import (
+    AdaLoraConfig,
     AdapterConfig,
     BitFitConfig,
     BOFTConfig,
@@ -45,6 +46,7 @@ __all__ = [
     "GPT",
     "SGD",
     "SHIPPED_BASE",
+    "AdaLoraConfig",
     "AdamW",
     "AdapterConfig",
     "BOFTConfig",

@@ -128,6 +128,9 @@ def loss_and_grad(
     parts = runtime.map_blocks(lambda rows: _forward_block(view, ids, mask, host_labels, leading, rows), blocks)
     n_total = sum(part.n_targets for part in parts)
     loss = sum(part.loss * part.n_targets for part in parts) / n_total
+    # the sites' loss terms (a regulariser) belong to the training objective: loss() reports the data's loss alone
+    term_value, term_grads = loss_terms(view) if need_grads else (0.0, {})
+    loss += term_value
     if not need_grads or not view.trainable:
         return loss, {}
 
@@ -139,7 +142,25 @@ def loss_and_grad(
     grads = block_grads[0]
     for more in block_grads[1:]:  # in block order: the sum does not depend on thread timing
         grads = {k: g + more[k] for k, g in grads.items()}
-    return loss, grads
+    return loss, add_grads(grads, term_grads)
+
+
+def loss_terms(view: ComputeView) -> tuple[float, Grads]:
+    """The sum of the sites' loss terms (`Sites.loss_terms`, which depend on the parameters alone) and its
+    gradients for the trainable names: what the training objective adds to the batch's mean cross-entropy."""
+    value, grads = 0.0, {}
+    for term in view.sites.loss_terms:
+        term_value, cache = term.forward(view.params)
+        value += float(term_value)
+        grads = add_grads(grads, term.backward(cache, view.trainable))
+    return value, grads
+
+
+def add_grads(grads: Grads, more: Mapping[str, Array]) -> Grads:
+    """grads + more, name by name (a name in one only is taken as it is); new arrays, neither input written."""
+    if not more:
+        return grads
+    return {**grads, **{k: grads[k] + g if k in grads else g for k, g in more.items()}}
 
 
 @dataclass(frozen=True)

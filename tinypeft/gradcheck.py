@@ -121,7 +121,8 @@ def model_loss_fn(
 ) -> tuple[LossFn, Callable[[], tuple[float, dict[str, Array]]]]:
     """(loss_fn, hand_loss_and_grads) for a model's ComputeView (`model.view()`).
 
-    With labels: the shifted, -100-ignoring causal-LM loss (positions a site puts in front get -100).
+    With labels: the shifted, -100-ignoring causal-LM loss (positions a site puts in front get -100), plus
+    the sites' loss terms (`Sites.loss_terms`, a regulariser of the adapter's tensors), as every loss has them.
     With output_weights R (B, T', V) instead: the linear functional sum(logits * R), which, unlike
     the shifted loss, also reaches the last position's logits.
     loss_fn(params) differentiates the reference forward (`gpt.forward`); hand() runs it and the
@@ -142,7 +143,7 @@ def model_loss_fn(
         logits, _ = gpt.forward(params, view.config, ids, mask, view.sites)
         if labels is None:
             return (logits * output_weights).sum()
-        return causal_lm_loss_forward(logits, labels)[0]
+        return causal_lm_loss_forward(logits, labels)[0] + sum(t.forward(params)[0] for t in view.sites.loss_terms)
 
     def hand() -> tuple[float, dict[str, Array]]:
         logits, cache = gpt.forward(view.params, view.config, ids, mask, view.sites)
@@ -151,6 +152,8 @@ def model_loss_fn(
         else:
             value, loss_cache = causal_lm_loss_forward(logits, labels)
             loss, dlogits = float(value), causal_lm_loss_backward(1.0, loss_cache)
+            term_value, term_grads = engine.loss_terms(view)
+            return loss + term_value, engine.add_grads(engine.backward(dlogits, cache, view), term_grads)
         return loss, engine.backward(dlogits, cache, view)
 
     return loss_fn, hand

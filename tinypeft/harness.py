@@ -348,7 +348,7 @@ def _engine(model, ids, labels, mask, case, tol, failures) -> tuple[float, list[
         if not np.array_equal(reference[name], fast[name]):
             failures.append(Failure(case.name, "engine", name, relative_error(fast[name], reference[name]), 0.0))
     _, public = model.loss_and_grad(ids, labels, mask)
-    expected = view.public(reference)
+    expected = view.public(engine.add_grads(reference, engine.loss_terms(view)[1]))  # and any regulariser's
     zero = sorted(name for name, g in expected.items() if not np.any(g))
     if set(public) != set(expected):
         failures.append(
@@ -408,7 +408,12 @@ def _held_view(view: engine.ComputeView) -> engine.ComputeView | None:
         return None
     held_sites = {key: site.holding_norms(view.params) for key, site in holding.items()}  # one per site
     held = {module: held_sites[id(site)] for module, site in linear.items() if id(site) in held_sites}
-    sites = Sites(linear={**linear, **held}, embedding=view.sites.embedding, prefix=view.sites.prefix)
+    sites = Sites(
+        linear={**linear, **held},
+        embedding=view.sites.embedding,
+        prefix=view.sites.prefix,
+        loss_terms=view.sites.loss_terms,
+    )
     return dataclasses.replace(view, sites=dataclasses.replace(sites, stochastic=view.sites.stochastic))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .backend import to_numpy
 from .data import load_corpus, random_batch
 from .errors import TrainingError
 from .experiment import BLAS_THREAD_VARIABLES, SHIPPED_BASE, base_dir, build_model, finetune, validation_losses
@@ -152,12 +153,15 @@ class Lab:
         lr: float,
         measure_memory: bool = False,
         seed: int | None = None,
+        inspect: Callable[[Trainable], dict[str, Any]] | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """One run; its row: label, lr, seed (of the adapter's init and the batches; default: the
         settings'), the fields given (the swept value, say), trainable parameters, before/after losses in
         nats, gain and forgetting, median step seconds, peak memory if measured, evaluations, samples, and
-        status "ok" or "diverged ..." (then the after-values are None)."""
+        status "ok" or "diverged ..." (then the after-values are None). `inspect`, if given, is called
+        with the trained model of a run that finished and what it returns joins the row (the weights
+        themselves are not kept: a grid of full fine-tunes would hold a model per run)."""
         config = self.settings.train_config(lr)
         if seed is not None:
             config = replace(config, seed=seed)
@@ -205,6 +209,8 @@ class Lab:
             ],
             "sample_after": s["sample_after"],
         }
+        if inspect is not None:
+            row |= inspect(run.model)
         print(
             f"{label:>28s}  lr {lr:<8g} task {row['task_before']:.3f} -> {row['task_after']:.3f}  "
             f"prose {row['prose_before']:.3f} -> {row['prose_after']:.3f}  "
@@ -328,3 +334,67 @@ def plateau(xs: Sequence[float], losses: Sequence[float | None], tolerance: floa
         return None
     best = min(loss for _, loss in done)
     return min(x for x, loss in done if loss <= best + tolerance)
+
+
+# ---------------------------------------------------------------- learning against forgetting
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (task loss, prose loss) that no other point beats on both (lower is better on each),
+    in order of rising task loss (so falling prose loss); non-finite points are dropped, and of equal
+    points one is kept."""
+    done = sorted({(t, p) for t, p in points if math.isfinite(t) and math.isfinite(p)})
+    front: list[tuple[float, float]] = []
+    for task, prose in done:  # by task loss, then prose loss: a point joins if it forgets less than all before
+        if not front or prose < front[-1][1]:
+            front.append((task, prose))
+    return front
+
+
+def forgetting_at_gain(gains: Sequence[float], forgettings: Sequence[float], gain: float) -> float | None:
+    """The forgetting of a run when its task gain first reaches `gain`, interpolated linearly between
+    the two evaluations around that point of its trajectory (gains[i], forgettings[i] are the task-loss
+    fall and prose-loss rise at the i-th evaluation, in training order); None if it never gets there
+    (or a value on the way is not finite)."""
+    if len(gains) != len(forgettings):
+        raise ValueError(f"forgetting_at_gain: {len(gains)} gains against {len(forgettings)} forgettings")
+    previous: tuple[float, float] | None = None
+    for g, f in zip(gains, forgettings, strict=True):
+        if not (math.isfinite(g) and math.isfinite(f)):
+            return None
+        if g >= gain:
+            if previous is None:
+                return f
+            g0, f0 = previous
+            return f0 + (f - f0) * (gain - g0) / (g - g0)
+        previous = (g, f)
+    return None
+
+
+def weight_updates(model: Trainable, base_params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """ΔW of every block matrix (attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj: the 2-D weights of
+    transformer.h.*) that training changed: the trained weight, with a PEFT model's adapter merged in,
+    minus the base's, in float64."""
+    from .peft_model import PeftModel
+
+    trained = model.merge_and_unload().params if isinstance(model, PeftModel) else model.params
+    updates = {}
+    for name, before in base_params.items():
+        if not name.startswith("transformer.h.") or np.ndim(before) != 2:
+            continue
+        delta = np.asarray(to_numpy(trained[name]), dtype=np.float64) - np.asarray(to_numpy(before), np.float64)
+        if np.any(delta):
+            updates[name] = delta
+    return updates
+
+
+def rank_for_variance(singular_values: Sequence[float], fraction: float = 0.9) -> int:
+    """The fewest leading singular directions whose squared singular values hold `fraction` of the
+    total (the rank of the best approximation, in Frobenius norm, that keeps that share of ΔW's
+    energy); 0 for a zero matrix."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"rank_for_variance: fraction must be in (0, 1], got {fraction}")
+    energy = np.sort(np.asarray(singular_values, dtype=np.float64) ** 2)[::-1]
+    total = energy.sum()
+    if total == 0:
+        return 0
+    # a relative tolerance so that fraction 1 is reached despite rounding in the running sum
+    return int(np.searchsorted(np.cumsum(energy), fraction * total * (1 - 1e-12)) + 1)

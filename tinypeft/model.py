@@ -64,11 +64,13 @@ class LanguageModel:
         return engine.logits(self.view(), input_ids, attention_mask)
 
     def loss(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> float:
-        """The shifted, -100-ignoring mean cross-entropy, without gradients."""
+        """The shifted, -100-ignoring mean cross-entropy, without gradients (and without any regulariser a method
+        adds to the training objective, which `loss_and_grad` includes)."""
         return engine.loss_and_grad(self.view(), input_ids, labels, attention_mask, need_grads=False)[0]
 
     def loss_and_grad(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, dict[str, Array]]:
-        """(loss, grads): grads maps each trainable parameter's name to its gradient; frozen ones are absent.
+        """(loss, grads): grads maps each trainable parameter's name to its gradient; frozen ones are absent. The loss
+        is the training objective: the mean cross-entropy plus the sites' loss terms (AdaLoRA's regulariser), if any.
 
         The tied embedding's gradient, under "transformer.wte.weight", includes the head's share.
         """
@@ -76,6 +78,10 @@ class LanguageModel:
         view = self.view()
         loss, grads = engine.loss_and_grad(view, input_ids, labels, attention_mask)
         return loss, view.public(grads)
+
+    def after_step(self, grads: Mapping[str, Array], step: int) -> None:
+        """What the training loop calls after each optimizer step (`step` from 0) with the gradients it applied:
+        nothing for a GPT; a PeftModel passes it to its adapters (`Adapter.after_step`)."""
 
     def generate(
         self,

@@ -223,6 +223,11 @@ class PeftModel(LanguageModel):
         if self._disabled:
             raise ConfigError("the adapter is disabled (inside disable_adapter()); there is nothing to train")
 
+    def after_step(self, grads: Mapping[str, Array], step: int) -> None:
+        """Each active adapter's `after_step` (AdaLoRA's rank allocator; nothing for most methods)."""
+        for a in self._actives():
+            a.after_step(grads, step)
+
     def trainable_parameters(self) -> dict[str, Array]:
         """The active adapter's tensors by name: what an optimizer updates (in place). With several active, every
         active adapter's tensors under their in-memory names (the same arrays)."""

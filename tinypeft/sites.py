@@ -8,6 +8,11 @@ added to, its own computation, and it calls whatever a method puts there:
 - `prefix`: supplies keys/values that every layer's attention sees before the real tokens, as a
   KV cache's past does (prefix tuning; the engine's cached generation uses the same door).
 
+Beside the sites, `loss_terms`: terms a method adds to the training objective that depend on its
+tensors alone, not on the batch (AdaLoRA's orthogonality regulariser). Each is a forward/backward pair
+over the parameters; `loss_and_grad` (and the gradient checks) include them, `loss()` (evaluation:
+nats per token, comparable across methods) does not.
+
 Every site is a forward/backward pair, like the ops. A backward returns the gradient flowing on
 to the model and a dict of gradients for the parameters it owns, keyed by their full names in
 the flat parameter dict, computed only for names in `trainable`.
@@ -105,6 +110,16 @@ class PrefixSite(Protocol):
         ...
 
 
+class LossTerm(Protocol):
+    def forward(self, params: Params) -> tuple[Any, Any]:
+        """(value, a scalar array, cache): added once to the batch's mean loss."""
+        ...
+
+    def backward(self, cache: Any, trainable: Collection[str]) -> Grads:
+        """The value's gradient for the names in `trainable` (the loss's weight on it is 1)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Sites:
     """What stands at each site. The default, empty, is the base model alone."""
@@ -115,6 +130,7 @@ class Sites:
     # the sites draw random masks for the shapes they are given (dropout in training): the engine must
     # then compute the batch whole, not in row blocks, or two blocks of one shape would share a mask
     stochastic: bool = False
+    loss_terms: tuple[LossTerm, ...] = ()
 
     def owned(self, module_location: Mapping[str, Location]) -> dict[str, Location]:
         """Every parameter a site owns, at the location of the site that owns it."""

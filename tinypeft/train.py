@@ -48,6 +48,7 @@ class Trainable(Protocol):
     def loss_and_grad(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> tuple[float, dict]: ...
     def loss(self, input_ids: Any, labels: Any, attention_mask: Any = None) -> float: ...
     def trainable_parameters(self) -> dict[str, Array]: ...
+    def after_step(self, grads: Mapping[str, Array], step: int) -> None: ...
 
 
 @dataclass
@@ -300,6 +301,7 @@ def _step(
         )
     lr = config.lr_at(step)
     optimizer.step(params, grads, lr)
+    model.after_step(grads, step)  # a method that adapts between steps (AdaLoRA's ranks); a no-op for the rest
     # the step's own time, evaluations excluded: what a step-time comparison wants
     return {
         "step": step + 1,

@@ -75,6 +75,7 @@ class GPT:
         self.linear: dict[str, Callable[[Tensor], Tensor]] = {}
         self.prompt: Callable[[], Tensor] | None = None
         self.prefix: Callable[[int], list[tuple[Tensor, Tensor]]] | None = None
+        self.regulariser: Callable[[], Tensor] | None = None  # added to the loss (adalora.md)
 
     def base_linear(self, module: str, x: Tensor) -> Tensor:
         """model.md §2: y = x W + b, W stored (in, out)."""
@@ -320,6 +321,30 @@ def add_vera(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> Non
         )
 
 
+# ================================================================ AdaLoRA (docs/adalora.md)
+def add_adalora(model: GPT, cfg: dict[str, Any]) -> None:
+    """adalora.md: y = x W + b + c (x (A * E)^T) B^T, c = lora_alpha / (init_r + 1e-5) whatever the layer's rank;
+    the loss adds w / (2L) * sum over layers of ||A A^T - I||_F + ||B^T B - I||_F."""
+    p, c = model.params, cfg["lora_alpha"] / (cfg["init_r"] + 1e-5)
+    pairs = []
+    for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
+        W, b = p[module + ".weight"], p[module + ".bias"]
+        A, E, B = (p[f"{PEFT}{module}.lora_{t}"] for t in "AEB")  # (r, in), (r, 1), (out, r)
+        model.linear[module] = lambda x, W=W, b=b, A=A, E=E, B=B: x @ W + b + c * (x @ (A * E).T) @ B.T
+        pairs.append((A, B))
+    w = cfg["orth_reg_weight"]
+
+    def regulariser() -> Tensor:
+        norms = [
+            torch.linalg.matrix_norm(M - torch.eye(M.shape[0], dtype=M.dtype))
+            for A, B in pairs
+            for M in (A @ A.T, B.T @ B)
+        ]
+        return w * sum(norms) / len(norms)
+
+    model.regulariser = regulariser
+
+
 # ================================================================ LoHa (docs/loha.md)
 def add_loha(model: GPT, cfg: dict[str, Any]) -> None:
     p, s = model.params, cfg["alpha"] / cfg["r"]
@@ -468,6 +493,8 @@ def attach(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> None:
         add_bottleneck(model, cfg)
     elif kind == "VERA":
         add_vera(model, cfg, derived)
+    elif kind == "ADALORA":
+        add_adalora(model, cfg)
     elif kind == "LOHA":
         add_loha(model, cfg)
     elif kind == "LOKR":
@@ -489,6 +516,8 @@ def compute(case: dict[str, Any]) -> dict[str, Any]:
     mask = None if case["attention_mask"] is None else torch.from_numpy(case["attention_mask"])
     logits = model(ids, mask)
     loss = causal_lm_loss(logits, torch.from_numpy(case["labels"]))
+    if model.regulariser is not None:
+        loss = loss + model.regulariser()
     grads = torch.autograd.grad(loss, [params[n] for n in case["trainable"]])
 
     def host(t: Tensor) -> np.ndarray:
@@ -533,6 +562,8 @@ def trajectory(t: dict[str, Any]) -> dict[str, Any]:
     mask = None if t["attention_mask"] is None else torch.from_numpy(t["attention_mask"])
     for step in range(t["steps"]):
         loss = causal_lm_loss(model(ids, mask), labels)
+        if model.regulariser is not None:
+            loss = loss + model.regulariser()
         grads = dict(zip(trained, torch.autograd.grad(loss, list(trained.values())), strict=True))
         losses.append(float(loss.detach()))
         if t["grad_clip"]:  # one norm over every trainable tensor together

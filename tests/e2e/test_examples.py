@@ -174,3 +174,98 @@ def test_own_method_check(tmp_path):
         assert f"case {case.name}: loss_and_grad" in done.stdout
     assert "base_model.model.transformer.h.0.attn.c_attn.ssf_scale" in done.stdout
     assert "FAILED" not in done.stdout and done.stdout.rstrip().endswith("merged = unmerged")
+
+
+def test_frontiers(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import frontiers
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    results = run_quick("frontiers", tmp_path)
+    assert results["seeds"] == [0, 1]
+    grid = sorted((run["label"], run["lr"], run["seed"]) for run in results["runs"])
+    assert grid == sorted(
+        (label, lr, seed) for label, (_, _, rates) in frontiers.METHODS.items() for lr in rates for seed in (0, 1)
+    )
+    params = {run["label"]: run["trainable_parameters"] for run in results["runs"]}
+    assert params["full fine-tuning"] == results["base_parameters"]
+    # LoRA on c_attn (128 -> 384), attn.c_proj (128 -> 128), mlp.c_fc (128 -> 512), mlp.c_proj (512 -> 128) of 4 blocks
+    assert params["LoRA r=8"] == 4 * 8 * (512 + 256 + 640 + 640) and params["LoRA r=64"] == 8 * params["LoRA r=8"]
+    assert params["DoRA r=8"] == params["LoRA r=8"] + 4 * (384 + 128 + 512 + 128)  # a magnitude per output
+    # the analysis in the JSON is what the runs in it give
+    again = frontiers.analyse(results["runs"], results["base_losses"], results["seeds"])
+    assert json.loads(json.dumps(again)) == {key: results[key] for key in again}
+    for label, per_seed in results["fronts"].items():
+        for seed, front in per_seed.items():
+            points = [
+                (e["task"], e["prose"])
+                for run in results["runs"]
+                if run["label"] == label and run["seed"] == int(seed)
+                for e in run["evals"]
+            ]
+            assert front and all(tuple(p) in points for p in front)
+            for task, prose in front:  # nothing measured beats a point of the front on both losses
+                assert not any(t <= task and p <= prose and (t, p) != (task, prose) for t, p in points)
+    # ΔW: a rank-r LoRA update needs at most r directions; full fine-tuning's at most min(in, out)
+    for run in results["runs"]:
+        bound = {"LoRA r=8": 8, "LoRA r=64": 64, "full fine-tuning": 128}.get(run["label"])
+        if bound is None:
+            assert "update_rank90" not in run
+            continue
+        assert len(run["update_rank90"]) == 16 and all(1 <= k <= bound for k in run["update_rank90"].values())
+        assert ("update_singular_values" in run) == (run["seed"] == 0)
+        if run["seed"] == 0 and run["label"] == "LoRA r=8":
+            assert all(len(values) <= 8 for values in run["update_singular_values"].values())
+    for label, per_lr in results["ranks"].items():
+        for lr, row in per_lr.items():
+            runs = [run for run in results["runs"] if run["label"] == label and run["lr"] == float(lr)]
+            name = "transformer.h.3.mlp.c_fc.weight"
+            assert row["rank90"][name]["mean"] == sum(run["update_rank90"][name] for run in runs) / len(runs)
+
+    # --replot re-analyses the JSON's runs and draws both figures again from them
+    for png in ("frontiers.png", "frontiers_spectra.png"):
+        (tmp_path / png).unlink()
+    done = subprocess.run(
+        [sys.executable, "examples/frontiers.py", "--replot", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for png in ("frontiers.png", "frontiers_spectra.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_frontiers_page_matches_its_json():
+    """docs/frontiers.md holds the tables examples/frontiers.py makes from the committed JSON, verbatim;
+    every three-decimal number in its text and in the README's row is a number of those tables; the JSON's
+    analysis is what its runs give."""
+    import re
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import frontiers
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    results = json.loads((ROOT / "docs" / "experiments" / "frontiers.json").read_text())
+    page = (ROOT / "docs" / "frontiers.md").read_text()
+    again = frontiers.analyse(results["runs"], results["base_losses"], results["seeds"])
+    assert json.loads(json.dumps(again)) == {key: results[key] for key in again}
+    tables = frontiers.tables(results)
+    for name, table in tables.items():
+        assert table in page, f"docs/frontiers.md: the {name} table is not the JSON's"
+    assert f"`{results['command']}`" in page and f"({results['minutes']:.0f} minutes" in page
+    for png in ("frontiers.png", "frontiers_spectra.png"):
+        assert f"(experiments/{png})" in page and (ROOT / "docs" / "experiments" / png).is_file()
+    numbers = set(re.findall(r"[+-]?\d\.\d{3}\b", "\n".join(tables.values())))
+    numbers |= {n.lstrip("+-") for n in numbers} | {f"{v:.3f}" for v in results["base_losses"].values()}
+    text = page
+    for table in tables.values():
+        text = text.replace(table, "")
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| frontiers |"))
+    for where, words in (("docs/frontiers.md", text), ("README.md", row)):
+        for number in re.findall(r"[+-]?\d\.\d{3}\b", words):
+            assert number in numbers or number.lstrip("+-") in numbers, f"{where}: {number} is not in the JSON's tables"

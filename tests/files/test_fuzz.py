@@ -159,6 +159,13 @@ def edited_json(draw, valid: object) -> object:
 METHOD_CONFIGS: dict[str, Callable[[], tp.PeftConfig]] = {
     "SELECTIVE": lambda: tp.SelectiveConfig(["*.ln_1.*"]),
     "OFT": lambda: tp.OFTConfig(oft_block_size=4),  # the default blocks of 32 are wider than the fuzz model
+    # AdaLoRA needs its run's length; a rank pattern makes the file a pruned one (ranks 2 and 1 of init_r 3)
+    "ADALORA": lambda: tp.AdaLoraConfig(
+        init_r=3,
+        target_r=1,
+        total_step=10,
+        rank_pattern={f"transformer.h.{i}.attn.c_attn.lora_E": [True, i == 0, False] for i in range(CFG.n_layer)},
+    ),
 }
 
 

@@ -27,6 +27,12 @@ LONGER_MODULES = {
         "(principle 9) holds their 14 golden cases (4 of them pin each flag at r >= 2, issue 17) and their "
         "error cases; the variants' math is in lora_variants.py",
     ),
+    "adalora.py": (
+        550,
+        "AdaLoRA's math, PEFT's 20 config fields and their checks, its rank_pattern rules (the pruned files PEFT "
+        "writes), the adapter, the site, and the registry entry with 11 flags, 3 golden cases and 19 error cases; the "
+        "regulariser and the rank allocator are in adalora_training.py",
+    ),
     "oft.py": (
         460,
         "the rotation's math is in orthogonal.py; this file holds PEFT's 15 config fields and their checks, the "

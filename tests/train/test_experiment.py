@@ -12,7 +12,16 @@ import tinypeft as tp
 from tinypeft.cli import method_defaults
 from tinypeft.data import load_corpus
 from tinypeft.experiment import finetune, validation_losses
-from tinypeft.lab import QUICK, Lab, peak_training_memory, plateau
+from tinypeft.lab import (
+    QUICK,
+    Lab,
+    forgetting_at_gain,
+    pareto_front,
+    peak_training_memory,
+    plateau,
+    rank_for_variance,
+    weight_updates,
+)
 from tinypeft.train import TrainConfig, TrainResult
 
 CFG = tp.GPTConfig(vocab_size=256, n_positions=64, n_embd=16, n_layer=1, n_head=2)
@@ -64,6 +73,12 @@ def test_lab_rows_and_a_diverged_run(base_dir, corpus_file, capsys):
     # full fine-tuning trained a freshly loaded base: the next run's base is untouched
     again = lab.run("BitFit again", config, lr)
     assert again["task_after"] == ok["task_after"]
+    # inspect sees the trained model of a run that finished: full fine-tuning moved every block matrix
+    before = lab.fresh_base().state_dict()
+    full = lab.run("full", None, 3e-4, inspect=lambda model: {"updated": sorted(weight_updates(model, before))})
+    assert full["updated"] == [
+        f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
 
 
 def test_full_fine_tuning_needs_more_memory_than_lora(corpus_file):
@@ -93,3 +108,55 @@ def test_median_step_seconds():
     result = TrainResult(2, 1.0, 1.0, train_losses=[{"step": s, "seconds": t} for s, t in ((1, 5.0), (2, 1), (3, 2))])
     assert result.median_step_seconds() == 2
     assert math.isnan(TrainResult(1, 1.0, 1.0, train_losses=[{"step": 1, "loss": 2.0}]).median_step_seconds())
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both_losses():
+    points = [(2.0, 1.0), (1.8, 1.2), (1.9, 1.3), (1.7, 1.25), (1.8, 1.1), (1.6, 1.5), (1.6, 1.6), (1.9, float("nan"))]
+    # (1.8, 1.2) loses to (1.8, 1.1); (1.9, 1.3) to (1.8, 1.1); (1.6, 1.6) to (1.6, 1.5)
+    assert pareto_front(points) == [(1.6, 1.5), (1.7, 1.25), (1.8, 1.1), (2.0, 1.0)]
+    assert pareto_front([(1.0, 1.0), (1.0, 1.0)]) == [(1.0, 1.0)]
+    assert pareto_front([]) == []
+
+
+def test_forgetting_at_gain_interpolates_along_the_trajectory():
+    gains = [0.0, 0.1, 0.3, 0.25, 0.4]
+    forgettings = [0.0, 0.05, 0.15, 0.2, 0.3]
+    assert math.isclose(forgetting_at_gain(gains, forgettings, 0.2), 0.10)  # halfway from 0.1 to 0.3
+    assert math.isclose(forgetting_at_gain(gains, forgettings, 0.1), 0.05)
+    # the first crossing counts, not a later one after the gain dipped
+    assert math.isclose(forgetting_at_gain(gains, forgettings, 0.28), 0.14)
+    assert forgetting_at_gain(gains, forgettings, 0.5) is None
+    assert forgetting_at_gain([0.2, 0.4], [0.3, 0.5], 0.1) == 0.3  # already there at the first evaluation
+    assert forgetting_at_gain([0.0, float("nan"), 0.5], [0.0, 0.1, 0.2], 0.4) is None
+    with pytest.raises(ValueError, match="2 gains against 1"):
+        forgetting_at_gain([0.0, 0.1], [0.0], 0.1)
+
+
+def test_rank_for_variance_counts_the_leading_directions():
+    assert rank_for_variance([3.0, 1.0, 0.0], 0.9) == 1  # 9 of 10
+    assert rank_for_variance([3.0, 1.0, 0.0], 0.91) == 2
+    assert rank_for_variance([1.0, 3.0], 0.95) == 2  # sorted first
+    assert rank_for_variance([1.0, 1.0, 1.0, 1.0], 1.0) == 4
+    assert rank_for_variance([0.0, 0.0], 0.9) == 0
+    with pytest.raises(ValueError, match="fraction"):
+        rank_for_variance([1.0], 0.0)
+
+
+def test_weight_updates_of_full_fine_tuning_and_of_merged_lora():
+    base = tp.GPT(CFG, seed=0)
+    before = base.state_dict()
+    lora = tp.get_peft_model(tp.GPT(CFG, seed=0), tp.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]))
+    rng = np.random.default_rng(0)
+    for value in lora.trainable_parameters().values():  # B starts at zero: give the update something to show
+        value[...] = rng.normal(size=value.shape)
+    updates = weight_updates(lora, before)
+    assert list(updates) == ["transformer.h.0.attn.c_attn.weight"]
+    delta = updates["transformer.h.0.attn.c_attn.weight"]
+    singular_values = np.linalg.svd(delta, compute_uv=False)
+    # rank 2, up to the float32 rounding of merging B A into W and subtracting W again
+    assert delta.shape == (16, 48) and singular_values[1] > 1e3 * singular_values[2]
+    assert rank_for_variance(singular_values, 0.999999) == 2
+    name = "transformer.h.0.mlp.c_fc.weight"
+    base.params[name] = base.params[name] + 1.0
+    assert list(weight_updates(base, before)) == [name]
+    np.testing.assert_allclose(weight_updates(base, before)[name], 1.0, rtol=1e-6)

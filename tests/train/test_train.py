@@ -114,6 +114,17 @@ PEFT_METHODS = {
     "lora": lambda: tp.LoraConfig(r=4, target_modules=["c_attn", "c_proj"], lora_dropout=0.1),
     "dora": lambda: tp.LoraConfig(r=4, use_dora=True, use_rslora=True),
     "vera": lambda: tp.VeraConfig(r=16, target_modules=["c_attn", "c_fc"], vera_dropout=0.1, projection_prng_key=5),
+    # the allocator's statistics and rank pattern resume too: it prunes from step 3 on, every 2 steps, final at 25
+    "adalora": lambda: tp.AdaLoraConfig(
+        init_r=4,
+        target_r=2,
+        tinit=3,
+        tfinal=5,
+        deltaT=2,
+        total_step=30,
+        lora_dropout=0.1,
+        target_modules=["c_attn", "c_fc"],
+    ),
 }
 
 

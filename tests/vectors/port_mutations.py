@@ -157,6 +157,13 @@ MUTATIONS = {
     "VeRA's projections seeded with the key plus one": Mutation(
         'manual_seed(cfg["projection_prng_key"])', 'manual_seed(cfg["projection_prng_key"] + 1)',
         lambda c: c.method == "vera"),
+    "AdaLoRA's regulariser squared, as the paper writes it": Mutation(
+        "torch.linalg.matrix_norm(M - torch.eye(M.shape[0], dtype=M.dtype))",
+        "torch.linalg.matrix_norm(M - torch.eye(M.shape[0], dtype=M.dtype)) ** 2",
+        lambda c: c.method == "adalora" and c.method_config["orth_reg_weight"] > 0),
+    "AdaLoRA scaled by the layer's rank, not init_r": Mutation(
+        "c * (x @ (A * E).T) @ B.T", "c * (cfg['init_r'] + 1e-5) / (len(A) + 1e-5) * (x @ (A * E).T) @ B.T",
+        lambda c: c.method == "adalora" and c.variant == "pruned"),
     "LoHa: the sum of the two products, not their Hadamard product": Mutation(
         "s * (w1a @ w1b) * (w2a @ w2b)", "s * ((w1a @ w1b) + (w2a @ w2b))", lambda c: c.method == "loha"),
     "LoHa's (out, in) delta reshaped, not transposed, to GPT-2's (in, out)": Mutation(
@@ -262,7 +269,7 @@ def merges_with(m: MergeVector, peft_type: str, **fields: object) -> bool:
     return is_peft_type(m.case, peft_type, **fields)
 
 
-READ_OFF = ("VERA", "LOHA", "LOKR", "OFT", "BOFT")  # the methods whose merge the port reads off the site
+READ_OFF = ("VERA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT")  # the methods whose merge the port reads off the site
 
 MERGE_MUTATIONS = {
     "LoRA's update reshaped, not transposed, to GPT-2's (in, out)": Mutation(

@@ -29,7 +29,7 @@ def merges(vectors, cases):
 
 def test_every_case_whose_method_merges_has_a_merge_that_changes_the_base(merges, cases):
     methods = {m.case.method_config["peft_type"] for m in merges}
-    assert methods == {"LORA", "IA3", "VERA", "LOHA", "LOKR", "OFT", "BOFT"}
+    assert methods == {"LORA", "IA3", "VERA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT"}
     assert {m.case.name for m in merges} == {c.name for c in cases if c.method_config and c.method_config[
         "peft_type"] in methods}  # fmt: skip
     for m in merges:  # the merged tensors differ from the base they replace, well beyond any tolerance

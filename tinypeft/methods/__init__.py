@@ -18,6 +18,7 @@ from .loha import LoHaConfig
 from .lokr import LoKrConfig
 from .oft import OFTConfig
 from .boft import BOFTConfig
+from .adalora import AdaLoraConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -26,6 +27,7 @@ from .registry import METHODS, MethodSpec, method
 __all__ = [
     "METHODS",
     "PEFT_PREFIX",
+    "AdaLoraConfig",
     "Adapter",
     "AdapterConfig",
     "BOFTConfig",

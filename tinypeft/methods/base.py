@@ -116,6 +116,11 @@ class Adapter:
         a gradient check re-running the forward, all see the same dropout masks."""
         return NO_SITES
 
+    def after_step(self, grads: Mapping[str, Array], step: int) -> None:
+        """Called by the training loop after each optimizer step (`step` counts from 0), with the gradients the
+        step applied: a method that adapts between steps does it here (AdaLoRA's rank allocator). None by
+        default."""
+
     def can_merge(self) -> bool:
         return True
 

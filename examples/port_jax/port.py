@@ -1,0 +1,594 @@
+"""tinypeft ported to JAX from its docs alone, checked against the golden vectors.
+
+A second, independent port beside examples/port_torch: every formula comes from a page of docs/ (named
+beside it), `jax.grad` does the backward, and float64 is switched on (`jax_enable_x64`) so the float64 cases
+compute in float64. It imports neither tinypeft, nor transformers, nor peft, nor torch.
+
+    tinypeft export-vectors vectors/
+    tinypeft check-vectors vectors/ --impl examples/port_jax/port.py
+
+`run_case(case)` is the interface VECTORS.md defines; `run_trajectory(t)` opts into the training trajectories.
+
+How it is laid out: a method is one function, registered under its `peft_type` with `@method(...)`, that puts
+its sites on a `Sites` (a linear layer replaced, a prompt in front of the embeddings, a prefix in front of every
+layer's keys and values) and may add constants it computes once (PiSSA's residual, VeRA's projections). Every
+site reads its tensors from the dict `p` it is called with, so the whole forward is a pure function of the
+weights, which `jax.jit` compiles once per case (model, method, trainable set, shapes and dtype) and reuses for
+that case's training trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)  # float64 cases compute in float64; float32 ones stay float32
+
+Array = jax.Array
+Params = dict[str, Array]
+PEFT = "base_model.model."  # the prefix of every adapter tensor that lives under a module (lora.md, ia3.md, ...)
+LINEAR_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # model.md §0, in block order
+
+
+# ================================================================ the base model (docs/model.md)
+def layernorm(x: Array, weight: Array, bias: Array, eps: float) -> Array:
+    """model.md §3: y = w * (x - mean) / sqrt(var + eps) + b, biased variance over the last axis."""
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps) * weight + bias
+
+
+def gelu_tanh(x: Array) -> Array:
+    """model.md §4: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def attention(qkv: Array, n_head: int, visible: Array, past: tuple[Array, Array] | None) -> Array:
+    """model.md §5: q, k, v split from c_attn's output in that order, past keys/values in front, scores
+    scaled by 1/sqrt(head size), hidden scores *replaced* by the dtype's most negative finite value."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+
+    def heads(t: Array) -> Array:  # [B, T, C] -> [B, NH, T, hs]
+        return t.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+
+    q, k, v = heads(qkv[..., :C]), heads(qkv[..., C : 2 * C]), heads(qkv[..., 2 * C :])
+    if past is not None:
+        k, v = jnp.concatenate([past[0], k], 2), jnp.concatenate([past[1], v], 2)  # [B, NH, P + T, hs]
+    scores = q @ jnp.swapaxes(k, -1, -2) / math.sqrt(C // n_head)  # [B, NH, T, P + T]
+    scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
+    y = jax.nn.softmax(scores, -1) @ v  # [B, NH, T, hs]
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C)
+
+
+@dataclass
+class Sites:
+    """Where a method plugs in (model.md): `linear[module](p, x)` replaces a linear layer, `prompt(p)` is
+    prepended to the token embeddings, `prefix(p)` gives every layer keys and values [NH, P, hs] in front of
+    the tokens' own. `constants` are tensors a method computes once from the base weights (frozen)."""
+
+    linear: dict[str, Callable[[Params, Array], Array]] = field(default_factory=dict)
+    prompt: Callable[[Params], Array] | None = None
+    prefix: Callable[[Params], list[tuple[Array, Array]]] | None = None
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def base_linear(p: Params, module: str, x: Array) -> Array:
+    """model.md §2: y = x W + b, W stored (in, out)."""
+    return x @ p[module + ".weight"] + p[module + ".bias"]
+
+
+def gpt(config: dict[str, Any], sites: Sites, p: Params, ids: Array, mask: Array | None) -> Array:
+    """GPT-2's logits [B, T', V] over the flat dict p of parameters named as in model.md."""
+    n_head, eps = config["n_head"], config["layer_norm_epsilon"]
+
+    def layer(module: str, x: Array) -> Array:
+        site = sites.linear.get(module)
+        return site(p, x) if site is not None else base_linear(p, module, x)
+
+    def ln(name: str, x: Array) -> Array:
+        return layernorm(x, p[name + ".weight"], p[name + ".bias"], eps)
+
+    B = ids.shape[0]
+    x = p["transformer.wte.weight"][ids]  # [B, T, C]
+    if sites.prompt is not None:  # prompt_tuning.md: the table in front of every row, mask ones in front
+        table = sites.prompt(p)
+        x = jnp.concatenate([jnp.broadcast_to(table, (B, *table.shape)), x], 1)
+        mask = None if mask is None else jnp.concatenate([jnp.ones((B, table.shape[0]), mask.dtype), mask], 1)
+    pasts = sites.prefix(p) if sites.prefix is not None else None
+    P = 0 if pasts is None else pasts[0][0].shape[1]
+    if P and mask is not None:  # prefix_tuning.md: every token sees every prefix entry
+        mask = jnp.concatenate([jnp.ones((B, P), mask.dtype), mask], 1)
+    T = x.shape[1]
+    x = x + p["transformer.wpe.weight"][P : P + T]  # model.md §1: positions P..P+T-1, padding or not
+    visible = jnp.arange(P + T)[None, :] <= (P + jnp.arange(T))[:, None]  # [T, P + T], causal
+    visible = visible[None, None] if mask is None else visible[None, None] & (mask[:, None, None, :] != 0)
+    for i in range(config["n_layer"]):
+        h = f"transformer.h.{i}"
+        past = None if pasts is None else tuple(jnp.broadcast_to(t, (B, *t.shape)) for t in pasts[i])
+        a = attention(layer(f"{h}.attn.c_attn", ln(f"{h}.ln_1", x)), n_head, visible, past)
+        x = x + layer(f"{h}.attn.c_proj", a)
+        m = gelu_tanh(layer(f"{h}.mlp.c_fc", ln(f"{h}.ln_2", x)))
+        x = x + layer(f"{h}.mlp.c_proj", m)
+    return ln("transformer.ln_f", x) @ p["transformer.wte.weight"].T  # tied head: [B, T, V]
+
+
+def causal_lm_loss(logits: Array, labels: Array) -> Array:
+    """model.md §7: position t predicts label t+1; -100 is ignored; the mean over the rest. Virtual tokens
+    in front of the tokens (prompt tuning) get labels of -100 (prompt_tuning.md)."""
+    B, added = labels.shape[0], logits.shape[1] - labels.shape[1]
+    labels = jnp.concatenate([jnp.full((B, added), -100, labels.dtype), labels], 1)
+    targets = labels[:, 1:]
+    valid = targets != -100
+    log_probs = jax.nn.log_softmax(logits[:, :-1], -1)  # z - max z - log sum e^(z - max z)
+    picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    return -jnp.where(valid, picked, 0).sum() / valid.sum().astype(logits.dtype)
+
+
+# ================================================================ target matching (lora.md, ia3.md)
+def matches(module: str, targets: str | list[str]) -> bool:
+    """PEFT's rule: a list entry t matches module m if m == t or m ends with "." + t; a string is a
+    regular expression that must match the whole name."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def targets(config: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The linear modules of the model that cfg's target_modules hits, in block order."""
+    modules = [f"transformer.h.{i}.{m}" for i in range(config["n_layer"]) for m in LINEAR_MODULES]
+    return [m for m in modules if matches(m, cfg["target_modules"])]
+
+
+# ================================================================ the methods, by peft_type
+Method = Callable[[Sites, dict[str, Any], dict[str, Any], dict[str, np.ndarray]], None]
+METHODS: dict[str, Method] = {}
+
+
+def method(*peft_types: str) -> Callable[[Method], Method]:
+    """Register `attach(sites, config, cfg, weights)` for these peft_types: a new method is one such function.
+    None (full fine-tuning), BITFIT and LN_TUNING are the base model, with the trainable tensors the case names."""
+
+    def register(attach: Method) -> Method:
+        for peft_type in peft_types:
+            METHODS[peft_type] = attach
+        return attach
+
+    return register
+
+
+# ---------------------------------------------------------------- LoRA, rsLoRA, DoRA, PiSSA (docs/lora.md)
+def pissa_residual(W: np.ndarray, r: int, s: float) -> np.ndarray:
+    """lora.md, PiSSA: with W^T = U S V^T (SVD in float64), A = diag(sqrt(S_r/s)) V_r^T, B = U_r diag(sqrt(S_r/s))
+    at init, and the frozen residual W - s (B A)^T, computed once from the base weight."""
+    U, S, Vh = np.linalg.svd(W.astype(np.float64).T, full_matrices=False)
+    root = np.sqrt(S[:r] / s)
+    A, B = root[:, None] * Vh[:r], U[:, :r] * root[None, :]
+    return (W.astype(np.float64) - s * (B @ A).T).astype(W.dtype)
+
+
+@method("LORA")
+def lora(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    r, s = cfg["r"], cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+    for module in targets(config, cfg):
+        weight = module + ".weight"
+        if cfg["init_lora_weights"] == "pissa":  # PiSSA computes with W_res in place of W, DoRA's norm included
+            weight = module + ".pissa_residual"
+            sites.constants[weight] = pissa_residual(weights[module + ".weight"], r, s)
+        A, B, m = (f"{PEFT}{module}.{t}" for t in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
+
+        def site(p: Params, x: Array, module=module, weight=weight, A=A, B=B, m=m) -> Array:
+            W, b, A, B = p[weight], p[module + ".bias"], p[A], p[B]  # (in, out), (out,), (r, in), (out, r)
+            if cfg["use_dora"]:  # per output column; a constant in the backward
+                norm = jax.lax.stop_gradient(jnp.linalg.norm(W + s * (B @ A).T, axis=0))
+                return (p[m] / norm) * (x @ W + s * (x @ A.T) @ B.T) + b
+            return x @ W + b + s * (x @ A.T) @ B.T
+
+        sites.linear[module] = site
+
+
+# ---------------------------------------------------------------- prompt tuning (docs/prompt_tuning.md)
+@method("PROMPT_TUNING")
+def prompt_tuning(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    sites.prompt = lambda p: p["prompt_embeddings"]  # (NV, C)
+    if cfg["prompt_tuning_init"] == "TEXT":  # the text's UTF-8 bytes as ids, tiled, cut to NV rows of wte
+        ids = list(cfg["prompt_tuning_init_text"].encode("utf-8"))
+        nv = cfg["num_virtual_tokens"]
+        ids = (ids * math.ceil(nv / len(ids)))[:nv]
+        sites.constants["derived prompt_embeddings"] = weights["transformer.wte.weight"][ids]
+
+
+# ---------------------------------------------------------------- P-tuning (docs/ptuning.md)
+def lstm_direction(x: Array, p: Params, head: str, suffix: str) -> Array:
+    """One direction of one LSTM layer over the rows of x (T, in), from h = c = 0; gates i, f, g, o."""
+    W_ih, W_hh = p[f"{head}.weight_ih{suffix}"], p[f"{head}.weight_hh{suffix}"]
+    b = p[f"{head}.bias_ih{suffix}"] + p[f"{head}.bias_hh{suffix}"]
+    H = W_hh.shape[1]
+    h = c = jnp.zeros(H, x.dtype)
+    steps = range(x.shape[0] - 1, -1, -1) if suffix.endswith("_reverse") else range(x.shape[0])
+    out = {}
+    for t in steps:
+        z = W_ih @ x[t] + W_hh @ h + b
+        i, f, g, o = (
+            jax.nn.sigmoid(z[:H]),
+            jax.nn.sigmoid(z[H : 2 * H]),
+            jnp.tanh(z[2 * H : 3 * H]),
+            jax.nn.sigmoid(z[3 * H :]),
+        )
+        c = f * c + i * g
+        h = out[t] = o * jnp.tanh(c)
+    return jnp.stack([out[t] for t in range(x.shape[0])])
+
+
+@method("P_TUNING")
+def ptuning(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    enc = "prompt_encoder"
+    if "prompt_embeddings" in weights:  # a table alone: prompt tuning's
+        sites.prompt = lambda p: p["prompt_embeddings"]
+        return
+
+    def linear(p: Params, x: Array, i: int) -> Array:
+        return x @ p[f"{enc}.mlp_head.{i}.weight"].T + p[f"{enc}.mlp_head.{i}.bias"]
+
+    def table(p: Params) -> Array:  # (NV, C): the encoder over the rows of E, one sequence
+        x = p[f"{enc}.embedding.weight"]
+        if cfg["encoder_reparameterization_type"] == "MLP":
+            return linear(p, jax.nn.relu(linear(p, jax.nn.relu(linear(p, x, 0)), 2)), 4)
+        for layer in range(cfg["encoder_num_layers"]):  # bidirectional: [forward h, reverse h] per row
+            both = [lstm_direction(x, p, f"{enc}.lstm_head", f"_l{layer}{rev}") for rev in ("", "_reverse")]
+            x = jnp.concatenate(both, 1)
+        return linear(p, jax.nn.relu(linear(p, x, 0)), 2)
+
+    sites.prompt = table
+
+
+# ---------------------------------------------------------------- prefix tuning (docs/prefix_tuning.md)
+@method("PREFIX_TUNING")
+def prefix_tuning(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    L, NH = config["n_layer"], config["n_head"]
+
+    def table(p: Params) -> Array:  # (NV, 2 L C)
+        if not cfg["prefix_projection"]:
+            return p["prompt_embeddings"]
+        E = p["prompt_encoder.embedding.weight"]
+        hidden = jnp.tanh(E @ p["prompt_encoder.transform.0.weight"].T + p["prompt_encoder.transform.0.bias"])
+        return hidden @ p["prompt_encoder.transform.2.weight"].T + p["prompt_encoder.transform.2.bias"]
+
+    def prefix(p: Params) -> list[tuple[Array, Array]]:  # the same for every row of the batch
+        theta = table(p)
+        NV = theta.shape[0]
+        kv = theta.reshape(NV, 2 * L, NH, -1).transpose(1, 2, 0, 3)  # [layer][key/value][head][NV][head_dim]
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(L)]
+
+    sites.prefix = prefix
+
+
+# ---------------------------------------------------------------- IA3 (docs/ia3.md)
+@method("IA3")
+def ia3(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    ff = cfg["feedforward_modules"]
+    for module in targets(config, cfg):
+        # feedforward: a plain endswith per entry (no "." boundary), or a full-match regex string
+        feedforward = re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
+        l = f"{PEFT}{module}.ia3_l"
+        if feedforward:
+            sites.linear[module] = lambda p, x, module=module, l=l: base_linear(p, module, x * p[l])
+        else:
+            sites.linear[module] = lambda p, x, module=module, l=l: base_linear(p, module, x) * p[l]
+
+
+# ---------------------------------------------------------------- bottleneck adapters (docs/adapters.md)
+ACTIVATIONS = {"relu": jax.nn.relu, "tanh": jnp.tanh, "silu": jax.nn.silu, "gelu_tanh": gelu_tanh}
+PLACEMENTS = {"both": ("attn.c_proj", "mlp.c_proj"), "attn": ("attn.c_proj",), "mlp": ("mlp.c_proj",)}
+
+
+@method("BOTTLENECK_ADAPTER")
+def bottleneck(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    act = ACTIVATIONS[cfg["non_linearity"]]
+    for i in range(config["n_layer"]):
+        for place in PLACEMENTS[cfg["placement"]]:
+            module = f"transformer.h.{i}.{place}"
+            down, up = (f"{PEFT}{module}.adapter_{d}" for d in ("down", "up"))
+
+            def adapted(p: Params, x: Array, module=module, down=down, up=up) -> Array:
+                h = base_linear(p, module, x)
+                g = act(h @ p[down + ".weight"].T + p[down + ".bias"])
+                return h + g @ p[up + ".weight"].T + p[up + ".bias"]
+
+            sites.linear[module] = adapted
+
+
+# ---------------------------------------------------------------- VeRA (docs/vera.md)
+def mt19937(seed: int) -> Callable[[], int]:
+    """vera.md: the reference Mersenne Twister, seeded by init_genrand(seed mod 2^32); each call, the next
+    32-bit output."""
+    state, index = [seed % 2**32], 624
+    for i in range(1, 624):
+        state.append((1812433253 * (state[-1] ^ (state[-1] >> 30)) + i) % 2**32)
+
+    def next_word() -> int:
+        nonlocal index
+        if index == 624:
+            for k in range(624):
+                y = (state[k] & 0x80000000) | (state[(k + 1) % 624] & 0x7FFFFFFF)
+                state[k] = state[(k + 397) % 624] ^ (y >> 1) ^ (0x9908B0DF if y & 1 else 0)
+            index = 0
+        y = state[index]
+        index += 1
+        y ^= y >> 11
+        y ^= (y << 7) & 0x9D2C5680
+        y ^= (y << 15) & 0xEFC60000
+        return y ^ (y >> 18)
+
+    return next_word
+
+
+def kaiming_uniform(next_word: Callable[[], int], shape: tuple[int, int]) -> np.ndarray:
+    """vera.md: uniform on +-sqrt(3) (sqrt(2) / sqrt(fan_in)), fan_in the shape's second size; each element in
+    row-major order takes one 32-bit output w, and v = w mod 2^24 gives v 2^-24 (h - l) + l in float64 (exact),
+    rounded to float32 once, with l = float32(-bound), h = float32(bound)."""
+    bound = math.sqrt(3.0) * (math.sqrt(2.0) / math.sqrt(shape[1]))
+    low, high = float(np.float32(-bound)), float(np.float32(bound))
+    v = np.array([next_word() % 2**24 for _ in range(shape[0] * shape[1])], dtype=np.float64)
+    return (v * 2.0**-24 * (high - low) + low).astype(np.float32).reshape(shape)
+
+
+@method("VERA")
+def vera(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    """vera.md: one frozen pair A (r, max in) then B (max out, r), drawn from projection_prng_key; each layer
+    reads the top-left block it needs, and y = x W + b + l_b * ((l_d * (x A^T)) B^T)."""
+    r, dtype, modules = cfg["r"], weights["transformer.wte.weight"].dtype, targets(config, cfg)
+    n_in = max(weights[m + ".weight"].shape[0] for m in modules)
+    n_out = max(weights[m + ".weight"].shape[1] for m in modules)
+    next_word = mt19937(cfg["projection_prng_key"])
+    A = kaiming_uniform(next_word, (r, n_in))  # A first, then B, from the one generator
+    B = kaiming_uniform(next_word, (n_out, r))
+    sites.constants["base_model.vera_A"], sites.constants["base_model.vera_B"] = A.astype(dtype), B.astype(dtype)
+    for module in modules:
+        l_d, l_b = f"{PEFT}{module}.vera_lambda_d", f"{PEFT}{module}.vera_lambda_b"
+
+        def site(p: Params, x: Array, module=module, l_d=l_d, l_b=l_b) -> Array:
+            W = p[module + ".weight"]
+            A, B = p["base_model.vera_A"][:, : W.shape[0]], p["base_model.vera_B"][: W.shape[1]]  # (r, in), (out, r)
+            return base_linear(p, module, x) + p[l_b] * ((p[l_d] * (x @ A.T)) @ B.T)
+
+        sites.linear[module] = site
+
+
+# ---------------------------------------------------------------- LoHa (docs/loha.md)
+@method("LOHA")
+def loha(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    s = cfg["alpha"] / cfg["r"]
+    for module in targets(config, cfg):
+
+        def site(p: Params, x: Array, module=module) -> Array:
+            w1a, w1b, w2a, w2b = (p[f"{PEFT}{module}.hada_{w}"] for w in ("w1_a", "w1_b", "w2_a", "w2_b"))
+            delta = s * (w1a @ w1b) * (w2a @ w2b)  # (out, in): PEFT's nn.Linear layout, so it enters transposed
+            return base_linear(p, module, x) + x @ delta.T
+
+        sites.linear[module] = site
+
+
+# ---------------------------------------------------------------- LoKr (docs/lokr.md)
+def split(dimension: int, factor: int) -> tuple[int, int]:
+    """lokr.md, factorization: (f, dim / f) if f > 0 divides dim; else (m, dim / m) with m the largest divisor of
+    dim with m <= sqrt(dim), and m <= f when f > 0."""
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    limit = math.isqrt(dimension) if factor == -1 else min(math.isqrt(dimension), factor)
+    m = max(k for k in range(1, limit + 1) if dimension % k == 0)
+    return m, dimension // m
+
+
+@method("LOKR")
+def lokr(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    r, scale = cfg["r"], cfg["alpha"] / cfg["r"]
+    for module in targets(config, cfg):
+        n_in, n_out = weights[module + ".weight"].shape
+        c, d = split(n_in, cfg["decompose_factor"])  # in = c d
+        a, bb = split(n_out, cfg["decompose_factor"])  # out = a bb
+        low_rank_w1 = cfg["decompose_both"] and r < max(a, c) / 2
+        low_rank_w2 = r < max(bb, d) / 2
+
+        def site(p: Params, x: Array, module=module, low_rank_w1=low_rank_w1, low_rank_w2=low_rank_w2) -> Array:
+            name = f"{PEFT}{module}.lokr_"
+            w1 = p[name + "w1_a"] @ p[name + "w1_b"] if low_rank_w1 else p[name + "w1"]  # (a, c)
+            w2 = p[name + "w2_a"] @ p[name + "w2_b"] if low_rank_w2 else p[name + "w2"]  # (bb, d)
+            delta = scale * jnp.kron(w1, w2)  # (a bb, c d) = (out, in), PEFT's nn.Linear layout
+            return base_linear(p, module, x) + x @ delta.T
+
+        sites.linear[module] = site
+
+
+# ---------------------------------------------------------------- OFT and BOFT (docs/oft.md)
+def cayley(S: Array) -> Array:
+    """oft.md, Cayley: R = (I - S)(I + S)^-1 per block, PEFT's solve of X (I + S) = I - S, transposed:
+    (I + S)^T X^T = (I - S)^T."""
+    eye = jnp.eye(S.shape[-1], dtype=S.dtype)
+    return jnp.swapaxes(jnp.linalg.solve(jnp.swapaxes(eye + S, -1, -2), jnp.swapaxes(eye - S, -1, -2)), -1, -2)
+
+
+def neumann(S: Array, terms: int) -> Array:
+    """oft.md, Neumann: I + 2S for 2 terms; I + 2S + ... + 2S^(m-1) + S^m with m = max(terms - 1, 3) beyond."""
+    m = max(terms - 1, 3)
+    coefficients = [1, 2] if terms == 2 else [1] + [2] * (m - 1) + [1]
+    R, power = jnp.zeros_like(S), jnp.broadcast_to(jnp.eye(S.shape[-1], dtype=S.dtype), S.shape)
+    for c in coefficients:
+        R, power = R + c * power, power @ S
+    return R
+
+
+def coft(q: Array, eps: float) -> Array:
+    """oft.md, COFT: each block's S (Frobenius norm sqrt(2) |q|) pulled onto the ball of radius eps / sqrt(k) (float32
+    arithmetic, k the blocks stored) if outside it; the gradient passes straight through."""
+    radius = float(np.float32(eps) * (np.float32(1) / np.sqrt(np.float32(q.shape[0]))))
+    fixed = jax.lax.stop_gradient(q)
+    norm = math.sqrt(2) * jnp.linalg.norm(fixed, axis=1, keepdims=True)
+    projected = jnp.where(norm <= radius, fixed, fixed * radius / norm)
+    return q + (projected - fixed)
+
+
+def rotate_blocks(x: Array, R: Array) -> Array:
+    """oft.md: x' = x diag(R_1..R_r), each group of b input features a row vector times its block."""
+    r, b = x.shape[-1] // R.shape[-1], R.shape[-1]
+    blocks = jnp.broadcast_to(R, (r, b, b))
+    return jnp.einsum("...rk,rkc->...rc", x.reshape(*x.shape[:-1], r, b), blocks).reshape(x.shape)
+
+
+@method("OFT")
+def oft(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    for module in targets(config, cfg):
+        block = cfg["oft_block_size"] or weights[module + ".weight"].shape[0] // cfg["r"]  # r x block = in
+
+        def site(p: Params, x: Array, module=module, block=block) -> Array:
+            q = p[f"{PEFT}{module}.oft_R.weight"]
+            if cfg["coft"]:
+                q = coft(q, cfg["eps"])
+            rows, cols = np.triu_indices(block, 1)
+            S = jnp.zeros((q.shape[0], block, block), q.dtype).at[:, rows, cols].set(q)
+            S = S - jnp.swapaxes(S, 1, 2)  # skew-symmetric from the strict upper triangle, row by row
+            R = neumann(S, cfg["num_cayley_neumann_terms"]) if cfg["use_cayley_neumann"] else cayley(S)
+            return base_linear(p, module, rotate_blocks(x, R))
+
+        sites.linear[module] = site
+
+
+def butterfly_perm(n: int, blocks: int, r: int, n_factors: int) -> list[int]:
+    """oft.md, BOFT's permutations: the identity for one factor; else, in each stretch of n / blocks features,
+    the groups of r taken evens first, then odds."""
+    if n_factors == 1:
+        return list(range(n))
+    size = n // blocks
+    step = size // r
+    order = list(range(0, step, 2)) + list(range(1, step, 2))
+    within = [k for pos in order for k in range(pos * r, pos * r + r)]
+    return [start + k for start in range(0, n, size) for k in within]
+
+
+@method("BOFT")
+def boft(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    for module in targets(config, cfg):
+
+        def site(p: Params, x: Array, module=module) -> Array:
+            W, b = p[module + ".weight"], p[module + ".bias"]
+            X, s = p[f"{PEFT}{module}.boft_R"], p[f"{PEFT}{module}.boft_s"]  # (F, D, H, H), (out, 1)
+            F, D, H, _ = X.shape
+            R = cayley(0.5 * (X - jnp.swapaxes(X, -1, -2)))  # the skew part of each block, then Cayley
+            M = jnp.eye(W.shape[0], dtype=W.dtype)
+            for f in range(F):  # M = M_{F-1} ... M_0, M_f = P_f diag(R_f) P_f^T with P_f[i, perm_f[i]] = 1
+                P = jnp.eye(W.shape[0], dtype=W.dtype)[np.array(butterfly_perm(W.shape[0], D // 2**f, H // 2, F))]
+                M = P @ jax.scipy.linalg.block_diag(*R[f]) @ P.T @ M
+            return (x @ M @ W) * s[:, 0] + b
+
+        sites.linear[module] = site
+
+
+# ================================================================ the interface (VECTORS.md)
+@dataclass
+class Compiled:
+    """One case's model and method: `step(trainable, frozen, ids, labels, mask)` -> ((loss, logits), grads),
+    jit-compiled, and the constants the method computed once (passed in with the frozen tensors)."""
+
+    step: Callable[..., Any]
+    constants: dict[str, np.ndarray]
+
+
+_STEPS: dict[str, Callable[..., Any]] = {}
+
+
+def compiled(case: dict[str, Any]) -> Compiled:
+    """The case's method attached (its constants computed from the case's weights) and its compiled loss and
+    gradients, built once per (model, method, trainable set, dtype): every site reads its tensors, constants
+    included, from the dict it is given, so a case and its trajectory share one; jax.jit compiles once per shape."""
+    config, cfg, sites = case["model_config"], case["method_config"] or {}, Sites()
+    attach = METHODS.get(cfg.get("peft_type"))
+    if attach is not None:
+        attach(sites, config, cfg, case["weights"])
+    key = json.dumps([config, cfg, case["trainable"], case["dtype"]], sort_keys=True)
+    if key not in _STEPS:
+
+        def loss_fn(trainable: Params, frozen: Params, ids: Array, labels: Array, mask: Array | None) -> Any:
+            logits = gpt(config, sites, {**frozen, **trainable}, ids, mask)
+            return causal_lm_loss(logits, labels), logits
+
+        _STEPS[key] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    return Compiled(_STEPS[key], sites.constants)
+
+
+def inputs(case: dict[str, Any]) -> tuple[Compiled, Params, Params, tuple[Array, Array, Array | None]]:
+    """The compiled step, the trainable and frozen tensors (constants among the frozen), and the batch."""
+    entry = compiled(case)
+    weights = {n: jnp.asarray(w) for n, w in case["weights"].items()}
+    trainable = {n: weights.pop(n) for n in case["trainable"]}
+    frozen = {**weights, **{n: jnp.asarray(c) for n, c in entry.constants.items() if not n.startswith("derived ")}}
+    mask = None if case["attention_mask"] is None else jnp.asarray(case["attention_mask"])
+    return entry, trainable, frozen, (jnp.asarray(case["input_ids"]), jnp.asarray(case["labels"]), mask)
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    """logits, loss, the gradient of every trainable tensor, and the tensors the init derives."""
+    entry, trainable, frozen, (ids, labels, mask) = inputs(case)
+    (loss, logits), grads = entry.step(trainable, frozen, ids, labels, mask)
+    derived = {n.removeprefix("derived "): np.asarray(c) for n, c in entry.constants.items()}
+    return {
+        "logits": np.asarray(logits),
+        "loss": float(loss),
+        "grads": {n: np.asarray(g) for n, g in grads.items()},
+        "derived": derived,
+    }
+
+
+# ================================================================ training trajectories (VECTORS.md)
+def learning_rate(step: int, t: dict[str, Any]) -> float:
+    """Linear warm-up to lr over warmup_steps, then a cosine down to min_lr_ratio * lr at the last step."""
+    lr, warmup, steps, floor = t["lr"], t["warmup_steps"], t["steps"], t["min_lr_ratio"]
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_trajectory(t: dict[str, Any]) -> dict[str, Any]:
+    """`steps` optimizer steps on the case's batch: the loss before each, the trainable tensors after the last.
+    The optimizer runs in NumPy in the case's dtype: its scalars are Python floats, which keep that dtype."""
+    entry, trainable, frozen, batch = inputs(t)
+    params = {n: np.asarray(w) for n, w in trainable.items()}
+    opt, state, losses = t["optimizer"], {n: {} for n in params}, []
+    for step in range(t["steps"]):
+        (loss, _), grads = entry.step({n: jnp.asarray(w) for n, w in params.items()}, frozen, *batch)
+        grads = {n: np.asarray(g) for n, g in grads.items()}
+        losses.append(float(loss))
+        if t["grad_clip"]:  # one norm over every trainable tensor together
+            norm = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+            if norm > t["grad_clip"]:
+                grads = {n: g * (t["grad_clip"] / (norm + 1e-6)) for n, g in grads.items()}
+        lr = learning_rate(step, t)
+        for name in params:
+            params[name] = update(params[name], grads[name], state[name], opt, lr, step + 1)
+    return {"losses": losses, "params": params}
+
+
+def update(p: np.ndarray, g: np.ndarray, s: dict[str, np.ndarray], opt: dict[str, Any], lr: float, t: int) -> Any:
+    """One step of AdamW or SGD on p (torch's formulas, VECTORS.md); weight decay only on matrices (ndim >= 2)."""
+    decays = opt["weight_decay"] > 0 and p.ndim >= 2
+    if opt["name"] == "AdamW":
+        b1, b2 = opt["betas"]
+        if decays:
+            p = p * (1 - lr * opt["weight_decay"])
+        m = s["m"] = b1 * s.get("m", np.zeros_like(p)) + (1 - b1) * g
+        v = s["v"] = b2 * s.get("v", np.zeros_like(p)) + (1 - b2) * g * g
+        return p - (lr / (1 - b1**t)) * m / (np.sqrt(v) / math.sqrt(1 - b2**t) + opt["eps"])
+    if decays:
+        g = g + opt["weight_decay"] * p
+    if opt["momentum"]:
+        g = s["b"] = g.copy() if "b" not in s else opt["momentum"] * s["b"] + g
+    return p - lr * g
