@@ -310,6 +310,10 @@ GENERATION_MUTATIONS = {
         "            pasts = cache if pasts is None else [(torch.cat([a, k], 2), torch.cat([b, v], 2))"
         " for (a, b), (k, v) in zip(pasts, cache)]\n",
         lambda g: generates_with(g, "prefix_tuning")),
+    "the prefix left out of the cache": Mutation(
+        "keys_values.append(kv)",
+        "keys_values.append(kv if self.prefix is None or cache is not None else (kv[0][:, :, P:], kv[1][:, :, P:]))",
+        lambda g: generates_with(g, "prefix_tuning")),
     "the virtual tokens prepended again at every cached step": Mutation(
         "if self.prompt is not None and cache is None:", "if self.prompt is not None:",
         lambda g: generates_with(g, "prompt_tuning")),
