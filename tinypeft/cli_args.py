@@ -252,8 +252,10 @@ def _export_vectors(sub: argparse._SubParsersAction) -> None:
         description="Write golden vectors for ports: for the base model and every method, small cases (odd "
         "sizes, rank 1, padded batches, virtual tokens filling the position table) in float64 and float32, each "
         "a folder with case.json (configs, inputs, loss, tolerances), weights.safetensors and "
-        "expected.safetensors (logits and every trainable gradient); and training trajectories, ten AdamW or SGD "
-        "steps from some of the cases. The same command writes the same bytes. VECTORS.md describes the format.",
+        "expected.safetensors (logits and every trainable gradient); training trajectories, ten AdamW or SGD "
+        "steps from some of the cases; the merged and unmerged base weights of every case whose method merges; "
+        "greedy generations of a few; and the cases whose adapter files a port writes for tinypeft to read back. "
+        "The same command writes the same bytes. VECTORS.md describes the format.",
     )
     x.add_argument("dir", help="folder to write the cases and index.json into")
     x.add_argument("--cases", nargs="+", default=["*"], metavar="GLOB", help="only cases whose name matches a glob")
@@ -267,8 +269,11 @@ def _check_vectors(sub: argparse._SubParsersAction) -> None:
         help="run an implementation (a port) on golden vectors and compare",
         description="Load every golden case in DIR, call run_case(case) from the implementation MODULE, and "
         "compare its logits, loss and gradients with the expected ones, tensor by tensor, at the tolerances the "
-        "vectors state; if MODULE has run_trajectory(t), also the training trajectories of the selected cases. "
-        "Exit status 1 if any case fails. VECTORS.md documents the run_case and run_trajectory interfaces.",
+        "vectors state; and each kind MODULE opts into, from the selected cases: run_trajectory(t) the training "
+        "trajectories, merge_case(case) and unmerge_case(case) the merges, generate_case(g, use_cache) greedy "
+        "generation with and without the KV cache, save_adapter(case, folder) the adapter round trips. Prints "
+        "per kind how many ran and passed, and the worst error. Exit status 1 if any fails. VECTORS.md documents "
+        "every interface.",
     )
     c.add_argument("dir", help="folder written by export-vectors")
     c.add_argument(

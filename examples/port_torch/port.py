@@ -596,6 +596,20 @@ def update(p: Tensor, g: Tensor, s: dict[str, Tensor], opt: dict[str, Any], lr: 
 
 
 # ================================================================ merge and unmerge (lora.md, ia3.md: Merge)
+def one_thread(entry_point: Callable[..., Any]) -> Callable[..., Any]:
+    """The entry point on one thread, as run_case: the cases are tiny, and waking a thread pool costs more."""
+
+    def run(*args: Any) -> Any:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return entry_point(*args)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
 def build(case: dict[str, Any]) -> tuple[GPT, dict[str, Tensor]]:
     """The case's model with its method attached, in the case's dtype, nothing requiring a gradient."""
     dtype = {"float64": torch.float64, "float32": torch.float32}[case["dtype"]]
@@ -653,6 +667,7 @@ def merge_weights(model: GPT, cfg: dict[str, Any]) -> dict[str, Tensor]:
     return out
 
 
+@one_thread
 def merge_case(case: dict[str, Any]) -> dict[str, Any]:
     """Every base parameter after folding the adapter into the base weights."""
     with torch.no_grad():
@@ -661,6 +676,7 @@ def merge_case(case: dict[str, Any]) -> dict[str, Any]:
         return {n: merged.get(n, model.params[n]).numpy() for n in base_names(case["model_config"])}
 
 
+@one_thread
 def unmerge_case(case: dict[str, Any]) -> dict[str, Any]:
     """Every base parameter after merging, then taking the adapter back out of the merged weights as PEFT does:
     subtracting the update, dividing by DoRA's k or IA3's l (exactly: not l + 1e-8)."""
@@ -687,6 +703,7 @@ def unmerge_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 # ================================================================ greedy generation (VECTORS.md: Generation)
+@one_thread
 def generate_case(g: dict[str, Any], use_cache: bool) -> dict[str, Any]:
     """max_new_tokens greedy tokens after input_ids, and the last position's logits at each step: with the cache, a
     step reads the newest token and the keys and values so far; without, the whole sequence again."""
@@ -755,6 +772,7 @@ def prefix_table(prefix: Callable[[int], list[tuple[Tensor, Tensor]]]) -> Tensor
     return kv.permute(2, 0, 1, 3).reshape(kv.shape[2], -1)
 
 
+@one_thread
 def save_adapter(case: dict[str, Any], folder: str) -> None:
     """adapter_model.safetensors and adapter_config.json, as PEFT writes them, in the case's dtype."""
     with torch.no_grad():

@@ -269,7 +269,7 @@ def merges_with(m: MergeVector, peft_type: str, **fields: object) -> bool:
     return is_peft_type(m.case, peft_type, **fields)
 
 
-READ_OFF = ("VERA", "LOHA", "LOKR", "OFT", "BOFT")  # the methods whose merge the port reads off the site
+READ_OFF = ("VERA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT")  # the methods whose merge the port reads off the site
 
 MERGE_MUTATIONS = {
     "LoRA's update reshaped, not transposed, to GPT-2's (in, out)": Mutation(
@@ -309,6 +309,10 @@ GENERATION_MUTATIONS = {
         "            pasts = cache\n",
         "            pasts = cache if pasts is None else [(torch.cat([a, k], 2), torch.cat([b, v], 2))"
         " for (a, b), (k, v) in zip(pasts, cache)]\n",
+        lambda g: generates_with(g, "prefix_tuning")),
+    "the prefix left out of the cache": Mutation(
+        "keys_values.append(kv)",
+        "keys_values.append(kv if self.prefix is None or cache is not None else (kv[0][:, :, P:], kv[1][:, :, P:]))",
         lambda g: generates_with(g, "prefix_tuning")),
     "the virtual tokens prepended again at every cached step": Mutation(
         "if self.prompt is not None and cache is None:", "if self.prompt is not None:",

@@ -6,6 +6,7 @@ refuses a damaged merge."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,14 +48,23 @@ def test_tinypeft_passes_its_own_merges(merges):
                 assert check.error == 0, (report.name, check)
 
 
-def test_the_port_passes_the_merges_through_check_vectors(vectors, tmp_path, capsys):
+def test_the_port_passes_the_merges(merges, vectors, tmp_path, capsys):
+    """One case of each way the port merges, directly; check-vectors runs a port's merges and counts them per kind
+    (test_port_torch.py runs the port on every merge)."""
+    entry = load_entry_points(str(PORT))
+    mine = [m for m in merges if m.case.name.rsplit("-", 1)[0] in {p[:-2] for p in FEW}]
+    assert len(mine) == 2 * len(FEW)
+    for report in check_merges(mine, entry["merge_case"], entry["unmerge_case"]):
+        assert report.passed, (report.name, report.failure, [c for c in report.checks if not c.passed])
+        assert any(c.tensor.startswith("unmerged ") for c in report.checks)
     report = tmp_path / "report.json"
-    assert main(["check-vectors", str(vectors), "--impl", str(PORT), "--cases", *FEW, "--report", str(report)]) == 0
+    assert (
+        main(["check-vectors", str(vectors), "--impl", str(PORT), "--cases", "ia3-odd-*", "--report", str(report)]) == 0
+    )
     out = capsys.readouterr().out
-    assert "pissa-dora-merge-float32" in out and "oft-odd-merge-float64" in out
+    assert "ia3-odd-merge-float32" in out and re.search(r"\nmerges +2 +2  ", out), out
     merged = [c for c in json.loads(report.read_text())["cases"] if c["kind"] == "merges"]
-    assert len(merged) == 2 * len(FEW) and all(c["passed"] for c in merged)
-    assert all(any(t["tensor"].startswith("unmerged ") for t in c["tensors"]) for c in merged)
+    assert len(merged) == 2 and all(c["passed"] for c in merged)
 
 
 def test_a_port_without_merge_case_is_told_and_passes(vectors, tmp_path, capsys):
@@ -107,3 +117,18 @@ def test_the_loader_refuses_a_damaged_merge(vectors, cases, tmp_path, damage, fr
     (copy / name / "merge.json").write_text(json.dumps(doc))
     with pytest.raises(CheckpointError, match=fragment):
         load_merges(copy, cases)
+
+
+def test_each_kind_has_its_own_index_key_and_a_folder_without_them_still_checks(vectors, tmp_path, capsys):
+    """A folder written before the kinds existed (index.json with cases only) checks its cases; a key a reader
+    does not know is ignored."""
+    index = json.loads((vectors / "index.json").read_text())
+    assert {"trajectories", "merges", "generations", "round_trips"} <= set(index)
+    name = "ia3-odd-float64"
+    old = tmp_path / "old"
+    shutil.copytree(vectors / name, old / name)
+    kept = {k: index[k] for k in ("format", "version", "generated_by", "tolerance_notes")}
+    (old / "index.json").write_text(json.dumps({**kept, "cases": [name], "a_later_kind": ["x"]}))
+    assert main(["check-vectors", str(old), "--impl", str(PORT)]) == 0
+    out = capsys.readouterr().out
+    assert "1 cases: 1 passed, 0 failed" in out and "merge" not in out

@@ -242,6 +242,7 @@ def kind_breaks(mutations: Mapping[str, Mutation], vectors: list[Any], check: Ch
             reports = check([v for v in vectors if v.case.dtype == dtype and mutation.breaks(v)], entry)
             meant = [r for r in reports if runs(r)]
             largest = [max(c.error for c in r.checks) for r in meant if not r.failure and r.checks]
+            largest = [x for x in largest if math.isfinite(x)]  # inf: failed before any number (a file's tensor)
             per_dtype[dtype] = {
                 "cases": len(meant),
                 "failed": sum(not r.passed for r in meant),
@@ -522,7 +523,10 @@ def render_breaks(breaks: Mapping[str, Any], noun: str, others: str = "") -> str
 
     def cells(b: Mapping[str, Any]) -> str:
         raised = f" ({b['raised']} raise)" if b["raised"] else ""
-        least = "" if not b["cases"] else "raises" if b["raised"] == b["cases"] else e(b["least"])
+        least = (
+            "" if not b["cases"] else "raises" if b["raised"] == b["cases"]
+            else "inf" if b["least"] is None else e(b["least"])
+        )  # fmt: skip
         extra = f" | {b['others_failed']}" if others else ""
         return f"{b['failed']} of {b['cases']}{raised}{extra} | {least}"
 

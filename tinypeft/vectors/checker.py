@@ -57,12 +57,12 @@ class CaseReport:
         return max(compared, key=over_tolerance, default=None)
 
 
-def over_tolerance(check: TensorCheck) -> tuple[bool, float]:
+def over_tolerance(check: TensorCheck) -> tuple[bool, float, bool]:
     """How far a check is over its tolerance, failures first: error / tolerance (an exact check, tolerance 0,
-    that passed counts as 0)."""
+    that passed counts as 0, and yields to a measured one on a tie)."""
     if not check.tolerance:
-        return (not check.passed, 0.0 if check.error == 0 else math.inf)
-    return (not check.passed, check.error / check.tolerance)
+        return (not check.passed, 0.0 if check.error == 0 else math.inf, False)
+    return (not check.passed, check.error / check.tolerance, True)
 
 
 # Not gradcheck.relative_error, on purpose: that one compares two computations of equal standing, so it is

@@ -65,12 +65,16 @@ class GenerationVector:
     description: str = ""
 
     def port_input(self) -> dict[str, Any]:
-        """What `generate_case` gets: the case's input, its input_ids cut to the prompt, no labels, no mask."""
-        given = self.case.port_input()
-        del given["labels"]
-        prompt = given["input_ids"][:, : self.prompt_length].copy()
-        return {**given, "name": self.name, "case": self.case.name, "input_ids": prompt,
-                "attention_mask": None, "max_new_tokens": self.new_tokens}  # fmt: skip
+        return generation_input(self.name, self.case, self.prompt_length, self.new_tokens)
+
+
+def generation_input(name: str, case: Case, prompt_length: int, new_tokens: int) -> dict[str, Any]:
+    """What `generate_case` gets: the case's input, its input_ids cut to the prompt, no labels, no mask."""
+    given = case.port_input()
+    del given["labels"]
+    prompt = given["input_ids"][:, :prompt_length].copy()
+    return {**given, "name": name, "case": case.name, "input_ids": prompt, "attention_mask": None,
+            "max_new_tokens": new_tokens}  # fmt: skip
 
 
 def generate_case(g: Mapping[str, Any], use_cache: bool) -> dict[str, Array]:
@@ -94,8 +98,7 @@ def generate_case(g: Mapping[str, Any], use_cache: bool) -> dict[str, Array]:
 def compute_generation(spec: GenerationSpec, case: Case) -> GenerationVector:
     """The expected values: the full forward at every step in float64, from exactly the case's weights."""
     name = f"{spec.case}-generate-{case.dtype}"
-    g = GenerationVector(name, case, spec.prompt_length, spec.new_tokens, np.zeros(0), np.zeros(0), 0.0)
-    exact = {**g.port_input(), "dtype": "float64"}
+    exact = {**generation_input(name, case, spec.prompt_length, spec.new_tokens), "dtype": "float64"}
     exact["weights"] = {k: v.astype(np.float64) for k, v in exact["weights"].items()}
     view, _ = build(exact, device="cpu")
     tokens = exact["input_ids"]

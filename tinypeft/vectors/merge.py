@@ -80,7 +80,7 @@ def merges(case: Case) -> bool:
     """Whether the case's method folds tensors of its own into the base (not a base-only case, not prompt or
     prefix tuning or the adapters, which have no merge, not the selective methods, whose trained tensors
     are base tensors already)."""
-    model, _ = build_model({**case.port_input(), "dtype": case.dtype}, device="cpu")
+    model, _ = build_model(case.port_input(), device="cpu")
     if not hasattr(model, "active") or not model.active.can_merge():
         return False
     return set(model.active.params) != set(model.active.overrides.values())
