@@ -44,7 +44,6 @@ from .methods.registry import ERROR_MODEL, Batch, MethodSpec, method
 from .model import GPT, GPTConfig
 from .ops import IGNORE_INDEX, causal_lm_loss_backward, causal_lm_loss_forward
 from .peft_model import PeftModel, get_peft_model
-from .sites import Sites
 
 ConfigFactory = Callable[[GPTConfig], PeftConfig | None]
 Model = GPT | PeftModel
@@ -408,8 +407,7 @@ def _held_view(view: engine.ComputeView) -> engine.ComputeView | None:
         return None
     held_sites = {key: site.holding_norms(view.params) for key, site in holding.items()}  # one per site
     held = {module: held_sites[id(site)] for module, site in linear.items() if id(site) in held_sites}
-    sites = Sites(linear={**linear, **held}, embedding=view.sites.embedding, prefix=view.sites.prefix)
-    return dataclasses.replace(view, sites=dataclasses.replace(sites, stochastic=view.sites.stochastic))
+    return dataclasses.replace(view, sites=dataclasses.replace(view.sites, linear={**linear, **held}))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from .loha import LoHaConfig
 from .lokr import LoKrConfig
 from .oft import OFTConfig
 from .boft import BOFTConfig
+from .trainable_tokens import TrainableTokensConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -43,6 +44,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "SelectiveConfig",
+    "TrainableTokensConfig",
     "VeraConfig",
     "freeze",
     "match_modules",

@@ -1,0 +1,280 @@
+"""Trainable tokens (PEFT's TrainableTokensConfig): a few rows of the token-embedding table train, the
+rest stay frozen.
+
+The rows idx = token_indices (n of them, in the order given) are stood in for by a trainable
+Δ: (n, C), initialised to a copy of W[idx] (so the adapter starts as the identity). The model computes
+with the table
+
+    W' = W.index_copy(idx, Δ):   W'[v] = Δ_j if v = idx_j, else W[v]          (V, C)
+
+and GPT-2's head is tied to the table, so both the lookup W'[ids] and the head ln_f(x) W'ᵀ read W'.
+A new token's embedding and its output row therefore train together, as in PEFT, where the tied
+lm_head wraps the same Δ.
+
+The same piece serves LoRA's `trainable_token_indices` (LoraConfig), which PEFT saves under
+`wte.token_adapter.trainable_tokens_delta`: `TrainableTokensSite` takes the tensor's name.
+`docs/trainable_tokens.md` derives the backward and lists the differences from PEFT.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..backend import Array, namespace, to_numpy
+from ..config import shown
+from ..errors import CheckpointError, ConfigError
+from ..ops import embedding_forward, scatter_add_rows
+from ..sites import HeadGradient, Sites
+from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
+from .registry import ErrorCase, Flag, MethodSpec, as_is, register_method
+
+if TYPE_CHECKING:
+    from ..model import GPT
+
+WTE = "transformer.wte.weight"
+TOKEN_TABLE = "transformer.wte"  # the one module trainable tokens may target
+DELTA = f"{PEFT_PREFIX}transformer.wte.trainable_tokens_delta"
+# PEFT wraps the tied lm_head too, sharing Δ, and saves it a second time under the head's name
+TIED_DELTA = f"{PEFT_PREFIX}lm_head.trainable_tokens_delta"
+
+
+# ===================================================================== the math
+def token_source(vocab_size: int, token_indices: Sequence[int]) -> np.ndarray:
+    """source (V,): where each row of W' comes from in concat(W, Δ) (V + n rows): row v is V + j when
+    v = idx_j, else v itself."""
+    source = np.arange(vocab_size)
+    source[np.asarray(token_indices, dtype=np.int64)] = vocab_size + np.arange(len(token_indices))
+    return source
+
+
+def delta_rows(vocab_size: int, token_indices: Sequence[int]) -> np.ndarray:
+    """(V,): the row of Δ that stands in for each token id, j for idx_j, and n (no row) for the others."""
+    rows = np.full(vocab_size, len(token_indices))
+    rows[np.asarray(token_indices, dtype=np.int64)] = np.arange(len(token_indices))
+    return rows
+
+
+def trainable_tokens_table(weight: Array, delta: Array, source: Array) -> Array:
+    """W' = concat(W, Δ)[source] = W.index_copy(idx, Δ): weight (V, C), delta (n, C), source (V,) from
+    `token_source` -> (V, C). A gather, so every row is copied exactly and autograd differentiates it."""
+    xp = namespace(weight, delta)
+    return xp.concatenate([weight, delta], axis=0)[source]  # [V + n, C] -> [V, C]
+
+
+def trainable_tokens_forward(
+    weight: Array, delta: Array, source: Array, rows: Array, ids: Array
+) -> tuple[Array, Array, tuple]:
+    """(embeddings W'[ids] (B, T, C), the head's weight W' (V, C), cache) for W' = W.index_copy(idx, Δ);
+    source and rows from `token_source` and `delta_rows`.
+
+    Cache: each id's row of Δ (n: none), and n. The table W' is the head's weight, which the model
+    keeps; the backward needs only the rows."""
+    table = trainable_tokens_table(weight, delta, source)  # [V, C]
+    embeds, _ = embedding_forward(table, ids)  # [B, T] -> [B, T, C]
+    return embeds, table, (rows[ids], delta.shape[0])
+
+
+def trainable_tokens_backward(dembeds: Array, head_rows: Array, cache: tuple) -> Array:
+    """dΔ (n, C) for W' = W.index_copy(idx, Δ), read by the lookup W'[ids] and by the tied head:
+
+        dW'   = scatter_add(ids, dembeds) + dlogitsᵀ x            (V, C): the lookup's and the head's shares
+        dΔ_j  = dW'[idx_j]                                        (n, C): row idx_j of W' is Δ_j
+              = Σ_{(b,t): ids[b,t] = idx_j} dembeds[b,t] + dlogits[:, idx_j]ᵀ x
+
+    head_rows is the head's share at those rows, dlogits[:, idx]ᵀ x (n, C). The lookup's share is a
+    scatter-add (an id repeated in the batch adds every occurrence) into n + 1 rows, the last one
+    taking every untrained id and dropped: no (V, C) array is formed. W is frozen: its gradient, dW'
+    with the rows idx zeroed, is never computed.
+    """
+    delta_row, n = cache
+    C = dembeds.shape[-1]
+    # in the forward this was: embeds = W'[ids] with W'[idx_j] = Δ_j, so:
+    lookup = scatter_add_rows(n + 1, delta_row.reshape(-1), dembeds.reshape(-1, C))[:n]  # [N, C] -> [n, C]
+    return lookup + head_rows  # [n, C]
+
+
+# ===================================================================== config
+def check_token_indices(indices: Any, what: str) -> list[int]:
+    """A non-empty list of distinct non-negative ints (their range is checked against the base in
+    `check_token_range`), or a ConfigError saying what is wrong."""
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, (list, tuple)) or not indices:
+        raise ConfigError(f"{what} must be a non-empty list of token ids; got {shown(indices)}")
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+            raise ConfigError(f"{what} entries must be non-negative integer token ids; got {shown(i)}")
+    seen: set[int] = set()
+    repeated = [int(i) for i in indices if int(i) in seen or seen.add(int(i))]
+    if repeated:
+        raise ConfigError(
+            f"{what} lists token {repeated[0]} more than once; each token id may appear once "
+            "(two rows of Δ for one row of the table would leave which one wins undefined)"
+        )
+    return [int(i) for i in indices]
+
+
+def check_token_range(indices: Sequence[int], vocab_size: int, what: str) -> None:
+    outside = [i for i in indices if i >= vocab_size]
+    if outside:
+        raise ConfigError(f"{what} holds token id {outside[0]}, outside the vocabulary: ids are 0..{vocab_size - 1}")
+
+
+@register
+@dataclass
+class TrainableTokensConfig(PeftConfig):
+    """PEFT's TrainableTokensConfig: token_indices, the rows of wte that train (each once, in the order
+    their Δ rows are saved); target_modules: the embedding to target, None (the input embedding) or
+    "wte", which is all GPT-2 has; init_weights: True starts Δ at W[idx] (the identity), False at
+    N(0, 1) draws (used by tests)."""
+
+    peft_type = "TRAINABLE_TOKENS"
+    token_indices: list[int] | None = None
+    target_modules: list[str] | str | None = None
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        self.token_indices = check_token_indices(self.token_indices, "TrainableTokensConfig.token_indices")
+        if not isinstance(self.init_weights, bool):
+            got = shown(self.init_weights)
+            raise ConfigError(f"TrainableTokensConfig.init_weights must be True or False; got {got}")
+        if self.target_modules is None:
+            self.target_modules = ["wte"]
+        elif isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+
+    def validate(self, base: GPT) -> None:
+        match_modules([TOKEN_TABLE], self.target_modules)
+        check_token_range(self.token_indices, base.config.vocab_size, "TrainableTokensConfig.token_indices")
+
+    def estimated_parameters(self, base: GPT) -> int:
+        return len(self.token_indices) * base.config.n_embd  # Δ (n, C)
+
+    def build(self, base: GPT, seed: int = 0) -> TrainableTokensAdapter:
+        delta = initial_delta(base, self.token_indices, self.init_weights, np.random.default_rng(seed))
+        return TrainableTokensAdapter(self, base, {DELTA: delta})
+
+
+def initial_delta(base: GPT, token_indices: Sequence[int], copy_rows: bool, rng: np.random.Generator) -> Array:
+    """Δ at its init: a copy of W[idx] (the identity), or N(0, 1) draws, in the base's dtype and device."""
+    W = to_numpy(base.params[WTE])
+    delta = W[np.asarray(token_indices)].copy() if copy_rows else rng.standard_normal((len(token_indices), W.shape[1]))
+    return base.xp.asarray(delta.astype(base.config.dtype))
+
+
+# ===================================================================== adapter and site
+class TrainableTokensAdapter(Adapter):
+    """Δ, one (n, C) tensor, at the tokens site. Saved as PEFT saves it: under the embedding's name and,
+    again, the tied head's."""
+
+    def sites(self, training: bool = False) -> Sites:
+        return Sites(tokens=TrainableTokensSite(DELTA, self.config.token_indices))
+
+    def merge(self, base_params: dict[str, Array]) -> None:
+        """W <- W.index_copy(idx, Δ): the head reads the same table, so the merged model computes exactly
+        what the adapter did."""
+        source = token_source(base_params[WTE].shape[0], self.config.token_indices)
+        base_params[WTE] = trainable_tokens_table(base_params[WTE], self.params[DELTA], self.xp.asarray(source))
+
+    def unmerge(self, base_params: dict[str, Array], originals: Mapping[str, Array]) -> None:
+        base_params[WTE] = originals[WTE]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        state = super().state_dict()
+        return state | {TIED_DELTA: state[DELTA].copy()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Δ from a file, which may hold the tied head's copy too (PEFT writes it): it must then equal
+        the embedding's, the one tensor both read."""
+        if isinstance(state, Mapping) and TIED_DELTA in state and DELTA in state:
+            tied, own = to_numpy(state[TIED_DELTA]), to_numpy(state[DELTA])
+            if tied.shape != own.shape or not np.array_equal(tied, own):
+                raise CheckpointError(
+                    f"{TIED_DELTA} differs from {DELTA}; the tied head reads the embedding's Δ, so the two must be "
+                    "equal (PEFT saves one tensor twice)"
+                )
+            state = {k: v for k, v in state.items() if k != TIED_DELTA}
+        super().load_state_dict(state)
+
+
+class TrainableTokensSite:
+    """The token table W.index_copy(idx, Δ), read by the lookup and the tied head. `delta_name`: Δ's name
+    in the parameter dict (TrainableTokensConfig's, or LoRA's `token_adapter` one)."""
+
+    def __init__(self, delta_name: str, token_indices: Sequence[int]) -> None:
+        self.delta_name = delta_name
+        self.token_indices = list(token_indices)
+        self.param_names = (delta_name, WTE)
+
+    def forward(self, params: Mapping[str, Array], input_ids: Array) -> tuple[Array, Array, tuple]:
+        weight, delta = params[WTE], params[self.delta_name]
+        xp = namespace(weight)
+        V = weight.shape[0]
+        source, rows = token_source(V, self.token_indices), delta_rows(V, self.token_indices)
+        return trainable_tokens_forward(weight, delta, xp.asarray(source), xp.asarray(rows), input_ids)
+
+    def backward(
+        self, dembeds: Array, head: HeadGradient, cache: tuple, trainable: Collection[str]
+    ) -> dict[str, Array]:
+        if WTE in trainable:
+            raise ConfigError(f"{WTE} is trainable, but trainable tokens keep the table frozen but for its rows idx")
+        if self.delta_name not in trainable:
+            return {}
+        idx = namespace(dembeds).asarray(self.token_indices)
+        return {self.delta_name: trainable_tokens_backward(dembeds, head.rows(idx), cache)}
+
+
+# ===================================================================== the registry's entry
+def _build(args: argparse.Namespace) -> TrainableTokensConfig:
+    if not args.token_indices:
+        raise ConfigError(
+            "--method trainable_tokens trains the rows of wte that --token_indices names; give at least one id"
+        )
+    return TrainableTokensConfig(token_indices=list(args.token_indices))
+
+
+def _tokens(**kw: Any) -> Any:
+    """A factory of a TrainableTokensConfig training tokens 3 and 5, or what `kw` says."""
+    return lambda: TrainableTokensConfig(**{"token_indices": [3, 5], **kw})
+
+
+def _error_cases() -> list[ErrorCase]:
+    def refused(when: str, config: Any, says: tuple[str, ...]) -> ErrorCase:
+        return ErrorCase(when, as_is, ConfigError, says, config=config)
+
+    return [
+        refused("trainable tokens: no token_indices", _tokens(token_indices=[]),
+                ("token_indices", "non-empty list of token ids", "[]")),
+        refused("trainable tokens: a token id out of range", _tokens(token_indices=[3, 32]),
+                ("token id 32", "outside the vocabulary", "0..31")),
+        refused("trainable tokens: a negative token id", _tokens(token_indices=[-1]),
+                ("non-negative integer token ids", "-1")),
+        refused("trainable tokens: a token id twice", _tokens(token_indices=[3, 5, 3]),
+                ("token 3 more than once", "may appear once")),
+        refused("trainable tokens: a target that is not the embedding", _tokens(target_modules=["c_attn"]),
+                ("'c_attn'", "matches no module", "transformer.wte")),
+    ]  # fmt: skip
+
+
+register_method(MethodSpec(
+    name="trainable_tokens",
+    help="the rows of wte that --token_indices names (and the tied head's)",
+    default_lr=1e-2,
+    build=_build,
+    example=lambda cfg: TrainableTokensConfig(token_indices=[1, 0, cfg.vocab_size - 1], init_weights=False),
+    flags=(
+        Flag(("--token_indices",), {"nargs": "+", "type": int, "default": None, "metavar": "ID",
+             "help": "token ids whose embeddings train (required)"}),
+    ),
+    error_cases=_error_cases,
+    inert_fields={
+        "init_weights": "an init: the vectors store the tensor it made",
+        "target_modules": "GPT-2 has one token table, wte: every accepted value targets it",
+    },
+    peft_files="PEFT's TRAINABLE_TOKENS: base_model.model.transformer.wte.trainable_tokens_delta (n, C), and the "
+    "tied head's copy of it, base_model.model.lm_head.trainable_tokens_delta, so an adapter loads in PEFT and back",
+    loads_in_peft=True,
+))  # fmt: skip
