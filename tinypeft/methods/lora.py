@@ -33,6 +33,15 @@ from ..config import linear_module_names, positive_number, shown
 from ..errors import ConfigError
 from ..sites import Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
+from .embedding_lora import (
+    EMBEDDING_A,
+    MERGE_MOVES_THE_HEAD,
+    check_token_table,
+    lora_token_indices,
+    merge_token_table,
+    token_table_site,
+    token_table_tensors,
+)
 from .lora_variants import (
     dora_backward,
     dora_forward,
@@ -65,6 +74,7 @@ if TYPE_CHECKING:
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
 GPT2_DEFAULT_TARGETS = ("c_attn",)  # PEFT's default for model_type "gpt2"
+TOKEN_TABLE, WTE = "transformer.wte", "transformer.wte.weight"  # "wte" in target_modules: embedding_lora.py
 
 
 # ===================================================================== the math
@@ -176,6 +186,8 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         r, alpha, p = self.r, self.lora_alpha, self.lora_dropout
@@ -208,7 +220,9 @@ class LoraConfig(PeftConfig):
                 stacklevel=3,
             )
             self.fan_in_fan_out = True
-        unsupported = {k: getattr(self, k) for k in ("rank_pattern", "alpha_pattern", "lora_bias") if getattr(self, k)}
+        lora_token_indices(self.trainable_token_indices)
+        refused = ("rank_pattern", "alpha_pattern", "lora_bias", "ensure_weight_tying")
+        unsupported = {k: getattr(self, k) for k in refused if getattr(self, k)}
         if unsupported:
             raise ConfigError(
                 f"LoraConfig: tinypeft does not implement PEFT's {shown(unsupported)}; leave them at their defaults"
@@ -221,10 +235,18 @@ class LoraConfig(PeftConfig):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def targets(self, base: GPT) -> list[str]:
-        """The targeted linear layers' module names, in model order."""
-        return match_modules(linear_module_names(base.config), self.target_modules)
+        """The targeted linear layers' module names, in model order (wte aside: `adapts_wte`)."""
+        return [m for m in self._matched(base) if m != TOKEN_TABLE]
+
+    def adapts_wte(self, base: GPT) -> bool:
+        """Whether target_modules takes the token embedding too ("wte": embedding_lora.py)."""
+        return TOKEN_TABLE in self._matched(base)
+
+    def _matched(self, base: GPT) -> list[str]:
+        return match_modules([TOKEN_TABLE, *linear_module_names(base.config)], self.target_modules)
 
     def validate(self, base: GPT) -> None:
+        check_token_table(self, base, self.adapts_wte(base))
         for module in self.targets(base):
             n_in, n_out = base.params[module + ".weight"].shape
             if self.r > min(n_in, n_out):
@@ -308,7 +330,8 @@ class LoraAdapter(Adapter):
         """Fresh tensors for every targeted layer, drawn in float64 from one generator in model order."""
         xp, dtype, s = base.xp, base.config.dtype, config.scaling
         rng = np.random.default_rng(seed)
-        layers, params, residuals = [], {}, {}
+        layers, residuals = [], {}
+        params = token_table_tensors(config, base, config.adapts_wte(base), rng)
         for module in config.targets(base):
             n_in, n_out = base.params[module + ".weight"].shape
             layer = LoraLayer(module, n_in, n_out)
@@ -344,12 +367,15 @@ class LoraAdapter(Adapter):
         p = self.config.lora_dropout
         key = int(self._dropout_keys.integers(2**63)) if training and p > 0 else None
         site = LoraSite(self, key)
-        return Sites(linear={layer.module: site for layer in self.layers}, stochastic=key is not None)
+        linear = {layer.module: site for layer in self.layers}
+        return Sites(linear=linear, tokens=token_table_site(self.config, self.params), stochastic=key is not None)
 
     def merge(self, base_params: dict[str, Array]) -> None:
         """W <- W + s (B A)ᵀ (DoRA: scaled per column to length m), PiSSA's residual in place of W; trained
-        bias copies replace the base biases."""
+        bias copies replace the base biases; wte as `merge_token_table` says (LoRA on wte: the tied head
+        changes with it, as in PEFT)."""
         super().merge(base_params)
+        merge_token_table(self.config, self.params, base_params)
         s = self.config.scaling
         for layer in self.layers:
             W, A, B = self.base_weight(layer, base_params), self.params[layer.lora_A], self.params[layer.lora_B]
@@ -358,10 +384,14 @@ class LoraAdapter(Adapter):
             else:
                 base_params[layer.weight] = lora_merged_weight(W, A, B, s)
 
+    def merge_caveat(self) -> str:
+        return MERGE_MOVES_THE_HEAD if EMBEDDING_A in self.params else ""
+
     def unmerge(self, base_params: dict[str, Array], originals: Mapping[str, Array]) -> None:
         """Put back the very arrays the merge replaced (exact; PEFT subtracts the update again, which
         rounds, and for DoRA divides by k)."""
         super().unmerge(base_params, originals)
+        base_params[WTE] = originals[WTE]
         for layer in self.layers:
             base_params[layer.weight] = originals[layer.weight]
 
@@ -549,8 +579,22 @@ def _error_cases() -> list[ErrorCase]:
                 ("lora_dropout", "-0.1", "[0, 1)")),
         refused("LoRA target that does not exist", lambda: LoraConfig(target_modules=["q_proj"]),
                 ("'q_proj'", "matches no module", "'attn.c_attn'", "'attn.c_proj'", "'mlp.c_fc'", "'mlp.c_proj'")),
-        refused("LoRA target that is not a linear layer", lambda: LoraConfig(target_modules=["wte"]),
-                ("'wte'", "matches no module", "'attn.c_attn'")),
+        refused("LoRA target that is neither linear nor wte", lambda: LoraConfig(target_modules=["wpe"]),
+                ("'wpe'", "matches no module", "'attn.c_attn'", "'transformer.wte'")),
+        refused("LoRA on wte and trainable tokens at once",
+                lambda: LoraConfig(target_modules=["wte"], trainable_token_indices=[1]),
+                ("targets wte and trains rows of it", "one or the other")),
+        refused("LoRA on wte with DoRA", lambda: LoraConfig(target_modules=["wte", "c_attn"], use_dora=True),
+                ("LoRA on wte", "use_dora=True", "linear layers only")),
+        refused("LoRA trainable_token_indices out of range", lambda: LoraConfig(trainable_token_indices=[0, 40]),
+                ("trainable_token_indices", "token id 40", "0..31")),
+        refused("LoRA trainable_token_indices repeated", lambda: LoraConfig(trainable_token_indices=[2, 2]),
+                ("token 2 more than once",)),
+        refused("LoRA trainable_token_indices for another module",
+                lambda: LoraConfig(trainable_token_indices={"lm_head": [2]}),
+                ("'lm_head'", "matches no module", "transformer.wte")),
+        refused("LoRA ensure_weight_tying", lambda: LoraConfig(ensure_weight_tying=True),
+                ("ensure_weight_tying", "does not implement")),
         refused("LoRA bias unknown", lambda: LoraConfig(bias="some"), ("'some'", "'none', 'all', 'lora_only'")),
         refused("LoRA init_lora_weights unknown", lambda: LoraConfig(init_lora_weights="xavier"),
                 ("'xavier'", "True, False, 'gaussian', 'pissa', 'olora'", "'pissa_niter_K'")),
@@ -579,6 +623,8 @@ register_method(MethodSpec(
         "lora_bias": UNIMPLEMENTED,
     },
     peft_files="PEFT's LORA: base_model.model.<module>.lora_A.weight (r, in) and .lora_B.weight (out, r), "
+    "transformer.wte.lora_embedding_A (r, V) and lora_embedding_B (C, r) (wte targeted), "
+    "transformer.wte.token_adapter.trainable_tokens_delta (trainable_token_indices), "
     ".lora_magnitude_vector (DoRA), .base_layer.bias (bias='all' or 'lora_only'), and PEFT's adapter_config.json "
     "fields, so an adapter loads in PEFT and back (PiSSA's residual is not saved: loading recomputes it from the "
     "base by the same SVD, as PEFT does)",

@@ -31,7 +31,7 @@ from ..errors import CheckpointError, ConfigError
 from ..ops import embedding_forward, scatter_add_rows
 from ..sites import HeadGradient, Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
-from .registry import ErrorCase, Flag, MethodSpec, as_is, register_method
+from .registry import ODD_EPS, SMALL, Batch, ErrorCase, Flag, GoldenCase, MethodSpec, as_is, register_method
 
 if TYPE_CHECKING:
     from ..model import GPT
@@ -268,6 +268,12 @@ register_method(MethodSpec(
     flags=(
         Flag(("--token_indices",), {"nargs": "+", "type": int, "default": None, "metavar": "ID",
              "help": "token ids whose embeddings train (required)"}),
+    ),
+    golden_cases=(
+        GoldenCase("trainable_tokens", "odd", "tokens 4, 0 and 18 (the last id), in that order", ODD_EPS,
+                   _tokens(token_indices=[4, 0, 18]), Batch(2, 7), seed=60),
+        GoldenCase("trainable_tokens", "padded", "tokens 7 and 2; padded batch", SMALL,
+                   _tokens(token_indices=[7, 2]), Batch(3, 8, "mixed"), seed=61),
     ),
     error_cases=_error_cases,
     inert_fields={
