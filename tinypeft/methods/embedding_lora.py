@@ -32,7 +32,8 @@ from ..errors import ConfigError
 from ..ops import embedding_backward, embedding_forward
 from ..sites import HeadGradient, TokenSite
 from .base import PEFT_PREFIX, match_modules
-from .trainable_tokens import (
+from .registry import ErrorCase, as_is
+from .token_table import (
     TOKEN_TABLE,
     WTE,
     TrainableTokensSite,
@@ -201,3 +202,26 @@ class EmbeddingLoraSite:
             return {}
         dA, dB = embedding_lora_backward(dembeds, cache)
         return {name: g for name, g in ((EMBEDDING_A, dA), (EMBEDDING_B, dB)) if name in trainable}
+
+
+def token_table_error_cases(lora_config: Any) -> list[ErrorCase]:
+    """LoRA's error cases on the token table (lora.py lists them with its own); `lora_config` is LoraConfig."""
+
+    def refused(when: str, config: Any, says: tuple[str, ...]) -> ErrorCase:
+        return ErrorCase(when, as_is, ConfigError, says, config=config)
+
+    LoraConfig = lora_config
+    return [
+        refused("LoRA on wte and trainable tokens at once",
+                lambda: LoraConfig(target_modules=["wte"], trainable_token_indices=[1]),
+                ("targets wte and trains rows of it", "one or the other")),
+        refused("LoRA on wte with DoRA", lambda: LoraConfig(target_modules=["wte", "c_attn"], use_dora=True),
+                ("LoRA on wte", "use_dora=True", "linear layers only")),
+        refused("LoRA trainable_token_indices out of range", lambda: LoraConfig(trainable_token_indices=[0, 40]),
+                ("trainable_token_indices", "token id 40", "0..31")),
+        refused("LoRA trainable_token_indices repeated", lambda: LoraConfig(trainable_token_indices=[2, 2]),
+                ("token 2 more than once",)),
+        refused("LoRA trainable_token_indices for another module",
+                lambda: LoraConfig(trainable_token_indices={"lm_head": [2]}),
+                ("'lm_head'", "matches no module", "transformer.wte")),
+    ]  # fmt: skip

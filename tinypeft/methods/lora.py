@@ -39,6 +39,7 @@ from .embedding_lora import (
     check_token_table,
     lora_token_indices,
     merge_token_table,
+    token_table_error_cases,
     token_table_site,
     token_table_tensors,
 )
@@ -160,15 +161,19 @@ class LoraConfig(PeftConfig):
 
     r: the rank; lora_alpha: the scale numerator (s = lora_alpha / r, or lora_alpha / √r with
     use_rslora); lora_dropout: dropout on the LoRA branch's input while training; target_modules: PEFT's
-    matching over the linear layers (a list of names or suffixes, or a full-match regex string; None is
-    GPT-2's default, ["c_attn"]); use_dora: DoRA's magnitude vector; init_lora_weights: True (A kaiming-
-    uniform, B = 0: the adapter starts as the identity), "gaussian" (A ~ N(0, 1/r²), B = 0), False (A and B
-    both random: used by tests to get a non-identity adapter), "pissa", "pissa_niter_K" (its randomised SVD),
-    "olora" (QR): W split; bias: which base biases train too, "none", "all" or "lora_only" (targets').
+    matching over the linear layers and the token embedding "wte" (a list of names or suffixes, or a
+    full-match regex string; None is GPT-2's default, ["c_attn"]; wte: embedding_lora.py); use_dora:
+    DoRA's magnitude vector; init_lora_weights: True (A kaiming-uniform, B = 0: the adapter starts as the
+    identity), "gaussian" (A ~ N(0, 1/r²), B = 0), False (A and B both random: used by tests to get a
+    non-identity adapter), "pissa", "pissa_niter_K" (its randomised SVD), "olora" (QR): W split; bias:
+    which base biases train too, "none", "all" or "lora_only" (targets'); trainable_token_indices: token
+    ids whose rows of wte train too, a list or {"wte": ids} (PEFT's trainable tokens inside LoRA:
+    trainable_tokens.py).
 
     fan_in_fan_out is always True for GPT-2's Conv1D layers; PEFT forces it, and so does this class.
-    rank_pattern, alpha_pattern and lora_bias are PEFT options tinypeft does not implement; they are
-    fields only so that a PEFT adapter_config.json that uses them is refused instead of being computed
+    rank_pattern, alpha_pattern, lora_bias and ensure_weight_tying are PEFT options tinypeft does not
+    implement; they are fields only so that a PEFT adapter_config.json that uses them is refused instead
+    of being computed
     as something else.
     """
 
@@ -391,7 +396,7 @@ class LoraAdapter(Adapter):
         """Put back the very arrays the merge replaced (exact; PEFT subtracts the update again, which
         rounds, and for DoRA divides by k)."""
         super().unmerge(base_params, originals)
-        base_params[WTE] = originals[WTE]
+        base_params[WTE] = originals.get(WTE, base_params[WTE])
         for layer in self.layers:
             base_params[layer.weight] = originals[layer.weight]
 
@@ -494,6 +499,7 @@ def _build(args: argparse.Namespace) -> LoraConfig:
         use_dora=args.use_dora,
         init_lora_weights=init,
         bias=args.bias,
+        trainable_token_indices=None if args.trainable_token_indices is None else list(args.trainable_token_indices),
     )
 
 
@@ -508,6 +514,8 @@ FLAGS = (
     Flag(("--init_lora_weights",), {"default": "true", "help": "true: B = 0, A uniform (gaussian: A normal); "
          "false: both random; pissa, pissa_niter_K (randomised SVD, K iterations), olora (QR): split W"}),
     Flag(("--bias",), {"choices": ["none", "all", "lora_only"], "default": "none", "help": "which biases train"}),
+    Flag(("--trainable_token_indices",), {"nargs": "+", "type": int, "default": None, "metavar": "ID",
+         "help": "token ids whose rows of wte train too (PEFT's trainable tokens inside LoRA)"}),
 )  # fmt: skip
 
 ALL_LINEAR = ["c_attn", "c_proj", "c_fc"]
@@ -559,6 +567,11 @@ GOLDEN_CASES = (
                lambda: LoraConfig(r=2, lora_alpha=5, target_modules=r".*\.1\.(attn\.c_attn|mlp\.c_fc)",
                                   bias="lora_only"),
                Batch(2, 7), seed=45),
+    GoldenCase("lora", "wte", "r=2 on wte (the lookup; the tied head reads W) and c_attn", ODD_EPS,
+               lambda: LoraConfig(r=2, lora_alpha=3, target_modules=["wte", "c_attn"]), Batch(2, 7), seed=46),
+    GoldenCase("lora", "tokens", "r=1 on c_fc, trainable_token_indices [3, 0, 22] (the last id); padded batch",
+               SMALL, lambda: LoraConfig(r=1, lora_alpha=2, target_modules=["c_fc"],
+                                         trainable_token_indices=[3, 0, 22]), Batch(3, 8, "mixed"), seed=47),
 )  # fmt: skip
 
 
@@ -581,18 +594,6 @@ def _error_cases() -> list[ErrorCase]:
                 ("'q_proj'", "matches no module", "'attn.c_attn'", "'attn.c_proj'", "'mlp.c_fc'", "'mlp.c_proj'")),
         refused("LoRA target that is neither linear nor wte", lambda: LoraConfig(target_modules=["wpe"]),
                 ("'wpe'", "matches no module", "'attn.c_attn'", "'transformer.wte'")),
-        refused("LoRA on wte and trainable tokens at once",
-                lambda: LoraConfig(target_modules=["wte"], trainable_token_indices=[1]),
-                ("targets wte and trains rows of it", "one or the other")),
-        refused("LoRA on wte with DoRA", lambda: LoraConfig(target_modules=["wte", "c_attn"], use_dora=True),
-                ("LoRA on wte", "use_dora=True", "linear layers only")),
-        refused("LoRA trainable_token_indices out of range", lambda: LoraConfig(trainable_token_indices=[0, 40]),
-                ("trainable_token_indices", "token id 40", "0..31")),
-        refused("LoRA trainable_token_indices repeated", lambda: LoraConfig(trainable_token_indices=[2, 2]),
-                ("token 2 more than once",)),
-        refused("LoRA trainable_token_indices for another module",
-                lambda: LoraConfig(trainable_token_indices={"lm_head": [2]}),
-                ("'lm_head'", "matches no module", "transformer.wte")),
         refused("LoRA ensure_weight_tying", lambda: LoraConfig(ensure_weight_tying=True),
                 ("ensure_weight_tying", "does not implement")),
         refused("LoRA bias unknown", lambda: LoraConfig(bias="some"), ("'some'", "'none', 'all', 'lora_only'")),
@@ -603,6 +604,7 @@ def _error_cases() -> list[ErrorCase]:
         refused("LoRA use_dora not a bool", lambda: LoraConfig(use_dora="yes"), ("use_dora", "'yes'", "True or False")),
         refused("LoRA option of PEFT's that tinypeft lacks", lambda: LoraConfig(rank_pattern={"c_attn": 4}),
                 ("rank_pattern", "does not implement", "defaults")),
+        *token_table_error_cases(LoraConfig),
     ]  # fmt: skip
 
 
@@ -621,6 +623,7 @@ register_method(MethodSpec(
         "rank_pattern": UNIMPLEMENTED,
         "alpha_pattern": UNIMPLEMENTED,
         "lora_bias": UNIMPLEMENTED,
+        "ensure_weight_tying": UNIMPLEMENTED,
     },
     peft_files="PEFT's LORA: base_model.model.<module>.lora_A.weight (r, in) and .lora_B.weight (out, r), "
     "transformer.wte.lora_embedding_A (r, V) and lora_embedding_B (C, r) (wte targeted), "

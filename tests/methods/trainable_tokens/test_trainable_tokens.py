@@ -14,7 +14,7 @@ from token_strategies import token_cases
 import tinypeft as tp
 from tinypeft.errors import CheckpointError, ConfigError
 from tinypeft.gradcheck import relative_error
-from tinypeft.methods import trainable_tokens as tt_module
+from tinypeft.methods import token_table
 from tinypeft.methods.trainable_tokens import DELTA, TIED_DELTA
 
 WTE = "transformer.wte.weight"
@@ -38,7 +38,7 @@ def test_gradients(case_indices):
 def test_checks_catch_a_wrong_backward(monkeypatch):
     model = tp.get_peft_model(small(), tp.TrainableTokensConfig(token_indices=[3, 5, 1], init_weights=False))
     ids = np.array([[3, 3, 5, 0, 7], [1, 2, 3, 5, 5]])
-    assert_checks_catch(monkeypatch, tt_module, "trainable_tokens_backward", model, ids, ids)
+    assert_checks_catch(monkeypatch, token_table, "trainable_tokens_backward", model, ids, ids)
 
 
 def test_the_head_shares_the_gradient():
