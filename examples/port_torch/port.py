@@ -154,7 +154,7 @@ def add_lora(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> Non
             p[f"{PEFT}transformer.wte.lora_embedding_A"],
             p[f"{PEFT}transformer.wte.lora_embedding_B"],
         )
-        model.tokens = lambda ids: (W[ids] + s * A.T[ids] @ B.T, W)  # A (r, V), B (C, r)
+        model.tokens = lambda ids, W=W, A=A, B=B: (W[ids] + s * A.T[ids] @ B.T, W)  # A (r, V), B (C, r)
     indices = cfg.get("trainable_token_indices")
     if indices is not None:  # trainable_tokens.md, inside LoRA: a list, or {"wte": ids}
         ids = next(iter(indices.values())) if isinstance(indices, dict) else indices

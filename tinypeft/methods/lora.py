@@ -515,7 +515,7 @@ FLAGS = (
          "false: both random; pissa, pissa_niter_K (randomised SVD, K iterations), olora (QR): split W"}),
     Flag(("--bias",), {"choices": ["none", "all", "lora_only"], "default": "none", "help": "which biases train"}),
     Flag(("--trainable_token_indices",), {"nargs": "+", "type": int, "default": None, "metavar": "ID",
-         "help": "token ids whose rows of wte train too (PEFT's trainable tokens inside LoRA)"}),
+         "help": "token ids whose rows of wte train too (PEFT's trainable tokens inside LoRA; default: none)"}),
 )  # fmt: skip
 
 ALL_LINEAR = ["c_attn", "c_proj", "c_fc"]

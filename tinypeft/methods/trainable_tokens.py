@@ -165,8 +165,8 @@ register_method(MethodSpec(
     golden_cases=(
         GoldenCase("trainable_tokens", "odd", "tokens 4, 0 and 18 (the last id), in that order", ODD_EPS,
                    _tokens(token_indices=[4, 0, 18]), Batch(2, 7), seed=60),
-        GoldenCase("trainable_tokens", "padded", "tokens 7 and 2; padded batch", SMALL,
-                   _tokens(token_indices=[7, 2]), Batch(3, 8, "mixed"), seed=61),
+        GoldenCase("trainable_tokens", "padded", "tokens 7, 2 and 9 (9 read in the left-padded row); padded batch",
+                   SMALL, _tokens(token_indices=[7, 2, 9]), Batch(3, 8, "mixed"), seed=61),
     ),
     error_cases=_error_cases,
     inert_fields={
