@@ -159,6 +159,7 @@ def edited_json(draw, valid: object) -> object:
 METHOD_CONFIGS: dict[str, Callable[[], tp.PeftConfig]] = {
     "SELECTIVE": lambda: tp.SelectiveConfig(["*.ln_1.*"]),
     "OFT": lambda: tp.OFTConfig(oft_block_size=4),  # the default blocks of 32 are wider than the fuzz model
+    "TRAINABLE_TOKENS": lambda: tp.TrainableTokensConfig(token_indices=[3, 0]),  # no default: ids are required
 }
 
 
