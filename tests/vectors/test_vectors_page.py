@@ -86,6 +86,7 @@ PAGES = {
     "loha.md": ("loha",),
     "lokr.md": ("lokr",),
     "oft.md": ("oft", "boft"),
+    "trainable_tokens.md": ("trainable_tokens",),
 }
 NAME = re.compile(r"`((?:base_model\.model\.)?transformer\.[\w.]+|prompt_[\w.]+)`")
 

@@ -93,17 +93,18 @@ def check_token_indices(indices: Any, what: str) -> list[int]:
     for i in indices:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
             raise ConfigError(f"{what} entries must be non-negative integer token ids; got {shown(i)}")
-    seen: set[int] = set()
-    repeated = [int(i) for i in indices if int(i) in seen or seen.add(int(i))]
-    if repeated:
+    ids = [int(i) for i in indices]
+    repeated = next((i for k, i in enumerate(ids) if i in ids[:k]), None)
+    if repeated is not None:
         raise ConfigError(
-            f"{what} lists token {repeated[0]} more than once; each token id may appear once "
+            f"{what} lists token {repeated} more than once; each token id may appear once "
             "(two rows of Δ for one row of the table would leave which one wins undefined)"
         )
-    return [int(i) for i in indices]
+    return ids
 
 
 def check_token_range(indices: Sequence[int], vocab_size: int, what: str) -> None:
+    """A ConfigError unless every id is below vocab_size."""
     outside = [i for i in indices if i >= vocab_size]
     if outside:
         raise ConfigError(f"{what} holds token id {outside[0]}, outside the vocabulary: ids are 0..{vocab_size - 1}")
