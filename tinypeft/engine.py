@@ -97,7 +97,7 @@ def backward(dlogits: Array, cache: gpt.GPTCache, view: ComputeView) -> Grads:
         return {}
     if lowest.layer < 0:  # the embeddings train: the whole way down, as the reference goes
         return gpt.backward(dlogits, cache, view.trainable)
-    dx, _, grads = gpt.head_backward(dlogits, cache, view.trainable)
+    dx, grads = gpt.head_backward(dlogits, cache, view.trainable)
     dpast = []
     for i in reversed(range(lowest.layer, len(cache.blocks))):
         dx, dpast_i, block_grads = gpt.block_backward(dx, cache.blocks[i], i, view.trainable)

@@ -48,9 +48,13 @@ class KVCache:
 
 def forward_cached(view: ComputeView, input_ids: Array, kv: KVCache | None) -> tuple[Array, KVCache]:
     """logits for input_ids after the positions in `kv` (None: the first step, with every site), and
-    the cache grown by them. Later steps keep only the linear sites: virtual tokens and prefixes
-    are in the cache already."""
-    sites = view.sites if kv is None else Sites(linear=view.sites.linear, prefix=kv, stochastic=view.sites.stochastic)
+    the cache grown by them. Later steps keep only the linear and token sites: virtual tokens and
+    prefixes are in the cache already."""
+    if kv is not None:
+        s = view.sites
+        sites = Sites(linear=s.linear, tokens=s.tokens, prefix=kv, stochastic=s.stochastic)
+    else:
+        sites = view.sites
     logits, cache = gpt.forward(view.params, view.config, input_ids, None, sites)
     return logits, KVCache.of(cache)
 

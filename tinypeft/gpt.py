@@ -8,7 +8,8 @@
 `forward` returns the logits and a named cache; `backward` is the forward's calls reversed, each
 step saying what it was in the forward. Parameters are GPT-2's, by name, in one flat dict, with
 weights in the (in, out) layout (y = x W + b). A PEFT method enters only through the sites
-(`sites.py`): a linear layer, the input embeddings, or keys/values in front of every attention.
+(`sites.py`): the token table, a linear layer, the input embeddings, or keys/values in front of
+every attention.
 
 What is not here, on purpose: input validation (`checks.py`), row blocks on threads, stopping the
 backward at the lowest trainable layer and the KV cache (`engine.py`, proven equal to this file),
@@ -35,7 +36,7 @@ from .ops import (
     linear_backward,
     linear_forward,
 )
-from .sites import NO_SITES, LinearSite, Sites
+from .sites import NO_SITES, HeadGradient, LinearSite, Sites, TokenSite
 
 Params = Mapping[str, Array]
 Grads = dict[str, Array]
@@ -61,6 +62,27 @@ class BaseLinear:
 
 
 BASE_LINEAR = BaseLinear()
+
+
+class BaseTokens:
+    """The base model's own token table, wte, when no method stands in for it: the lookup wte[ids] and
+    the tied head's weight are the same array, so wte's gradient is the sum of both uses."""
+
+    param_names = ("transformer.wte.weight",)
+
+    def forward(self, params: Params, input_ids: Array) -> tuple[Array, Array, tuple]:
+        wte = params["transformer.wte.weight"]
+        x, lookup = embedding_forward(wte, input_ids)  # [B, T] -> [B, T, C]
+        return x, wte, lookup
+
+    def backward(self, dembeds: Array, head: HeadGradient, cache: tuple, trainable: Collection[str]) -> Grads:
+        if "transformer.wte.weight" not in trainable:
+            return {}
+        # the tied wte: the lookup's scatter-add plus the head's dlogitsᵀ x
+        return {"transformer.wte.weight": embedding_backward(dembeds, cache) + head.full()}  # [V, C]
+
+
+BASE_TOKENS = BaseTokens()
 
 
 class LinearCall(NamedTuple):
@@ -91,15 +113,20 @@ class BlockCache(NamedTuple):
     mlp_proj: LinearCall
 
 
+class TokenCall(NamedTuple):
+    site: TokenSite
+    cache: Any
+
+
 class GPTCache(NamedTuple):
-    tokens: tuple  # the token embedding lookup
+    tokens: TokenCall  # the token table's lookup (and the head's weight)
     embedding_site: Any
     prefix_site: Any
     positions: tuple
     blocks: list[BlockCache]
     ln_f: tuple
     x_final: Array  # ln_f's output, which the head multiplies
-    wte: Array
+    head_weight: Array  # [V, C]: wte, or what the tokens site stands in for it with
     sites: Sites
 
 
@@ -130,8 +157,9 @@ def forward(
     the kernel (None: the reference pair in ops.py).
     """
     attention = REFERENCE_ATTENTION if attention is None else attention
-    wte, wpe = params["transformer.wte.weight"], params["transformer.wpe.weight"]
-    x, tokens = embedding_forward(wte, input_ids)  # [B, T] -> [B, T, C]
+    token_site = BASE_TOKENS if sites.tokens is None else sites.tokens
+    x, head_weight, token_cache = token_site.forward(params, input_ids)  # [B, T] -> [B, T, C]; [V, C]
+    tokens, wpe = TokenCall(token_site, token_cache), params["transformer.wpe.weight"]
     embedding_site = prefix_site = None
     if sites.embedding is not None:
         x, attention_mask, embedding_site = sites.embedding.forward(params, x, attention_mask)  # -> [B, T', C]
@@ -152,8 +180,8 @@ def forward(
         blocks.append(block)
     ln_w, ln_b = params["transformer.ln_f.weight"], params["transformer.ln_f.bias"]
     x, ln_f = layernorm_forward(x, ln_w, ln_b, config.layer_norm_epsilon)  # [B, T, C]
-    logits = (x.reshape(-1, C) @ wte.T).reshape(B, T, -1)  # tied head: [B*T, C] @ [C, V] -> [B, T, V]
-    return logits, GPTCache(tokens, embedding_site, prefix_site, positions, blocks, ln_f, x, wte, sites)
+    logits = (x.reshape(-1, C) @ head_weight.T).reshape(B, T, -1)  # tied head: [B*T, C] @ [C, V] -> [B, T, V]
+    return logits, GPTCache(tokens, embedding_site, prefix_site, positions, blocks, ln_f, x, head_weight, sites)
 
 
 def block_forward(
@@ -188,7 +216,7 @@ def backward(dlogits: Array, cache: GPTCache, trainable: Collection[str]) -> Gra
     Every backward returns fresh arrays; where a value fed two consumers, the two gradients are
     added here, explicitly: the residual stream, and the tied wte (embedding and head).
     """
-    dx, dwte_head, grads = head_backward(dlogits, cache, trainable)  # [B, T, C]
+    dx, grads = head_backward(dlogits, cache, trainable)  # [B, T, C]
     dpast = []
     for i in reversed(range(len(cache.blocks))):
         dx, dpast_i, block_grads = block_backward(dx, cache.blocks[i], i, trainable)
@@ -196,23 +224,22 @@ def backward(dlogits: Array, cache: GPTCache, trainable: Collection[str]) -> Gra
         grads |= block_grads
     if cache.sites.prefix is not None:
         grads |= cache.sites.prefix.backward(dpast, cache.prefix_site, trainable)
-    return grads | embeddings_backward(dx, cache, trainable, dwte_head)
+    head = HeadGradient(dlogits.reshape(-1, dlogits.shape[-1]), cache.x_final.reshape(-1, dx.shape[-1]))
+    return grads | embeddings_backward(dx, cache, trainable, head)
 
 
-def head_backward(dlogits: Array, cache: GPTCache, trainable: Collection[str]) -> tuple[Array, Array | None, Grads]:
-    """Back through logits = ln_f(x) @ wteᵀ: (dx at the last block's output, the head's share of the
-    tied wte gradient or None, ln_f's grads). `embeddings_backward` adds the lookup's share to it."""
+def head_backward(dlogits: Array, cache: GPTCache, trainable: Collection[str]) -> tuple[Array, Grads]:
+    """Back through logits = ln_f(x) @ W_headᵀ: (dx at the last block's output, ln_f's grads). The
+    head's share of the tied table's gradient, dlogitsᵀ x, is left to the tokens site
+    (`embeddings_backward`), which forms only what it trains."""
     B, T, V = dlogits.shape
     dlogits2 = dlogits.reshape(-1, V)  # [B*T, V]
-    # in the forward this was: logits = x_final @ wteᵀ, so:
-    dx = (dlogits2 @ cache.wte).reshape(B, T, -1)  # [B*T, V] @ [V, C] -> [B, T, C]
-    dwte_head = None
-    if "transformer.wte.weight" in trainable:
-        dwte_head = dlogits2.T @ cache.x_final.reshape(B * T, -1)  # [V, B*T] @ [B*T, C] -> [V, C]
+    # in the forward this was: logits = x_final @ W_headᵀ, so:
+    dx = (dlogits2 @ cache.head_weight).reshape(B, T, -1)  # [B*T, V] @ [V, C] -> [B, T, C]
     # in the forward this was: x_final = ln_f(x), so:
     need = "transformer.ln_f.weight" in trainable or "transformer.ln_f.bias" in trainable
     dx, dw, db = layernorm_backward(dx, cache.ln_f, need_dparams=need)  # [B, T, C]
-    return dx, dwte_head, trainable_only({"transformer.ln_f.weight": dw, "transformer.ln_f.bias": db}, trainable)
+    return dx, trainable_only({"transformer.ln_f.weight": dw, "transformer.ln_f.bias": db}, trainable)
 
 
 def block_backward(
@@ -243,17 +270,16 @@ def block_backward(
     return dx + da, dpast, grads
 
 
-def embeddings_backward(dx: Array, cache: GPTCache, trainable: Collection[str], dwte_head: Array | None) -> Grads:
-    """Back through x = site(wte[ids]) + wpe[positions]: both lookups get the full dx."""
+def embeddings_backward(dx: Array, cache: GPTCache, trainable: Collection[str], head: HeadGradient) -> Grads:
+    """Back through x = site(tokens(ids)) + wpe[positions]: both lookups get the full dx; the tokens
+    site gets the head's share of its table's gradient too (`head`)."""
     grads: Grads = {}
     if "transformer.wpe.weight" in trainable:
         grads["transformer.wpe.weight"] = embedding_backward(dx.sum(axis=0), cache.positions)  # [n_positions, C]
     if cache.sites.embedding is not None:
         dx, site_grads = cache.sites.embedding.backward(dx, cache.embedding_site, trainable)  # -> [B, T, C]
         grads |= site_grads
-    if "transformer.wte.weight" in trainable:  # the tied wte: the lookup's gradient plus the head's
-        grads["transformer.wte.weight"] = embedding_backward(dx, cache.tokens) + dwte_head  # [V, C]
-    return grads
+    return grads | cache.tokens.site.backward(dx, head, cache.tokens.cache, trainable)
 
 
 def linear_backward_call(dy: Array, call: LinearCall, trainable: Collection[str]) -> tuple[Array, Grads]:

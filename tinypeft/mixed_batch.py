@@ -58,6 +58,11 @@ def check_mixable(name: str, adapter: Adapter) -> Sites:
     """The adapter's sites, if it acts only through linear layers, and its trained base tensors, if any, belong
     to those layers."""
     sites = adapter.sites(training=False)
+    if sites.tokens is not None:
+        raise ConfigError(
+            f"adapter {name!r} ({adapter.config.peft_type}) changes the token table, which the tied head reads for "
+            "every row; a mixed batch (adapter_names) takes adapters of linear layers only"
+        )
     if sites.embedding is not None or sites.prefix is not None:
         raise ConfigError(
             f"adapter {name!r} ({adapter.config.peft_type}) puts positions in front of the tokens, which would change "

@@ -1,8 +1,10 @@
 """The named sites where a PEFT method plugs into the base model.
 
-The base model knows no method. It knows three places where something may stand in for, or be
+The base model knows no method. It knows four places where something may stand in for, or be
 added to, its own computation, and it calls whatever a method puts there:
 
+- `tokens`: stands in for the token-embedding table wte, which both the lookup wte[ids] and the tied
+  head ln_f(x) wteᵀ read (trainable tokens, LoRA on wte);
 - `linear[module]`: stands in for one linear layer y = x W + b (LoRA, DoRA, IA3, adapters);
 - `embedding`: edits the input embeddings before the position embeddings are added (prompt tuning);
 - `prefix`: supplies keys/values that every layer's attention sees before the real tokens, as a
@@ -17,8 +19,8 @@ Every site is a forward/backward pair, like the ops. A backward returns the grad
 to the model and a dict of gradients for the parameters it owns, keyed by their full names in
 the flat parameter dict, computed only for names in `trainable`.
 
-A site also says which parameters it owns: a linear site per module, the embedding and prefix
-sites for themselves. The engine places each owned parameter where the site sits (`Location`),
+A site also says which parameters it owns: a linear site per module, the tokens, embedding and
+prefix sites for themselves. The engine places each owned parameter where the site sits (`Location`),
 and from the lowest trainable location derives how far down the backward must go; nothing is
 inferred from how a parameter is named.
 """
@@ -75,6 +77,36 @@ class LinearSite(Protocol):
         ...
 
 
+class HeadGradient(NamedTuple):
+    """What the tied head's share of a token-table gradient is made of: the head computed
+    logits = x W_headᵀ, so dW_head = dlogitsᵀ x, (V, C). A site forms only the rows it needs
+    (`rows`), or all of them (`full`), or none (a head that reads a frozen table)."""
+
+    dlogits: Array  # [N, V]
+    x: Array  # [N, C]: ln_f's output, which the head multiplied
+
+    def full(self) -> Array:
+        return self.dlogits.T @ self.x  # [V, N] @ [N, C] -> [V, C]
+
+    def rows(self, idx: Array) -> Array:
+        return self.dlogits[:, idx].T @ self.x  # [n, N] @ [N, C] -> [n, C]
+
+
+class TokenSite(Protocol):
+    """Stands in for the token-embedding table: the embeddings of the ids and the weight the tied head
+    multiplies by. The base's own (`gpt.BaseTokens`) gives wte[ids] and wte itself."""
+
+    param_names: Collection[str]  # the parameters it owns (wte included): they sit at EMBEDDING_LOCATION
+
+    def forward(self, params: Params, input_ids: Array) -> tuple[Array, Array, Any]:
+        """(token embeddings (B, T, C), the head's weight (V, C), cache)."""
+        ...
+
+    def backward(self, dembeds: Array, head: HeadGradient, cache: Any, trainable: Collection[str]) -> Grads:
+        """grads from the gradient at the token embeddings (B, T, C) and the head's (`HeadGradient`)."""
+        ...
+
+
 class EmbeddingSite(Protocol):
     param_names: Collection[str]  # the parameters it owns: they sit at EMBEDDING_LOCATION
 
@@ -125,6 +157,7 @@ class Sites:
     """What stands at each site. The default, empty, is the base model alone."""
 
     linear: Mapping[str, LinearSite] = field(default_factory=dict)
+    tokens: TokenSite | None = None
     embedding: EmbeddingSite | None = None
     prefix: PrefixSite | None = None
     # the sites draw random masks for the shapes they are given (dropout in training): the engine must
@@ -139,8 +172,9 @@ class Sites:
             where |= dict.fromkeys(site.owned(module), module_location[module])
         if self.prefix is not None:
             where |= dict.fromkeys(self.prefix.param_names, Location(0, "attn"))  # block 0 reads it first
-        if self.embedding is not None:
-            where |= dict.fromkeys(self.embedding.param_names, EMBEDDING_LOCATION)
+        for site in (self.tokens, self.embedding):
+            if site is not None:
+                where |= dict.fromkeys(site.param_names, EMBEDDING_LOCATION)
         return where
 
 

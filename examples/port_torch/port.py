@@ -66,12 +66,14 @@ def attention(
 
 
 class GPT:
-    """GPT-2 over a flat dict of parameters named as in model.md; methods plug in at three sites:
-    `linear[module]` replaces a linear layer, `prompt` is prepended to the token embeddings, and `prefix`
-    gives every layer keys and values in front of the tokens' own."""
+    """GPT-2 over a flat dict of parameters named as in model.md; methods plug in at four sites: `tokens`
+    gives the token embeddings of the ids and the tied head's weight, `linear[module]` replaces a linear
+    layer, `prompt` is prepended to the token embeddings, and `prefix` gives every layer keys and values in
+    front of the tokens' own."""
 
     def __init__(self, config: dict[str, Any], params: dict[str, Tensor]) -> None:
         self.config, self.params = config, params
+        self.tokens: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
         self.linear: dict[str, Callable[[Tensor], Tensor]] = {}
         self.prompt: Callable[[], Tensor] | None = None
         self.prefix: Callable[[int], list[tuple[Tensor, Tensor]]] | None = None
@@ -99,7 +101,8 @@ class GPT:
         the cached positions: virtual tokens and the prefix are in the cache already."""
         p, n_head = self.params, self.config["n_head"]
         B = ids.shape[0]
-        x = p["transformer.wte.weight"][ids]  # [B, T, C]
+        wte = p["transformer.wte.weight"]
+        x, head = (wte[ids], wte) if self.tokens is None else self.tokens(ids)  # [B, T, C], [V, C]
         if self.prompt is not None and cache is None:  # prompt_tuning.md: the table in front, mask ones in front
             table = self.prompt()
             x = torch.cat([table.expand(B, -1, -1), x], 1)
@@ -123,7 +126,7 @@ class GPT:
             x = x + self.layer(f"{h}.attn.c_proj", a)
             m = gelu_tanh(self.layer(f"{h}.mlp.c_fc", self.ln(f"{h}.ln_2", x)))
             x = x + self.layer(f"{h}.mlp.c_proj", m)
-        return self.ln("transformer.ln_f", x) @ p["transformer.wte.weight"].T, keys_values  # tied head: [B, T, V]
+        return self.ln("transformer.ln_f", x) @ head.T, keys_values  # tied head: [B, T, V]
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -169,6 +172,17 @@ def lora_scaling(cfg: dict[str, Any]) -> float:
 def add_lora(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> None:
     r, s = cfg["r"], lora_scaling(cfg)
     p = model.params
+    if matches("transformer.wte", cfg["target_modules"]):  # lora.md, on wte: the lookup only; the head reads W
+        W, A, B = (
+            p["transformer.wte.weight"],
+            p[f"{PEFT}transformer.wte.lora_embedding_A"],
+            p[f"{PEFT}transformer.wte.lora_embedding_B"],
+        )
+        model.tokens = lambda ids, W=W, A=A, B=B: (W[ids] + s * A.T[ids] @ B.T, W)  # A (r, V), B (C, r)
+    indices = cfg.get("trainable_token_indices")
+    if indices is not None:  # trainable_tokens.md, inside LoRA: a list, or {"wte": ids}
+        ids = next(iter(indices.values())) if isinstance(indices, dict) else indices
+        add_trainable_tokens(model, ids, f"{PEFT}transformer.wte.token_adapter.trainable_tokens_delta")
     for module in (m for m in linear_modules(model.config) if matches(m, cfg["target_modules"])):
         W = p[module + ".weight"]
         if cfg["init_lora_weights"] == "pissa":
@@ -186,6 +200,17 @@ def add_lora(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> Non
             model.linear[module] = dora
         else:
             model.linear[module] = lambda x, W=W, A=A, B=B, b=b: x @ W + b + s * (x @ A.T) @ B.T
+
+
+# ================================================================ trainable tokens (docs/trainable_tokens.md)
+def add_trainable_tokens(model: GPT, indices: list[int], delta: str) -> None:
+    """W' = W.index_copy(idx, Δ): row idx_j of the table is Δ_j; the lookup and the tied head both read W'."""
+
+    def tokens(ids: Tensor) -> tuple[Tensor, Tensor]:
+        table = model.params["transformer.wte.weight"].index_copy(0, torch.tensor(indices), model.params[delta])
+        return table[ids], table
+
+    model.tokens = tokens
 
 
 # ================================================================ prompt tuning (docs/prompt_tuning.md)
@@ -503,6 +528,8 @@ def attach(model: GPT, cfg: dict[str, Any], derived: dict[str, Tensor]) -> None:
         add_oft(model, cfg)
     elif kind == "BOFT":
         add_boft(model, cfg)
+    elif kind == "TRAINABLE_TOKENS":
+        add_trainable_tokens(model, cfg["token_indices"], f"{PEFT}transformer.wte.trainable_tokens_delta")
 
 
 def compute(case: dict[str, Any]) -> dict[str, Any]:

@@ -275,6 +275,32 @@ def test_the_shipped_base_is_small_documented_and_trained_at_every_position():
     assert 0 < provenance["val_loss_nats_per_byte"] < 1.5
 
 
+@pytest.mark.parametrize(
+    ("method", "trained"),
+    [
+        (
+            ["--method", "trainable_tokens", "--token_indices", "32", "101", "10"],
+            {"transformer.wte.trainable_tokens_delta"},
+        ),
+        (["--method", "lora", "--target_modules", "wte", "c_attn"], {"transformer.wte.lora_embedding_A"}),
+        (["--method", "lora", "--trainable_token_indices", "32", "10"], {"transformer.wte.token_adapter"}),
+    ],
+    ids=["trainable_tokens", "lora-wte", "lora-token-indices"],
+)
+def test_finetune_trains_the_token_table(pretrained, tmp_path, capsys, method, trained):
+    """The token-table methods from the command line: they train, save PEFT's names, and load back."""
+    out = tmp_path / "ft"
+    base = str(pretrained / "model")
+    assert main(["finetune", "--base", base, *method, "--out", str(out), "--sample_bytes", "4", *TINY]) == 0
+    capsys.readouterr()
+    model = tp.PeftModel.from_pretrained(tp.GPT.from_pretrained(base), out / "adapter")
+    names = " ".join(model.adapter_state_dict())
+    assert all(t in names for t in trained), names
+    start = tp.GPT.from_pretrained(base)
+    ids = np.frombuffer(b"def main():", dtype=np.uint8)[None].astype(np.int64)
+    assert np.abs(np.asarray(model(ids)) - np.asarray(start(ids))).max() > 0  # trained: off the base
+
+
 def test_a_second_run_in_one_out_folder_needs_overwrite_and_resume_refuses_another_run(pretrained, tmp_path, capsys):
     """Issue 15, items 1 and 2, from the command line: each refusal is one line and exit 2."""
     base, out = str(pretrained / "model"), str(tmp_path / "run")

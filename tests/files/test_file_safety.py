@@ -215,3 +215,19 @@ def test_reads_work_under_an_address_space_limit(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("header_len", [640, 896, 1152, 1408])
+def test_a_safetensors_file_whose_length_bytes_look_like_a_pickle_loads(tmp_path, header_len):
+    """A header of 640 bytes is 0x280: the file starts b"\\x80\\x02", a pickle's magic (PEFT wrote one such
+    adapter in a test). The JSON header's "{" after the length says safetensors."""
+    from safetensors.numpy import save
+
+    arrays = {"x": np.arange(3.0)}
+    for pad in range(header_len):
+        data = save(arrays, metadata={"pad": "p" * pad})
+        if int.from_bytes(data[:8], "little") == header_len:
+            break
+    assert int.from_bytes(data[:8], "little") == header_len and data[:1] == b"\x80"
+    (tmp_path / "a.safetensors").write_bytes(data)
+    np.testing.assert_array_equal(load_safetensors(tmp_path / "a.safetensors")["x"], arrays["x"])

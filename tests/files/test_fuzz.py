@@ -166,6 +166,7 @@ METHOD_CONFIGS: dict[str, Callable[[], tp.PeftConfig]] = {
         total_step=10,
         rank_pattern={f"transformer.h.{i}.attn.c_attn.lora_E": [True, i == 0, False] for i in range(CFG.n_layer)},
     ),
+    "TRAINABLE_TOKENS": lambda: tp.TrainableTokensConfig(token_indices=[3, 0]),  # no default: ids are required
 }
 
 

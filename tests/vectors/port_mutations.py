@@ -38,6 +38,12 @@ def is_lora(case: Case, **fields: object) -> bool:
     return cfg.get("peft_type") == "LORA" and all(cfg.get(k) == v for k, v in fields.items())
 
 
+def trains_token_rows(case: Case) -> bool:
+    """Trainable tokens, or LoRA's trainable_token_indices: the rows of wte that train, read by the tied head."""
+    cfg = case.method_config or {}
+    return cfg.get("peft_type") == "TRAINABLE_TOKENS" or cfg.get("trainable_token_indices") is not None
+
+
 def loss_reads_a_query_that_sees_nothing(case: Case) -> bool:
     """A left-padded row whose last pad predicts its first token, with no virtual token in front to see."""
     virtual = "num_virtual_tokens" in (case.method_config or {})
@@ -111,6 +117,11 @@ MUTATIONS = {
         "W = pissa_residual(W, r, s)",
         'W = W - s * (p[f"{PEFT}{module}.lora_B.weight"] @ p[f"{PEFT}{module}.lora_A.weight"]).T.detach()',
         lambda c: is_lora(c, init_lora_weights="pissa")),
+    "the tied head reads the base table, not the trained token rows": Mutation(
+        "return table[ids], table", 'return table[ids], model.params["transformer.wte.weight"]', trains_token_rows),
+    "LoRA on wte's update in the head too": Mutation(
+        "(W[ids] + s * A.T[ids] @ B.T, W)", "(W[ids] + s * A.T[ids] @ B.T, W + s * (B @ A).T)",
+        lambda c: is_lora(c) and "wte" in c.method_config["target_modules"]),
     "virtual tokens appended instead of prepended": Mutation(
         "torch.cat([table.expand(B, -1, -1), x], 1)", "torch.cat([x, table.expand(B, -1, -1)], 1)",
         lambda c: c.method == "prompt_tuning"),

@@ -87,6 +87,7 @@ PAGES = {
     "lokr.md": ("lokr",),
     "oft.md": ("oft", "boft"),
     "adalora.md": ("adalora",),
+    "trainable_tokens.md": ("trainable_tokens",),
 }
 NAME = re.compile(r"`((?:base_model\.model\.)?transformer\.[\w.]+|prompt_[\w.]+)`")
 

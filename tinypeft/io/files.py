@@ -153,7 +153,11 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from safetensors.numpy import load
 
     data = _read(path, MAX_TENSOR_FILE_BYTES)
-    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:4] == b"PK\x03\x04":
+    # a header of 640, 896, 1152 or 1408 bytes starts the file with a pickle's magic bytes too: a JSON
+    # header's "{" after the 8-byte length says safetensors
+    safetensors_header = len(data) > 8 and data[8:9] == b"{"
+    pickle_magic = data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    if (pickle_magic and not safetensors_header) or data[:4] == b"PK\x03\x04":
         raise CheckpointError(
             f"{os.fspath(path)} is a pickle or a torch .bin/.pt archive; tinypeft never loads pickles "
             "(they can run code). Convert it to safetensors first."

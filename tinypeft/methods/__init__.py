@@ -19,6 +19,7 @@ from .lokr import LoKrConfig
 from .oft import OFTConfig
 from .boft import BOFTConfig
 from .adalora import AdaLoraConfig
+from .trainable_tokens import TrainableTokensConfig
 
 # isort: on
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, match_parameters
@@ -45,6 +46,7 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptTuningConfig",
     "SelectiveConfig",
+    "TrainableTokensConfig",
     "VeraConfig",
     "freeze",
     "match_modules",

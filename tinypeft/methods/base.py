@@ -134,6 +134,11 @@ class Adapter:
         for base_name in self.overrides:
             base_params[base_name] = originals[base_name]
 
+    def merge_caveat(self) -> str:
+        """Why a merged model's logits differ from the unmerged adapter's, or "" when they are equal (up to
+        rounding). LoRA on wte: the tied head reads the merged table, while the unmerged head reads W."""
+        return ""
+
     def merge_error(self) -> MergeError:
         return MergeError(f"{self.config.peft_type} has no merge")
 

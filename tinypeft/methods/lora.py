@@ -33,6 +33,16 @@ from ..config import linear_module_names, positive_number, shown
 from ..errors import ConfigError
 from ..sites import Sites
 from .base import PEFT_PREFIX, Adapter, PeftConfig, match_modules, register
+from .embedding_lora import (
+    EMBEDDING_A,
+    MERGE_MOVES_THE_HEAD,
+    check_token_table,
+    lora_token_indices,
+    merge_token_table,
+    token_table_error_cases,
+    token_table_site,
+    token_table_tensors,
+)
 from .lora_variants import (
     dora_backward,
     dora_forward,
@@ -65,6 +75,7 @@ if TYPE_CHECKING:
 INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
 BIAS_CHOICES = ("none", "all", "lora_only")
 GPT2_DEFAULT_TARGETS = ("c_attn",)  # PEFT's default for model_type "gpt2"
+TOKEN_TABLE, WTE = "transformer.wte", "transformer.wte.weight"  # "wte" in target_modules: embedding_lora.py
 
 
 # ===================================================================== the math
@@ -150,15 +161,19 @@ class LoraConfig(PeftConfig):
 
     r: the rank; lora_alpha: the scale numerator (s = lora_alpha / r, or lora_alpha / √r with
     use_rslora); lora_dropout: dropout on the LoRA branch's input while training; target_modules: PEFT's
-    matching over the linear layers (a list of names or suffixes, or a full-match regex string; None is
-    GPT-2's default, ["c_attn"]); use_dora: DoRA's magnitude vector; init_lora_weights: True (A kaiming-
-    uniform, B = 0: the adapter starts as the identity), "gaussian" (A ~ N(0, 1/r²), B = 0), False (A and B
-    both random: used by tests to get a non-identity adapter), "pissa", "pissa_niter_K" (its randomised SVD),
-    "olora" (QR): W split; bias: which base biases train too, "none", "all" or "lora_only" (targets').
+    matching over the linear layers and the token embedding "wte" (a list of names or suffixes, or a
+    full-match regex string; None is GPT-2's default, ["c_attn"]; wte: embedding_lora.py); use_dora:
+    DoRA's magnitude vector; init_lora_weights: True (A kaiming-uniform, B = 0: the adapter starts as the
+    identity), "gaussian" (A ~ N(0, 1/r²), B = 0), False (A and B both random: used by tests to get a
+    non-identity adapter), "pissa", "pissa_niter_K" (its randomised SVD), "olora" (QR): W split; bias:
+    which base biases train too, "none", "all" or "lora_only" (targets'); trainable_token_indices: token
+    ids whose rows of wte train too, a list or {"wte": ids} (PEFT's trainable tokens inside LoRA:
+    trainable_tokens.py).
 
     fan_in_fan_out is always True for GPT-2's Conv1D layers; PEFT forces it, and so does this class.
-    rank_pattern, alpha_pattern and lora_bias are PEFT options tinypeft does not implement; they are
-    fields only so that a PEFT adapter_config.json that uses them is refused instead of being computed
+    rank_pattern, alpha_pattern, lora_bias and ensure_weight_tying are PEFT options tinypeft does not
+    implement; they are fields only so that a PEFT adapter_config.json that uses them is refused instead
+    of being computed
     as something else.
     """
 
@@ -176,6 +191,8 @@ class LoraConfig(PeftConfig):
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    ensure_weight_tying: bool = False
 
     def __post_init__(self) -> None:
         r, alpha, p = self.r, self.lora_alpha, self.lora_dropout
@@ -208,7 +225,9 @@ class LoraConfig(PeftConfig):
                 stacklevel=3,
             )
             self.fan_in_fan_out = True
-        unsupported = {k: getattr(self, k) for k in ("rank_pattern", "alpha_pattern", "lora_bias") if getattr(self, k)}
+        lora_token_indices(self.trainable_token_indices)
+        refused = ("rank_pattern", "alpha_pattern", "lora_bias", "ensure_weight_tying")
+        unsupported = {k: getattr(self, k) for k in refused if getattr(self, k)}
         if unsupported:
             raise ConfigError(
                 f"LoraConfig: tinypeft does not implement PEFT's {shown(unsupported)}; leave them at their defaults"
@@ -221,10 +240,18 @@ class LoraConfig(PeftConfig):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def targets(self, base: GPT) -> list[str]:
-        """The targeted linear layers' module names, in model order."""
-        return match_modules(linear_module_names(base.config), self.target_modules)
+        """The targeted linear layers' module names, in model order (wte aside: `adapts_wte`)."""
+        return [m for m in self._matched(base) if m != TOKEN_TABLE]
+
+    def adapts_wte(self, base: GPT) -> bool:
+        """Whether target_modules takes the token embedding too ("wte": embedding_lora.py)."""
+        return TOKEN_TABLE in self._matched(base)
+
+    def _matched(self, base: GPT) -> list[str]:
+        return match_modules([TOKEN_TABLE, *linear_module_names(base.config)], self.target_modules)
 
     def validate(self, base: GPT) -> None:
+        check_token_table(self, base, self.adapts_wte(base))
         for module in self.targets(base):
             n_in, n_out = base.params[module + ".weight"].shape
             if self.r > min(n_in, n_out):
@@ -308,7 +335,8 @@ class LoraAdapter(Adapter):
         """Fresh tensors for every targeted layer, drawn in float64 from one generator in model order."""
         xp, dtype, s = base.xp, base.config.dtype, config.scaling
         rng = np.random.default_rng(seed)
-        layers, params, residuals = [], {}, {}
+        layers, residuals = [], {}
+        params = token_table_tensors(config, base, config.adapts_wte(base), rng)
         for module in config.targets(base):
             n_in, n_out = base.params[module + ".weight"].shape
             layer = LoraLayer(module, n_in, n_out)
@@ -344,12 +372,15 @@ class LoraAdapter(Adapter):
         p = self.config.lora_dropout
         key = int(self._dropout_keys.integers(2**63)) if training and p > 0 else None
         site = LoraSite(self, key)
-        return Sites(linear={layer.module: site for layer in self.layers}, stochastic=key is not None)
+        linear = {layer.module: site for layer in self.layers}
+        return Sites(linear=linear, tokens=token_table_site(self.config, self.params), stochastic=key is not None)
 
     def merge(self, base_params: dict[str, Array]) -> None:
         """W <- W + s (B A)ᵀ (DoRA: scaled per column to length m), PiSSA's residual in place of W; trained
-        bias copies replace the base biases."""
+        bias copies replace the base biases; wte as `merge_token_table` says (LoRA on wte: the tied head
+        changes with it, as in PEFT)."""
         super().merge(base_params)
+        merge_token_table(self.config, self.params, base_params)
         s = self.config.scaling
         for layer in self.layers:
             W, A, B = self.base_weight(layer, base_params), self.params[layer.lora_A], self.params[layer.lora_B]
@@ -358,10 +389,14 @@ class LoraAdapter(Adapter):
             else:
                 base_params[layer.weight] = lora_merged_weight(W, A, B, s)
 
+    def merge_caveat(self) -> str:
+        return MERGE_MOVES_THE_HEAD if EMBEDDING_A in self.params else ""
+
     def unmerge(self, base_params: dict[str, Array], originals: Mapping[str, Array]) -> None:
         """Put back the very arrays the merge replaced (exact; PEFT subtracts the update again, which
         rounds, and for DoRA divides by k)."""
         super().unmerge(base_params, originals)
+        base_params[WTE] = originals.get(WTE, base_params[WTE])
         for layer in self.layers:
             base_params[layer.weight] = originals[layer.weight]
 
@@ -464,6 +499,7 @@ def _build(args: argparse.Namespace) -> LoraConfig:
         use_dora=args.use_dora,
         init_lora_weights=init,
         bias=args.bias,
+        trainable_token_indices=None if args.trainable_token_indices is None else list(args.trainable_token_indices),
     )
 
 
@@ -478,6 +514,8 @@ FLAGS = (
     Flag(("--init_lora_weights",), {"default": "true", "help": "true: B = 0, A uniform (gaussian: A normal); "
          "false: both random; pissa, pissa_niter_K (randomised SVD, K iterations), olora (QR): split W"}),
     Flag(("--bias",), {"choices": ["none", "all", "lora_only"], "default": "none", "help": "which biases train"}),
+    Flag(("--trainable_token_indices",), {"nargs": "+", "type": int, "default": None, "metavar": "ID",
+         "help": "token ids whose rows of wte train too (PEFT's trainable tokens inside LoRA; default: none)"}),
 )  # fmt: skip
 
 ALL_LINEAR = ["c_attn", "c_proj", "c_fc"]
@@ -529,6 +567,11 @@ GOLDEN_CASES = (
                lambda: LoraConfig(r=2, lora_alpha=5, target_modules=r".*\.1\.(attn\.c_attn|mlp\.c_fc)",
                                   bias="lora_only"),
                Batch(2, 7), seed=45),
+    GoldenCase("lora", "wte", "r=2 on wte (the lookup; the tied head reads W) and c_attn", ODD_EPS,
+               lambda: LoraConfig(r=2, lora_alpha=3, target_modules=["wte", "c_attn"]), Batch(2, 7), seed=46),
+    GoldenCase("lora", "tokens", "r=1 on c_fc, trainable_token_indices [3, 0, 22] (the last id); padded batch",
+               SMALL, lambda: LoraConfig(r=1, lora_alpha=2, target_modules=["c_fc"],
+                                         trainable_token_indices=[3, 0, 22]), Batch(3, 8, "mixed"), seed=47),
 )  # fmt: skip
 
 
@@ -549,8 +592,10 @@ def _error_cases() -> list[ErrorCase]:
                 ("lora_dropout", "-0.1", "[0, 1)")),
         refused("LoRA target that does not exist", lambda: LoraConfig(target_modules=["q_proj"]),
                 ("'q_proj'", "matches no module", "'attn.c_attn'", "'attn.c_proj'", "'mlp.c_fc'", "'mlp.c_proj'")),
-        refused("LoRA target that is not a linear layer", lambda: LoraConfig(target_modules=["wte"]),
-                ("'wte'", "matches no module", "'attn.c_attn'")),
+        refused("LoRA target that is neither linear nor wte", lambda: LoraConfig(target_modules=["wpe"]),
+                ("'wpe'", "matches no module", "'attn.c_attn'", "'transformer.wte'")),
+        refused("LoRA ensure_weight_tying", lambda: LoraConfig(ensure_weight_tying=True),
+                ("ensure_weight_tying", "does not implement")),
         refused("LoRA bias unknown", lambda: LoraConfig(bias="some"), ("'some'", "'none', 'all', 'lora_only'")),
         refused("LoRA init_lora_weights unknown", lambda: LoraConfig(init_lora_weights="xavier"),
                 ("'xavier'", "True, False, 'gaussian', 'pissa', 'olora'", "'pissa_niter_K'")),
@@ -559,6 +604,7 @@ def _error_cases() -> list[ErrorCase]:
         refused("LoRA use_dora not a bool", lambda: LoraConfig(use_dora="yes"), ("use_dora", "'yes'", "True or False")),
         refused("LoRA option of PEFT's that tinypeft lacks", lambda: LoraConfig(rank_pattern={"c_attn": 4}),
                 ("rank_pattern", "does not implement", "defaults")),
+        *token_table_error_cases(LoraConfig),
     ]  # fmt: skip
 
 
@@ -577,8 +623,11 @@ register_method(MethodSpec(
         "rank_pattern": UNIMPLEMENTED,
         "alpha_pattern": UNIMPLEMENTED,
         "lora_bias": UNIMPLEMENTED,
+        "ensure_weight_tying": UNIMPLEMENTED,
     },
     peft_files="PEFT's LORA: base_model.model.<module>.lora_A.weight (r, in) and .lora_B.weight (out, r), "
+    "transformer.wte.lora_embedding_A (r, V) and lora_embedding_B (C, r) (wte targeted), "
+    "transformer.wte.token_adapter.trainable_tokens_delta (trainable_token_indices), "
     ".lora_magnitude_vector (DoRA), .base_layer.bias (bias='all' or 'lora_only'), and PEFT's adapter_config.json "
     "fields, so an adapter loads in PEFT and back (PiSSA's residual is not saved: loading recomputes it from the "
     "base by the same SVD, as PEFT does)",

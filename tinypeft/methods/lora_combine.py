@@ -239,6 +239,11 @@ def check_adapters(named: Mapping[str, Adapter], weights: Any, kind: str) -> lis
                 f"add_weighted_adapter combines LoRA adapters (as PEFT's); {name!r} is {adapter.config.peft_type}"
             )
         _check_plain_update(name, adapter.config)
+        if adapter.sites().tokens is not None:
+            raise ConfigError(
+                f"adapter {name!r} changes the token table (wte or trainable_token_indices); add_weighted_adapter "
+                "combines the updates of linear layers only"
+            )
     ranks = {name: a.config.r for name, a in named.items()}
     if COMBINATIONS[kind][1] == "factors" and kind != "cat" and len(named) > 1 and len(set(ranks.values())) > 1:
         raise ConfigError(

@@ -82,6 +82,7 @@ def check_several(adapters: Mapping[str, Adapter]) -> None:
             else "it is DoRA, which rescales the whole output" if config.use_dora
             else "it is PiSSA, which computes with a residual weight of its own" if config.init_lora_weights == "pissa"
             else f"it trains biases (bias={config.bias!r}), which the others would share" if config.bias != "none"
+            else "it changes the token table (wte or trainable_token_indices)" if adapter.sites().tokens is not None
             else ""
         )  # fmt: skip
         if why:

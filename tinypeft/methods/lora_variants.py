@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import Array, namespace
+from .embedding_lora import token_table_parameters
 
 
 def stop_gradient(a: Array) -> Array:
@@ -114,11 +115,13 @@ def dora_merged_weight(weight: Array, lora_A: Array, lora_B: Array, magnitude: A
 
 def lora_estimated_parameters(config: Any, base: Any) -> int:
     """LoraConfig.estimated_parameters (here, since lora.py is at its length limit): per targeted layer
-    A (r, in) and B (out, r), DoRA's m (out,) and PiSSA's frozen residual (in, out); and the trained
-    copies of base biases (bias="all": every one; "lora_only": the targeted layers')."""
+    A (r, in) and B (out, r), DoRA's m (out,) and PiSSA's frozen residual (in, out); wte's A (r, V) and
+    B (C, r), or Δ (n, C); and the trained copies of base biases (bias="all": every one; "lora_only": the
+    targeted layers')."""
     pissa = splits_the_weight(config.init_lora_weights)
     shapes = [base.params[module + ".weight"].shape for module in config.targets(base)]
-    n = sum(config.r * (n_in + n_out) + config.use_dora * n_out + pissa * n_in * n_out for n_in, n_out in shapes)
+    n = token_table_parameters(config, base, config.adapts_wte(base))
+    n += sum(config.r * (n_in + n_out) + config.use_dora * n_out + pissa * n_in * n_out for n_in, n_out in shapes)
     if config.bias == "all":
         return n + sum(int(p.size) for name, p in base.params.items() if name.endswith(".bias"))
     return n + (config.bias == "lora_only") * sum(n_out for _, n_out in shapes)
