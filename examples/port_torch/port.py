@@ -691,6 +691,8 @@ def merge_weights(model: GPT, cfg: dict[str, Any]) -> dict[str, Tensor]:
         else:
             W, b = read_off(site, W.shape[0], W.dtype)
         out[module + ".weight"], out[module + ".bias"] = W, b
+    if model.tokens is not None:  # the table the lookup reads, every id's row (LoRA on wte, trainable tokens)
+        out["transformer.wte.weight"] = model.tokens(torch.arange(p["transformer.wte.weight"].shape[0]))[0]
     return out
 
 
@@ -726,6 +728,9 @@ def unmerge_case(case: dict[str, Any]) -> dict[str, Any]:
             else:  # subtract the update the merge added
                 W, b = W - (merged[module + ".weight"] - p[module + ".weight"]), b - (b - p[module + ".bias"])
             merged[module + ".weight"], merged[module + ".bias"] = W, b
+        if "transformer.wte.weight" in merged:  # the token table: subtract the update the merge added
+            W = merged["transformer.wte.weight"]
+            merged["transformer.wte.weight"] = W - (W - p["transformer.wte.weight"])
         return {n: merged.get(n, model.params[n]).numpy() for n in base_names(case["model_config"])}
 
 

@@ -20,6 +20,7 @@ from tinypeft.vectors import check_merges, load_entry_points, load_merges, merge
 
 # one case of each method that merges: LoRA, DoRA, PiSSA, IA3, and the methods the port reads off its sites
 FEW = ("lora-padded-*", "dora-rslora-*", "pissa-dora-*", "ia3-odd-*", "vera-odd-*", "oft-odd-*", "boft-butterfly-*")
+FEW += ("lora-wte-*", "trainable_tokens-odd-*")  # the token table: its merge is the table the lookup reads
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def merges(vectors, cases):
 
 def test_every_case_whose_method_merges_has_a_merge_that_changes_the_base(merges, cases):
     methods = {m.case.method_config["peft_type"] for m in merges}
-    assert methods == {"LORA", "IA3", "VERA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT"}
+    assert methods == {"LORA", "IA3", "VERA", "ADALORA", "LOHA", "LOKR", "OFT", "BOFT", "TRAINABLE_TOKENS"}
     assert {m.case.name for m in merges} == {c.name for c in cases if c.method_config and c.method_config[
         "peft_type"] in methods}  # fmt: skip
     for m in merges:  # the merged tensors differ from the base they replace, well beyond any tolerance
