@@ -5,10 +5,11 @@
     python examples/forgetting.py --quick    # a few seconds: 3 steps per method, into runs/quick
 
 Full fine-tuning, LoRA, prompt tuning, P-tuning, IA3, bottleneck adapters, BitFit, VeRA, LoHa, LoKr, OFT,
-BOFT and AdaLoRA, each as `tinypeft finetune --method M` configures it (its default config and learning rate), train for the
-same steps on the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much
-the original (prose) loss rose, both against the base model; the trainable parameters; the median time
-of a training step; and the peak memory of building the model and running two steps (tracemalloc, as
+BOFT, AdaLoRA and trainable tokens, each as `tinypeft finetune --method M` configures it (its default config
+and learning rate; trainable tokens on the bytes of code's punctuation, CODE_TOKENS), train for the same steps
+on the same batches of the code corpus. Measured for each: how much the task (code) loss fell, how much the
+original (prose) loss rose, both against the base model; the trainable parameters; the median time of a
+training step; and the peak memory of building the model and running two steps (tracemalloc, as
 benchmarks/run.py measures it).
 """
 
@@ -35,9 +36,13 @@ METHODS = {  # label: `tinypeft finetune --method` name
     "OFT (blocks of 32, c_attn)": "oft",
     "BOFT (blocks of 4, c_attn)": "boft",
     "AdaLoRA r 12 -> 8 (c_attn)": "adalora",
+    "trainable tokens (15 bytes)": "trainable_tokens",
 }
+# trainable tokens has no default rows: the bytes of Python's punctuation, which prose uses rarely
+CODE_TOKENS = sorted(set(b"()[]{}:=_#'\"\n.,"))
+FLAGS = {"trainable_tokens": ("--token_indices", *map(str, CODE_TOKENS))}
 COLORS = ("black", "tab:blue", "tab:orange", "tab:olive", "tab:green", "tab:purple", "tab:brown", "tab:cyan", "tab:red")
-COLORS += ("tab:pink", "tab:gray", "gold", "darkred")
+COLORS += ("tab:pink", "tab:gray", "gold", "darkred", "teal")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,12 +52,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def measure(lab: Lab) -> dict:
     runs = []
     for label, method in METHODS.items():
-        config, lr = method_defaults(method, "--steps", str(lab.settings.steps))  # AdaLoRA's schedule spans the run
+        # the experiment's steps: AdaLoRA's budget schedule spans the run
+        config, lr = method_defaults(method, "--steps", str(lab.settings.steps), *FLAGS.get(method, ()))
         runs.append(lab.run(label, config, lr, measure_memory=True, method=method))
     # step times from the runs above come from different minutes of a shared machine; these are
     # timed one step of each method in turn, so a change in load hits them all alike
     rounds = 2 if lab.settings.steps < 10 else 10
-    times = lab.step_times({label: method_defaults(method)[0] for label, method in METHODS.items()}, rounds)
+    configs = {label: method_defaults(method, *FLAGS.get(method, ()))[0] for label, method in METHODS.items()}
+    times = lab.step_times(configs, rounds)
     for run in runs:
         run["interleaved_step_seconds"] = times[run["label"]]
     print("interleaved step times (ms): " + ", ".join(f"{k} {1e3 * v:.0f}" for k, v in times.items()))

@@ -93,9 +93,11 @@ def test_forgetting(tmp_path):
         "oft",
         "prompt",
         "ptuning",
+        "trainable_tokens",
         "vera",
     ]
     assert runs["full"]["trainable_parameters"] == results["base_parameters"]
+    assert runs["trainable_tokens"]["trainable_parameters"] == 15 * 128
     assert runs["prompt"]["trainable_parameters"] == 20 * 128
     assert runs["lora"]["trainable_parameters"] == 16_384
     assert runs["vera"]["trainable_parameters"] == 4 * (256 + 384)  # λ_d and λ_b of each c_attn; A, B frozen
