@@ -52,7 +52,7 @@ def test_reading_path_counts_the_reference_step():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     first = done.stdout.splitlines()[0]
-    assert ", 5 files (" in first, first
+    assert ", 6 files (" in first, first
     files = [line.split(")")[1].split()[0] for line in done.stdout.splitlines()[1:]]
     assert {"tinypeft/ops.py", "tinypeft/gpt.py", "tinypeft/methods/lora.py"} <= set(files)
     assert not {"tinypeft/engine.py", "tinypeft/checks.py", "tinypeft/runtime.py"} & set(files)  # no plumbing
