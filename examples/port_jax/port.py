@@ -21,18 +21,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-# Each case is compiled once and run once, on tiny arrays: XLA's newer CPU fusion emitters with LLVM's optimizations
-# make compiling it five times slower (measured: 1.5 s of CPU a case against 0.3 s) for nothing that shows at these
-# sizes. Set before jax loads; flags of one's own in XLA_FLAGS come after these, and win.
-os.environ["XLA_FLAGS"] = " ".join(
-    ["--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0", os.environ.get("XLA_FLAGS", "")]
-).strip()
 
 import jax
 import jax.numpy as jnp
@@ -82,12 +74,14 @@ def attention(qkv: Array, n_head: int, visible: Array, past: tuple[Array, Array]
 class Sites:
     """Where a method plugs in (model.md): `linear[module](p, x)` replaces a linear layer, `prompt(p)` is
     prepended to the token embeddings, `prefix(p)` gives every layer keys and values [NH, P, hs] in front of
-    the tokens' own. `constants` are tensors a method computes once from the base weights (frozen)."""
+    the tokens' own. `constants` are frozen tensors a method computes once from the base weights, which the sites
+    read from p; `derived` are the tensors an init computes that run_case returns to be checked (VECTORS.md)."""
 
     linear: dict[str, Callable[[Params, Array], Array]] = field(default_factory=dict)
     prompt: Callable[[Params], Array] | None = None
     prefix: Callable[[Params], list[tuple[Array, Array]]] | None = None
     constants: dict[str, np.ndarray] = field(default_factory=dict)
+    derived: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def base_linear(p: Params, module: str, x: Array) -> Array:
@@ -191,7 +185,7 @@ def lora(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dic
         weight = module + ".weight"
         if cfg["init_lora_weights"] == "pissa":  # PiSSA computes with W_res in place of W, DoRA's norm included
             weight = module + ".pissa_residual"
-            sites.constants[weight] = pissa_residual(weights[module + ".weight"], r, s)
+            sites.constants[weight] = sites.derived[weight] = pissa_residual(weights[module + ".weight"], r, s)
         A, B, m = (f"{PEFT}{module}.{t}" for t in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
 
         def site(p: Params, x: Array, module=module, weight=weight, A=A, B=B, m=m) -> Array:
@@ -212,7 +206,7 @@ def prompt_tuning(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], wei
         ids = list(cfg["prompt_tuning_init_text"].encode("utf-8"))
         nv = cfg["num_virtual_tokens"]
         ids = (ids * math.ceil(nv / len(ids)))[:nv]
-        sites.constants["derived prompt_embeddings"] = weights["transformer.wte.weight"][ids]
+        sites.derived["prompt_embeddings"] = weights["transformer.wte.weight"][ids]  # equals the stored table
 
 
 # ---------------------------------------------------------------- P-tuning (docs/ptuning.md)
@@ -361,6 +355,7 @@ def vera(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dic
     A = kaiming_uniform(next_word, (r, n_in))  # A first, then B, from the one generator
     B = kaiming_uniform(next_word, (n_out, r))
     sites.constants["base_model.vera_A"], sites.constants["base_model.vera_B"] = A.astype(dtype), B.astype(dtype)
+    sites.derived.update(sites.constants)
     for module in modules:
         l_d, l_b = f"{PEFT}{module}.vera_lambda_d", f"{PEFT}{module}.vera_lambda_b"
 
@@ -504,10 +499,11 @@ def boft(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dic
 @dataclass
 class Compiled:
     """One case's model and method: `step(trainable, frozen, ids, labels, mask)` -> ((loss, logits), grads),
-    jit-compiled, and the constants the method computed once (passed in with the frozen tensors)."""
+    jit-compiled, and what the method computed once: constants (passed in with the frozen tensors), derived."""
 
     step: Callable[..., Any]
     constants: dict[str, np.ndarray]
+    derived: dict[str, np.ndarray]
 
 
 _STEPS: dict[str, Callable[..., Any]] = {}
@@ -529,14 +525,14 @@ def compiled(case: dict[str, Any]) -> Compiled:
             return causal_lm_loss(logits, labels), logits
 
         _STEPS[key] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    return Compiled(_STEPS[key], sites.constants)
+    return Compiled(_STEPS[key], sites.constants, sites.derived)
 
 
 def inputs(case: dict[str, Any]) -> tuple[Compiled, dict[str, np.ndarray], dict[str, np.ndarray], tuple[Any, ...]]:
     """The compiled step, the trainable and frozen tensors (constants among the frozen), and the batch."""
     entry, weights = compiled(case), dict(case["weights"])  # NumPy arrays: jit takes them as they are
     trainable = {n: weights.pop(n) for n in case["trainable"]}
-    frozen = {**weights, **{n: c for n, c in entry.constants.items() if not n.startswith("derived ")}}
+    frozen = {**weights, **entry.constants}
     return entry, trainable, frozen, (case["input_ids"], case["labels"], case["attention_mask"])
 
 
@@ -544,12 +540,11 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """logits, loss, the gradient of every trainable tensor, and the tensors the init derives."""
     entry, trainable, frozen, (ids, labels, mask) = inputs(case)
     (loss, logits), grads = entry.step(trainable, frozen, ids, labels, mask)
-    derived = {n.removeprefix("derived "): np.asarray(c) for n, c in entry.constants.items()}
     return {
         "logits": np.asarray(logits),
         "loss": float(loss),
         "grads": {n: np.asarray(g) for n, g in grads.items()},
-        "derived": derived,
+        "derived": entry.derived,
     }
 
 
