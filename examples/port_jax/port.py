@@ -74,12 +74,14 @@ def attention(qkv: Array, n_head: int, visible: Array, past: tuple[Array, Array]
 class Sites:
     """Where a method plugs in (model.md): `linear[module](p, x)` replaces a linear layer, `prompt(p)` is
     prepended to the token embeddings, `prefix(p)` gives every layer keys and values [NH, P, hs] in front of
-    the tokens' own. `constants` are tensors a method computes once from the base weights (frozen)."""
+    the tokens' own. `constants` are frozen tensors a method computes once from the base weights, which the sites
+    read from p; `derived` are the tensors an init computes that run_case returns to be checked (VECTORS.md)."""
 
     linear: dict[str, Callable[[Params, Array], Array]] = field(default_factory=dict)
     prompt: Callable[[Params], Array] | None = None
     prefix: Callable[[Params], list[tuple[Array, Array]]] | None = None
     constants: dict[str, np.ndarray] = field(default_factory=dict)
+    derived: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def base_linear(p: Params, module: str, x: Array) -> Array:
@@ -130,7 +132,7 @@ def causal_lm_loss(logits: Array, labels: Array) -> Array:
     targets = labels[:, 1:]
     valid = targets != -100
     log_probs = jax.nn.log_softmax(logits[:, :-1], -1)  # z - max z - log sum e^(z - max z)
-    picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    picked = jnp.take_along_axis(log_probs, jnp.maximum(targets, 0)[..., None], -1)[..., 0]  # -100 reads row 0
     return -jnp.where(valid, picked, 0).sum() / valid.sum().astype(logits.dtype)
 
 
@@ -183,7 +185,7 @@ def lora(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dic
         weight = module + ".weight"
         if cfg["init_lora_weights"] == "pissa":  # PiSSA computes with W_res in place of W, DoRA's norm included
             weight = module + ".pissa_residual"
-            sites.constants[weight] = pissa_residual(weights[module + ".weight"], r, s)
+            sites.constants[weight] = sites.derived[weight] = pissa_residual(weights[module + ".weight"], r, s)
         A, B, m = (f"{PEFT}{module}.{t}" for t in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector"))
 
         def site(p: Params, x: Array, module=module, weight=weight, A=A, B=B, m=m) -> Array:
@@ -204,7 +206,7 @@ def prompt_tuning(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], wei
         ids = list(cfg["prompt_tuning_init_text"].encode("utf-8"))
         nv = cfg["num_virtual_tokens"]
         ids = (ids * math.ceil(nv / len(ids)))[:nv]
-        sites.constants["derived prompt_embeddings"] = weights["transformer.wte.weight"][ids]
+        sites.derived["prompt_embeddings"] = weights["transformer.wte.weight"][ids]  # equals the stored table
 
 
 # ---------------------------------------------------------------- P-tuning (docs/ptuning.md)
@@ -353,6 +355,7 @@ def vera(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dic
     A = kaiming_uniform(next_word, (r, n_in))  # A first, then B, from the one generator
     B = kaiming_uniform(next_word, (n_out, r))
     sites.constants["base_model.vera_A"], sites.constants["base_model.vera_B"] = A.astype(dtype), B.astype(dtype)
+    sites.derived.update(sites.constants)
     for module in modules:
         l_d, l_b = f"{PEFT}{module}.vera_lambda_d", f"{PEFT}{module}.vera_lambda_b"
 
@@ -404,7 +407,7 @@ def lokr(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dic
             w1 = p[name + "w1_a"] @ p[name + "w1_b"] if low_rank_w1 else p[name + "w1"]  # (a, c)
             w2 = p[name + "w2_a"] @ p[name + "w2_b"] if low_rank_w2 else p[name + "w2"]  # (bb, d)
             delta = scale * jnp.kron(w1, w2)  # (a bb, c d) = (out, in), PEFT's nn.Linear layout
-            return base_linear(p, module, x) + x @ delta.T
+            return x @ delta.T + base_linear(p, module, x)
 
         sites.linear[module] = site
 
@@ -496,10 +499,11 @@ def boft(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dic
 @dataclass
 class Compiled:
     """One case's model and method: `step(trainable, frozen, ids, labels, mask)` -> ((loss, logits), grads),
-    jit-compiled, and the constants the method computed once (passed in with the frozen tensors)."""
+    jit-compiled, and what the method computed once: constants (passed in with the frozen tensors), derived."""
 
     step: Callable[..., Any]
     constants: dict[str, np.ndarray]
+    derived: dict[str, np.ndarray]
 
 
 _STEPS: dict[str, Callable[..., Any]] = {}
@@ -521,29 +525,26 @@ def compiled(case: dict[str, Any]) -> Compiled:
             return causal_lm_loss(logits, labels), logits
 
         _STEPS[key] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    return Compiled(_STEPS[key], sites.constants)
+    return Compiled(_STEPS[key], sites.constants, sites.derived)
 
 
-def inputs(case: dict[str, Any]) -> tuple[Compiled, Params, Params, tuple[Array, Array, Array | None]]:
+def inputs(case: dict[str, Any]) -> tuple[Compiled, dict[str, np.ndarray], dict[str, np.ndarray], tuple[Any, ...]]:
     """The compiled step, the trainable and frozen tensors (constants among the frozen), and the batch."""
-    entry = compiled(case)
-    weights = {n: jnp.asarray(w) for n, w in case["weights"].items()}
+    entry, weights = compiled(case), dict(case["weights"])  # NumPy arrays: jit takes them as they are
     trainable = {n: weights.pop(n) for n in case["trainable"]}
-    frozen = {**weights, **{n: jnp.asarray(c) for n, c in entry.constants.items() if not n.startswith("derived ")}}
-    mask = None if case["attention_mask"] is None else jnp.asarray(case["attention_mask"])
-    return entry, trainable, frozen, (jnp.asarray(case["input_ids"]), jnp.asarray(case["labels"]), mask)
+    frozen = {**weights, **entry.constants}
+    return entry, trainable, frozen, (case["input_ids"], case["labels"], case["attention_mask"])
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
     """logits, loss, the gradient of every trainable tensor, and the tensors the init derives."""
     entry, trainable, frozen, (ids, labels, mask) = inputs(case)
     (loss, logits), grads = entry.step(trainable, frozen, ids, labels, mask)
-    derived = {n.removeprefix("derived "): np.asarray(c) for n, c in entry.constants.items()}
     return {
         "logits": np.asarray(logits),
         "loss": float(loss),
         "grads": {n: np.asarray(g) for n, g in grads.items()},
-        "derived": derived,
+        "derived": entry.derived,
     }
 
 
@@ -560,11 +561,10 @@ def learning_rate(step: int, t: dict[str, Any]) -> float:
 def run_trajectory(t: dict[str, Any]) -> dict[str, Any]:
     """`steps` optimizer steps on the case's batch: the loss before each, the trainable tensors after the last.
     The optimizer runs in NumPy in the case's dtype: its scalars are Python floats, which keep that dtype."""
-    entry, trainable, frozen, batch = inputs(t)
-    params = {n: np.asarray(w) for n, w in trainable.items()}
+    entry, params, frozen, batch = inputs(t)
     opt, state, losses = t["optimizer"], {n: {} for n in params}, []
     for step in range(t["steps"]):
-        (loss, _), grads = entry.step({n: jnp.asarray(w) for n, w in params.items()}, frozen, *batch)
+        (loss, _), grads = entry.step(params, frozen, *batch)
         grads = {n: np.asarray(g) for n, g in grads.items()}
         losses.append(float(loss))
         if t["grad_clip"]:  # one norm over every trainable tensor together
