@@ -78,6 +78,8 @@ class Sites:
     read from p; `derived` are the tensors an init computes that run_case returns to be checked (VECTORS.md)."""
 
     linear: dict[str, Callable[[Params, Array], Array]] = field(default_factory=dict)
+    tokens: Callable[[Params, Array], tuple[Array, Array]] | None = None  # (the lookup [B, T, C], the head's table)
+    regulariser: Callable[[Params], Array] | None = None  # added to the loss (adalora.md)
     prompt: Callable[[Params], Array] | None = None
     prefix: Callable[[Params], list[tuple[Array, Array]]] | None = None
     constants: dict[str, np.ndarray] = field(default_factory=dict)
@@ -100,8 +102,8 @@ def gpt(config: dict[str, Any], sites: Sites, p: Params, ids: Array, mask: Array
     def ln(name: str, x: Array) -> Array:
         return layernorm(x, p[name + ".weight"], p[name + ".bias"], eps)
 
-    B = ids.shape[0]
-    x = p["transformer.wte.weight"][ids]  # [B, T, C]
+    B, wte = ids.shape[0], p["transformer.wte.weight"]
+    x, head = (wte[ids], wte) if sites.tokens is None else sites.tokens(p, ids)  # [B, T, C], [V, C]
     if sites.prompt is not None:  # prompt_tuning.md: the table in front of every row, mask ones in front
         table = sites.prompt(p)
         x = jnp.concatenate([jnp.broadcast_to(table, (B, *table.shape)), x], 1)
@@ -121,7 +123,7 @@ def gpt(config: dict[str, Any], sites: Sites, p: Params, ids: Array, mask: Array
         x = x + layer(f"{h}.attn.c_proj", a)
         m = gelu_tanh(layer(f"{h}.mlp.c_fc", ln(f"{h}.ln_2", x)))
         x = x + layer(f"{h}.mlp.c_proj", m)
-    return ln("transformer.ln_f", x) @ p["transformer.wte.weight"].T  # tied head: [B, T, V]
+    return ln("transformer.ln_f", x) @ head.T  # tied head: [B, T, V]
 
 
 def causal_lm_loss(logits: Array, labels: Array) -> Array:
@@ -196,6 +198,59 @@ def lora(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dic
             return x @ W + b + s * (x @ A.T) @ B.T
 
         sites.linear[module] = site
+    if matches("transformer.wte", cfg["target_modules"]):  # lora.md, on wte: the lookup only; the head reads W
+        A, B = (f"{PEFT}transformer.wte.lora_embedding_{t}" for t in "AB")  # (r, V), (C, r)
+
+        def lookup(p: Params, ids: Array, A=A, B=B) -> tuple[Array, Array]:
+            W = p["transformer.wte.weight"]
+            return W[ids] + s * p[A].T[ids] @ p[B].T, W
+
+        sites.tokens = lookup
+    indices = cfg.get("trainable_token_indices")
+    if indices is not None:  # trainable_tokens.md, inside LoRA: a list, or {"wte": ids}
+        ids = next(iter(indices.values())) if isinstance(indices, dict) else indices
+        sites.tokens = token_rows(ids, f"{PEFT}transformer.wte.token_adapter.trainable_tokens_delta")
+
+
+# ---------------------------------------------------------------- trainable tokens (docs/trainable_tokens.md)
+def token_rows(indices: list[int], delta: str) -> Callable[[Params, Array], tuple[Array, Array]]:
+    """W' = W.index_copy(idx, Δ): row idx_j of the table is Δ_j; the lookup and the tied head both read W'."""
+
+    def tokens(p: Params, ids: Array) -> tuple[Array, Array]:
+        table = p["transformer.wte.weight"].at[np.asarray(indices)].set(p[delta])
+        return table[ids], table
+
+    return tokens
+
+
+@method("TRAINABLE_TOKENS")
+def trainable_tokens(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    sites.tokens = token_rows(cfg["token_indices"], f"{PEFT}transformer.wte.trainable_tokens_delta")
+
+
+# ---------------------------------------------------------------- AdaLoRA (docs/adalora.md)
+@method("ADALORA")
+def adalora(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
+    """y = x W + b + c (x (A * E)^T) B^T, c = lora_alpha / (init_r + 1e-5) whatever the layer's rank; the loss
+    adds w / (2L) * the sum over layers of ||A A^T - I||_F + ||B^T B - I||_F."""
+    c, names = cfg["lora_alpha"] / (cfg["init_r"] + 1e-5), []
+    for module in targets(config, cfg):
+        A, E, B = (f"{PEFT}{module}.lora_{t}" for t in "AEB")  # (r, in), (r, 1), (out, r)
+
+        def site(p: Params, x: Array, module=module, A=A, E=E, B=B) -> Array:
+            W, b, A, E, B = p[module + ".weight"], p[module + ".bias"], p[A], p[E], p[B]
+            return x @ W + b + c * (x @ (A * E).T) @ B.T
+
+        sites.linear[module] = site
+        names.append((A, B))
+    w = cfg["orth_reg_weight"]
+
+    def regulariser(p: Params) -> Array:
+        products = [M for A, B in names for M in (p[A] @ p[A].T, p[B].T @ p[B])]
+        norms = [jnp.linalg.norm(M - jnp.eye(M.shape[0], dtype=M.dtype)) for M in products]
+        return w * sum(norms) / len(norms)
+
+    sites.regulariser = regulariser
 
 
 # ---------------------------------------------------------------- prompt tuning (docs/prompt_tuning.md)
@@ -521,8 +576,10 @@ def compiled(case: dict[str, Any]) -> Compiled:
     if key not in _STEPS:
 
         def loss_fn(trainable: Params, frozen: Params, ids: Array, labels: Array, mask: Array | None) -> Any:
-            logits = gpt(config, sites, {**frozen, **trainable}, ids, mask)
-            return causal_lm_loss(logits, labels), logits
+            p = {**frozen, **trainable}
+            logits = gpt(config, sites, p, ids, mask)
+            loss = causal_lm_loss(logits, labels)
+            return (loss if sites.regulariser is None else loss + sites.regulariser(p)), logits
 
         _STEPS[key] = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     return Compiled(_STEPS[key], sites.constants, sites.derived)

@@ -60,6 +60,15 @@ CASE_EDITS = {
     "P-tuning's MLP without its second ReLU": (
         "linear(p, jax.nn.relu(linear(p, jax.nn.relu(linear(p, x, 0)), 2)), 4)",
         "linear(p, linear(p, jax.nn.relu(linear(p, x, 0)), 2), 4)"),
+    "the tied head reads the base table, not the trained token rows": (
+        "return table[ids], table", 'return table[ids], p["transformer.wte.weight"]'),
+    "LoRA on wte's update in the head too": (
+        "W[ids] + s * p[A].T[ids] @ p[B].T, W", "W[ids] + s * p[A].T[ids] @ p[B].T, W + s * (p[B] @ p[A]).T"),
+    "AdaLoRA's regulariser squared, as the paper writes it": (
+        "jnp.linalg.norm(M - jnp.eye(M.shape[0], dtype=M.dtype))",
+        "jnp.linalg.norm(M - jnp.eye(M.shape[0], dtype=M.dtype)) ** 2"),
+    "AdaLoRA scaled by the layer's rank, not init_r": (
+        "c * (x @ (A * E).T) @ B.T", "c * (cfg['init_r'] + 1e-5) / (len(A) + 1e-5) * (x @ (A * E).T) @ B.T"),
     "VeRA without its b vector": (
         "base_linear(p, module, x) + p[l_b] * ((p[l_d] * (x @ A.T)) @ B.T)",
         "base_linear(p, module, x) + ((p[l_d] * (x @ A.T)) @ B.T)"),
@@ -131,7 +140,7 @@ TRAJECTORY_EDITS = {
 }  # fmt: skip
 
 # the torch table's cases for each break: the two ports must fail the same ones
-JAX_MUTATIONS = {name: Mutation(*CASE_EDITS[name], MUTATIONS[name].breaks) for name in CASE_EDITS}
+JAX_MUTATIONS = {name: Mutation(*CASE_EDITS[name], MUTATIONS[name].breaks) for name in MUTATIONS if name in CASE_EDITS}
 JAX_TRAJECTORY_MUTATIONS = {
     name: Mutation(*TRAJECTORY_EDITS[name], TRAJECTORY_MUTATIONS[name].breaks) for name in TRAJECTORY_EDITS
 }
