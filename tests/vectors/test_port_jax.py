@@ -3,7 +3,7 @@ vectors at their tolerances, training trajectories included; it imports neither 
 peft nor torch; and each one-line break of the torch port, made to it, fails the cases that formula serves.
 Run with -rP to see the port's measured errors.
 
-Every case costs the port one XLA compilation (about a second on a 2-core CPU), so by default the suite runs
+Every case costs the port one XLA compilation (about 0.4 s of CPU with the flags below), so by default the suite runs
 one case per method label in both dtypes (the case a trajectory starts from, where there is one: every
 trajectory runs) and each break on the cheapest float64 case it breaks. TINYPEFT_ALL_PORT_CASES=1 runs every
 case, every trajectory, and each break on every float64 case it breaks, as test_port_torch.py does."""
