@@ -3,7 +3,7 @@ vectors at their tolerances, training trajectories included; it imports neither 
 peft nor torch; and each one-line break of the torch port, made to it, fails the cases that formula serves.
 Run with -rP to see the port's measured errors.
 
-Every case costs the port one XLA compilation (about a second on a 2-core CPU), so by default the suite runs
+Every case costs the port one XLA compilation (about 0.4 s of CPU with the flags below), so by default the suite runs
 one case per method label in both dtypes (the case a trajectory starts from, where there is one: every
 trajectory runs) and each break on the cheapest float64 case it breaks. TINYPEFT_ALL_PORT_CASES=1 runs every
 case, every trajectory, and each break on every float64 case it breaks, as test_port_torch.py does."""
@@ -131,3 +131,18 @@ def test_breaking_a_training_step_fails_the_trajectories_it_serves(name, cases, 
     chosen = cheapest(mine, lambda t: len(t.case.trainable))
     survivors = [r.name for r in check_trajectories(chosen, load_port(str(broken))[1]) if r.passed]
     assert not survivors, f"{name}: these trajectories still pass: {survivors}"
+
+
+def test_a_numpy_float64_scalar_in_the_port_fails_its_float32_cases_only(vectors, tmp_path):
+    """The dtype trap (model.md, notes for porters): rsLoRA's scaling as np.sqrt, a float64 scalar, turns the
+    float32 computation float64 under jax_enable_x64; the values stay close, and the checker fails the case by dtype."""
+    source = JAX_PORT.read_text()
+    old = '(math.sqrt(cfg["r"]) if cfg["use_rslora"]'
+    assert source.count(old) == 1
+    broken = tmp_path / "float64_scalar_port.py"
+    broken.write_text(source.replace(old, '(np.sqrt(cfg["r"]) if cfg["use_rslora"]'))
+    reports = {r.name: r for r in check_vectors(vectors, load_port(str(broken))[0], ["rslora-rank1-*"])}
+    assert reports["rslora-rank1-float64"].passed
+    failed = [c for c in reports["rslora-rank1-float32"].checks if not c.passed]
+    assert failed and all("is float64; a float32 case needs float32 arrays back" in c.note for c in failed)
+    assert {c.tensor for c in failed} >= {"logits"}
