@@ -152,9 +152,16 @@ def measure(lab: Lab) -> dict[str, Any]:
                 if PARTIAL["path"] is not None:
                     save_json(PARTIAL["path"], {"runs": runs})
     resumed = sum(run_key(run) in PARTIAL["runs"] for run in runs)
-    return {"runs": runs, "resumed_runs": resumed, "seeds": list(seeds), "gains": list(GAINS), "variance": VARIANCE} | (
-        analyse(runs, lab.base_losses, seeds)
-    )
+    # the runs' own wall time: `minutes` is this invocation's, which under --resume leaves out the resumed runs
+    run_minutes = round(sum(run["seconds"] for run in runs) / 60, 2)
+    return {
+        "runs": runs,
+        "resumed_runs": resumed,
+        "run_minutes": run_minutes,
+        "seeds": list(seeds),
+        "gains": list(GAINS),
+        "variance": VARIANCE,
+    } | analyse(runs, lab.base_losses, seeds)
 
 
 # ---------------------------------------------------------------- analysis (from the JSON's runs alone)
