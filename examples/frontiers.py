@@ -63,7 +63,7 @@ FULL = "full fine-tuning"
 SPECTRA = (FULL, "LoRA r=8", "LoRA r=64")  # the methods whose ΔW is measured
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0, 1)
-GAINS = (0.1, 0.2, 0.3)  # nats per byte of code loss: the matched comparison's levels
+GAINS = (0.1, 0.2, 0.3, 0.4)  # nats per byte of code loss: the matched comparison's levels
 GAIN_STEP = 0.005  # the grid of gains the fronts are drawn on
 VARIANCE = 0.9
 KEPT_BELOW_TOP = 1e-4
