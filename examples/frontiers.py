@@ -6,6 +6,7 @@
     python examples/frontiers.py --quick    # seconds: 3 steps, two seeds, into runs/quick
     python examples/frontiers.py --out docs/experiments --resume   # finishes a grid that was stopped
     python examples/frontiers.py --seeds 0 1   # other seeds than the default 0 1 2
+    python examples/frontiers.py --methods BitFit IA3   # some of the methods only
 
 Biderman et al., "LoRA Learns Less and Forgets Less" (TMLR 2024), at tinypeft's scale: the shipped base
 (pretrained on prose) fine-tuned on code. Every method trains at three learning rates with three seeds (the
@@ -79,7 +80,7 @@ COLORS = dict(
 # Every finished run is written to NAME.partial.json beside the results; --resume takes the runs found
 # there instead of training them again (same seed, same batches: the same numbers), so a grid stopped
 # halfway is finished, not restarted.
-PARTIAL: dict[str, Any] = {"path": None, "runs": {}, "seeds": None}
+PARTIAL: dict[str, Any] = {"path": None, "runs": {}, "seeds": None, "methods": None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,10 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--resume", action="store_true")
     own.add_argument("--seeds", type=int, nargs="+", default=None)
+    own.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     mine, shared = own.parse_known_args(argv)
     if mine.seeds is not None and (len(set(mine.seeds)) < len(mine.seeds) or min(mine.seeds) < 0):
         raise SystemExit(f"--seeds takes distinct seeds >= 0, got {mine.seeds}")
-    PARTIAL["seeds"] = mine.seeds
+    PARTIAL["seeds"], PARTIAL["methods"] = mine.seeds, mine.methods
     json_path, _ = output_paths(experiment_parser(NAME, NAME).parse_args(shared), NAME)
     PARTIAL["path"] = json_path.removesuffix(".json") + ".partial.json"
     if mine.resume and os.path.exists(PARTIAL["path"]):
@@ -141,6 +143,8 @@ def measure(lab: Lab) -> dict[str, Any]:
     runs = []
     for seed in seeds:  # seed outermost: a run cut short still has every method at the first seeds
         for label, (method, flags, rates) in METHODS.items():
+            if PARTIAL["methods"] is not None and label not in PARTIAL["methods"]:
+                continue
             config, _ = method_defaults(method, *flags)
             inspect = spectrum_of_update(base_params, seed == SEEDS[0]) if label in SPECTRA else None
             for lr in rates:
