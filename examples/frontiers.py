@@ -7,6 +7,7 @@
     python examples/frontiers.py --out docs/experiments --resume   # finishes a grid that was stopped
     python examples/frontiers.py --seeds 0 1   # other seeds than the default 0 1 2
     python examples/frontiers.py --methods BitFit IA3   # some of the methods only
+    python examples/frontiers.py --out docs/experiments --resume --finished_only   # the runs saved so far, no more
 
 Biderman et al., "LoRA Learns Less and Forgets Less" (TMLR 2024), at tinypeft's scale: the shipped base
 (pretrained on prose) fine-tuned on code. Every method trains at three learning rates with three seeds (the
@@ -80,7 +81,7 @@ COLORS = dict(
 # Every finished run is written to NAME.partial.json beside the results; --resume takes the runs found
 # there instead of training them again (same seed, same batches: the same numbers), so a grid stopped
 # halfway is finished, not restarted.
-PARTIAL: dict[str, Any] = {"path": None, "runs": {}, "seeds": None, "methods": None}
+PARTIAL: dict[str, Any] = {"path": None, "runs": {}, "seeds": None, "methods": None, "finished_only": False}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,10 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     own.add_argument("--resume", action="store_true")
     own.add_argument("--seeds", type=int, nargs="+", default=None)
     own.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    own.add_argument("--finished_only", action="store_true")
     mine, shared = own.parse_known_args(argv)
     if mine.seeds is not None and (len(set(mine.seeds)) < len(mine.seeds) or min(mine.seeds) < 0):
         raise SystemExit(f"--seeds takes distinct seeds >= 0, got {mine.seeds}")
     PARTIAL["seeds"], PARTIAL["methods"] = mine.seeds, mine.methods
+    PARTIAL["finished_only"] = mine.resume and mine.finished_only
     json_path, _ = output_paths(experiment_parser(NAME, NAME).parse_args(shared), NAME)
     PARTIAL["path"] = json_path.removesuffix(".json") + ".partial.json"
     if mine.resume and os.path.exists(PARTIAL["path"]):
@@ -104,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = experiment_main(NAME, __doc__, shared, measure, plot, steps=100, eval_every=10)
     if "--replot" not in argv:
         results = load_json(json_path)
-        # the command that remakes these numbers: --seeds matters; --resume gives the same numbers
-        command = command_line(NAME, [a for a in argv if a != "--resume"])
+        # the command that remakes these numbers: --seeds matters; --resume gives the same numbers, and
+        # the runs --finished_only leaves out are listed in missing_runs
+        command = command_line(NAME, [a for a in argv if a not in ("--resume", "--finished_only")])
         save_json(json_path, results | {"command": command})
         if os.path.exists(PARTIAL["path"]):
             os.remove(PARTIAL["path"])
@@ -140,7 +144,7 @@ def measure(lab: Lab) -> dict[str, Any]:
     seeds = QUICK_SEEDS if quick else SEEDS
     seeds = tuple(PARTIAL["seeds"]) if PARTIAL["seeds"] is not None else seeds
     base_params = lab.fresh_base().state_dict()
-    runs = []
+    runs, missing = [], []
     for seed in seeds:  # seed outermost: a run cut short still has every method at the first seeds
         for label, (method, flags, rates) in METHODS.items():
             if PARTIAL["methods"] is not None and label not in PARTIAL["methods"]:
@@ -149,6 +153,9 @@ def measure(lab: Lab) -> dict[str, Any]:
             inspect = spectrum_of_update(base_params, seed == SEEDS[0]) if label in SPECTRA else None
             for lr in rates:
                 row = PARTIAL["runs"].get((label, lr, seed))
+                if row is None and PARTIAL["finished_only"]:
+                    missing.append({"label": label, "lr": lr, "seed": seed})
+                    continue
                 if row is None:
                     row = lab.run(label, config, lr, seed=seed, method=method, flags=list(flags), inspect=inspect)
                     row.pop("train_losses", None)  # the evaluations are the trajectory; the JSON stays small
@@ -161,6 +168,7 @@ def measure(lab: Lab) -> dict[str, Any]:
     return {
         "runs": runs,
         "resumed_runs": resumed,
+        "missing_runs": missing,
         "run_minutes": run_minutes,
         "seeds": list(seeds),
         "gains": list(GAINS),
