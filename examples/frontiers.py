@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the runs --finished_only leaves out are listed in missing_runs
         command = command_line(NAME, [a for a in argv if a not in ("--resume", "--finished_only")])
         save_json(json_path, results | {"command": command})
-        if os.path.exists(PARTIAL["path"]):
+        if os.path.exists(PARTIAL["path"]) and not results.get("missing_runs"):  # kept while runs are missing
             os.remove(PARTIAL["path"])
     print("\n\n".join(tables(load_json(json_path)).values()))
     return code
