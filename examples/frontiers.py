@@ -202,6 +202,18 @@ def best_forgetting_at_gain(runs: Sequence[dict], base: dict, gain: float) -> fl
     return min(done) if done else None
 
 
+def envelope(values: Sequence[float | None]) -> list[float | None]:
+    """Each value replaced by the least of it and the values after it (None where there are none): along a
+    rising grid of gains, the least forgetting at that gain or more, which is the Pareto front."""
+    out: list[float | None] = []
+    best = None
+    for value in reversed(values):
+        if value is not None:
+            best = value if best is None else min(best, value)
+        out.append(best)
+    return out[::-1]
+
+
 def analyse(runs: Sequence[dict], base: dict, seeds: Sequence[int]) -> dict[str, Any]:
     """The fronts, the matched-forgetting table, the verdict against full fine-tuning and the ranks of ΔW."""
     by = {
@@ -218,18 +230,24 @@ def analyse(runs: Sequence[dict], base: dict, seeds: Sequence[int]) -> dict[str,
         fronts[label] = {str(seed): pareto_front(p) for seed, p in points.items()}
         best_gains = [base["task"] - min(t for t, _ in p) for p in points.values() if p]
         reach[label] = spread(best_gains)
+        top = max(best_gains, default=0.0)
+        grid = [round(GAIN_STEP * i, 6) for i in range(1, int(top / GAIN_STEP) + 1)]
+        envelopes = {
+            seed: envelope([best_forgetting_at_gain(rs, base, g) for g in grid]) for seed, rs in per_seed.items()
+        }
+        curves[label] = {"gains": grid, "per_seed": {str(s): v for s, v in envelopes.items()}}
         matched[label] = {}
         for gain in GAINS:
-            per = {seed: best_forgetting_at_gain(rs, base, gain) for seed, rs in per_seed.items()}
+            per = {}
+            for seed, rs in per_seed.items():
+                # the least forgetting of any point with at least this gain: where the run crossed it, or later
+                later = [v for g, v in zip(grid, envelopes[seed], strict=True) if g >= gain and v is not None][:1]
+                here = best_forgetting_at_gain(rs, base, gain)
+                done = [v for v in [here, *later] if v is not None]
+                per[seed] = min(done) if done else None
             matched[label][str(gain)] = spread([v for v in per.values() if v is not None]) | {
                 "per_seed": {str(s): v for s, v in per.items()}
             }
-        top = max(best_gains, default=0.0)
-        grid = [round(GAIN_STEP * i, 6) for i in range(1, int(top / GAIN_STEP) + 1)]
-        curves[label] = {
-            "gains": grid,
-            "per_seed": {str(s): [best_forgetting_at_gain(rs, base, g) for g in grid] for s, rs in per_seed.items()},
-        }
     verdict = {}
     for label in by:
         if label == FULL or FULL not in matched:

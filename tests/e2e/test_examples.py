@@ -182,6 +182,8 @@ def test_frontiers(tmp_path):
         import frontiers
     finally:
         sys.path.remove(str(ROOT / "examples"))
+    # the least forgetting at each gain or more: the front along a rising grid of gains
+    assert frontiers.envelope([0.3, None, 0.1, 0.2, None]) == [0.1, 0.1, 0.1, 0.2, None]
     results = run_quick("frontiers", tmp_path)
     assert results["seeds"] == [0, 1]
     grid = sorted((run["label"], run["lr"], run["seed"]) for run in results["runs"])
