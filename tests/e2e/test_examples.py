@@ -259,7 +259,7 @@ def test_frontiers_page_matches_its_json():
     tables = frontiers.tables(results)
     for name, table in tables.items():
         assert table in page, f"docs/frontiers.md: the {name} table is not the JSON's"
-    assert f"`{results['command']}`" in page and f"({results['run_minutes']:.0f} minutes" in page
+    assert f"`{results['command']}`" in page and f"took {results['run_minutes']:.0f} minutes" in page
     for png in ("frontiers.png", "frontiers_spectra.png"):
         assert f"(experiments/{png})" in page and (ROOT / "docs" / "experiments" / png).is_file()
     numbers = set(re.findall(r"[+-]?\d\.\d{3}\b", "\n".join(tables.values())))
