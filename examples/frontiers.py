@@ -6,6 +6,8 @@
     python examples/frontiers.py --quick    # seconds: 3 steps, two seeds, into runs/quick
     python examples/frontiers.py --out docs/experiments --resume   # finishes a grid that was stopped
     python examples/frontiers.py --seeds 0 1   # other seeds than the default 0 1 2
+    python examples/frontiers.py --methods BitFit IA3   # some of the methods only
+    python examples/frontiers.py --out docs/experiments --resume --finished_only   # the runs saved so far, no more
 
 Biderman et al., "LoRA Learns Less and Forgets Less" (TMLR 2024), at tinypeft's scale: the shipped base
 (pretrained on prose) fine-tuned on code. Every method trains at three learning rates with three seeds (the
@@ -63,7 +65,7 @@ FULL = "full fine-tuning"
 SPECTRA = (FULL, "LoRA r=8", "LoRA r=64")  # the methods whose ΔW is measured
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0, 1)
-GAINS = (0.1, 0.2, 0.3)  # nats per byte of code loss: the matched comparison's levels
+GAINS = (0.1, 0.2, 0.3, 0.4)  # nats per byte of code loss: the matched comparison's levels
 GAIN_STEP = 0.005  # the grid of gains the fronts are drawn on
 VARIANCE = 0.9
 KEPT_BELOW_TOP = 1e-4
@@ -79,7 +81,7 @@ COLORS = dict(
 # Every finished run is written to NAME.partial.json beside the results; --resume takes the runs found
 # there instead of training them again (same seed, same batches: the same numbers), so a grid stopped
 # halfway is finished, not restarted.
-PARTIAL: dict[str, Any] = {"path": None, "runs": {}, "seeds": None}
+PARTIAL: dict[str, Any] = {"path": None, "runs": {}, "seeds": None, "methods": None, "finished_only": False}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,10 +90,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--resume", action="store_true")
     own.add_argument("--seeds", type=int, nargs="+", default=None)
+    own.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    own.add_argument("--finished_only", action="store_true")
     mine, shared = own.parse_known_args(argv)
     if mine.seeds is not None and (len(set(mine.seeds)) < len(mine.seeds) or min(mine.seeds) < 0):
         raise SystemExit(f"--seeds takes distinct seeds >= 0, got {mine.seeds}")
-    PARTIAL["seeds"] = mine.seeds
+    PARTIAL["seeds"], PARTIAL["methods"] = mine.seeds, mine.methods
+    PARTIAL["finished_only"] = mine.resume and mine.finished_only
     json_path, _ = output_paths(experiment_parser(NAME, NAME).parse_args(shared), NAME)
     PARTIAL["path"] = json_path.removesuffix(".json") + ".partial.json"
     if mine.resume and os.path.exists(PARTIAL["path"]):
@@ -102,10 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = experiment_main(NAME, __doc__, shared, measure, plot, steps=100, eval_every=10)
     if "--replot" not in argv:
         results = load_json(json_path)
-        # the command that remakes these numbers: --seeds matters; --resume gives the same numbers
-        command = command_line(NAME, [a for a in argv if a != "--resume"])
+        # the command that remakes these numbers: --seeds matters; --resume gives the same numbers, and
+        # the runs --finished_only leaves out are listed in missing_runs
+        command = command_line(NAME, [a for a in argv if a not in ("--resume", "--finished_only")])
         save_json(json_path, results | {"command": command})
-        if os.path.exists(PARTIAL["path"]):
+        if os.path.exists(PARTIAL["path"]) and not results.get("missing_runs"):  # kept while runs are missing
             os.remove(PARTIAL["path"])
     print("\n\n".join(tables(load_json(json_path)).values()))
     return code
@@ -138,13 +144,18 @@ def measure(lab: Lab) -> dict[str, Any]:
     seeds = QUICK_SEEDS if quick else SEEDS
     seeds = tuple(PARTIAL["seeds"]) if PARTIAL["seeds"] is not None else seeds
     base_params = lab.fresh_base().state_dict()
-    runs = []
+    runs, missing = [], []
     for seed in seeds:  # seed outermost: a run cut short still has every method at the first seeds
         for label, (method, flags, rates) in METHODS.items():
+            if PARTIAL["methods"] is not None and label not in PARTIAL["methods"]:
+                continue
             config, _ = method_defaults(method, *flags)
             inspect = spectrum_of_update(base_params, seed == SEEDS[0]) if label in SPECTRA else None
             for lr in rates:
                 row = PARTIAL["runs"].get((label, lr, seed))
+                if row is None and PARTIAL["finished_only"]:
+                    missing.append({"label": label, "lr": lr, "seed": seed})
+                    continue
                 if row is None:
                     row = lab.run(label, config, lr, seed=seed, method=method, flags=list(flags), inspect=inspect)
                     row.pop("train_losses", None)  # the evaluations are the trajectory; the JSON stays small
@@ -152,9 +163,17 @@ def measure(lab: Lab) -> dict[str, Any]:
                 if PARTIAL["path"] is not None:
                     save_json(PARTIAL["path"], {"runs": runs})
     resumed = sum(run_key(run) in PARTIAL["runs"] for run in runs)
-    return {"runs": runs, "resumed_runs": resumed, "seeds": list(seeds), "gains": list(GAINS), "variance": VARIANCE} | (
-        analyse(runs, lab.base_losses, seeds)
-    )
+    # the runs' own wall time: `minutes` is this invocation's, which under --resume leaves out the resumed runs
+    run_minutes = round(sum(run["seconds"] for run in runs) / 60, 2)
+    return {
+        "runs": runs,
+        "resumed_runs": resumed,
+        "missing_runs": missing,
+        "run_minutes": run_minutes,
+        "seeds": list(seeds),
+        "gains": list(GAINS),
+        "variance": VARIANCE,
+    } | analyse(runs, lab.base_losses, seeds)
 
 
 # ---------------------------------------------------------------- analysis (from the JSON's runs alone)
@@ -183,6 +202,18 @@ def best_forgetting_at_gain(runs: Sequence[dict], base: dict, gain: float) -> fl
     return min(done) if done else None
 
 
+def envelope(values: Sequence[float | None]) -> list[float | None]:
+    """Each value replaced by the least of it and the values after it (None where there are none): along a
+    rising grid of gains, the least forgetting at that gain or more, which is the Pareto front."""
+    out: list[float | None] = []
+    best = None
+    for value in reversed(values):
+        if value is not None:
+            best = value if best is None else min(best, value)
+        out.append(best)
+    return out[::-1]
+
+
 def analyse(runs: Sequence[dict], base: dict, seeds: Sequence[int]) -> dict[str, Any]:
     """The fronts, the matched-forgetting table, the verdict against full fine-tuning and the ranks of ΔW."""
     by = {
@@ -199,18 +230,24 @@ def analyse(runs: Sequence[dict], base: dict, seeds: Sequence[int]) -> dict[str,
         fronts[label] = {str(seed): pareto_front(p) for seed, p in points.items()}
         best_gains = [base["task"] - min(t for t, _ in p) for p in points.values() if p]
         reach[label] = spread(best_gains)
+        top = max(best_gains, default=0.0)
+        grid = [round(GAIN_STEP * i, 6) for i in range(1, int(top / GAIN_STEP) + 1)]
+        envelopes = {
+            seed: envelope([best_forgetting_at_gain(rs, base, g) for g in grid]) for seed, rs in per_seed.items()
+        }
+        curves[label] = {"gains": grid, "per_seed": {str(s): v for s, v in envelopes.items()}}
         matched[label] = {}
         for gain in GAINS:
-            per = {seed: best_forgetting_at_gain(rs, base, gain) for seed, rs in per_seed.items()}
+            per = {}
+            for seed, rs in per_seed.items():
+                # the least forgetting of any point with at least this gain: where the run crossed it, or later
+                later = [v for g, v in zip(grid, envelopes[seed], strict=True) if g >= gain and v is not None][:1]
+                here = best_forgetting_at_gain(rs, base, gain)
+                done = [v for v in [here, *later] if v is not None]
+                per[seed] = min(done) if done else None
             matched[label][str(gain)] = spread([v for v in per.values() if v is not None]) | {
                 "per_seed": {str(s): v for s, v in per.items()}
             }
-        top = max(best_gains, default=0.0)
-        grid = [round(GAIN_STEP * i, 6) for i in range(1, int(top / GAIN_STEP) + 1)]
-        curves[label] = {
-            "gains": grid,
-            "per_seed": {str(s): [best_forgetting_at_gain(rs, base, g) for g in grid] for s, rs in per_seed.items()},
-        }
     verdict = {}
     for label in by:
         if label == FULL or FULL not in matched:

@@ -185,6 +185,8 @@ def test_frontiers(tmp_path):
         import frontiers
     finally:
         sys.path.remove(str(ROOT / "examples"))
+    # the least forgetting at each gain or more: the front along a rising grid of gains
+    assert frontiers.envelope([0.3, None, 0.1, 0.2, None]) == [0.1, 0.1, 0.1, 0.2, None]
     results = run_quick("frontiers", tmp_path)
     assert results["seeds"] == [0, 1]
     grid = sorted((run["label"], run["lr"], run["seed"]) for run in results["runs"])
@@ -260,7 +262,7 @@ def test_frontiers_page_matches_its_json():
     tables = frontiers.tables(results)
     for name, table in tables.items():
         assert table in page, f"docs/frontiers.md: the {name} table is not the JSON's"
-    assert f"`{results['command']}`" in page and f"({results['minutes']:.0f} minutes" in page
+    assert f"`{results['command']}`" in page and f"took {results['run_minutes']:.0f} minutes" in page
     for png in ("frontiers.png", "frontiers_spectra.png"):
         assert f"(experiments/{png})" in page and (ROOT / "docs" / "experiments" / png).is_file()
     numbers = set(re.findall(r"[+-]?\d\.\d{3}\b", "\n".join(tables.values())))
