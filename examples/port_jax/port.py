@@ -121,9 +121,7 @@ def gpt_forward(
 
     B, wte = ids.shape[0], p["transformer.wte.weight"]
     x, head = (wte[ids], wte) if sites.tokens is None else sites.tokens(p, ids)  # [B, T, C], [V, C]
-    if (
-        sites.prompt is not None and cache is None
-    ):  # prompt_tuning.md: the table in front of every row, mask ones in front
+    if sites.prompt is not None and cache is None:  # prompt_tuning.md: the table in front, mask ones in front
         table = sites.prompt(p)
         x = jnp.concatenate([jnp.broadcast_to(table, (B, *table.shape)), x], 1)
         mask = None if mask is None else jnp.concatenate([jnp.ones((B, table.shape[0]), mask.dtype), mask], 1)
@@ -205,9 +203,14 @@ def pissa_residual(W: np.ndarray, r: int, s: float) -> np.ndarray:
     return (W.astype(np.float64) - s * (B @ A).T).astype(W.dtype)
 
 
+def lora_scaling(cfg: dict[str, Any]) -> float:
+    """lora.md: s = alpha / r, or alpha / sqrt(r) with rsLoRA (under DoRA and PiSSA too)."""
+    return cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+
+
 @method("LORA")
 def lora(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
-    r, s = cfg["r"], cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+    r, s = cfg["r"], lora_scaling(cfg)
     for module in targets(config, cfg):
         weight = module + ".weight"
         if cfg["init_lora_weights"] == "pissa":  # PiSSA computes with W_res in place of W, DoRA's norm included
@@ -706,7 +709,7 @@ def read_off(site: Callable[[Params, Array], Array], p: Params, n_in: int, dtype
 
 def lora_update(p: Params, cfg: dict[str, Any], module: str) -> tuple[Array, Array, Array | None]:
     """lora.md: the weight the sites compute with (PiSSA's residual or W), s (BA)^T in (in, out), DoRA's k."""
-    s = cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+    s = lora_scaling(cfg)
     W = p[module + (".pissa_residual" if cfg["init_lora_weights"] == "pissa" else ".weight")]
     delta = s * (p[f"{PEFT}{module}.lora_B.weight"] @ p[f"{PEFT}{module}.lora_A.weight"]).T
     if not cfg["use_dora"]:

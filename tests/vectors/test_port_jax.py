@@ -26,15 +26,37 @@ import json
 from collections import defaultdict
 
 import pytest
-from port_mutations_jax import JAX_MUTATIONS, JAX_PORT, JAX_TRAJECTORY_MUTATIONS, broken_jax_port
+from port_mutations_jax import (
+    JAX_GENERATION_MUTATIONS,
+    JAX_MERGE_MUTATIONS,
+    JAX_MUTATIONS,
+    JAX_PORT,
+    JAX_ROUND_TRIP_MUTATIONS,
+    JAX_TRAJECTORY_MUTATIONS,
+    broken_jax_port,
+)
 
 from tinypeft.cli import main
-from tinypeft.vectors import DTYPES, SPECS, TRAJECTORY_SPECS, check_trajectories, check_vectors, load_port
+from tinypeft.vectors import (
+    DTYPES,
+    SPECS,
+    TRAJECTORY_SPECS,
+    check_generations,
+    check_merges,
+    check_round_trips,
+    check_trajectories,
+    check_vectors,
+    load_entry_points,
+    load_generations,
+    load_merges,
+    load_port,
+    load_round_trips,
+)
 from tinypeft.vectors import load_trajectories as load_all_trajectories
 
 ALL_CASES = os.environ.get("TINYPEFT_ALL_PORT_CASES") == "1"
 ALLOWED_IMPORTS = {
-    "__future__", "json", "math", "re", "collections.abc", "dataclasses", "typing",
+    "__future__", "json", "math", "os", "re", "collections.abc", "dataclasses", "typing",
     "numpy", "jax", "jax.numpy", "jax.scipy.linalg",
 }  # fmt: skip
 
@@ -101,9 +123,104 @@ def test_the_port_imports_no_tinypeft_transformers_peft_or_torch():
 
 
 def test_the_port_has_every_break_of_the_torch_port():
-    from port_mutations import MUTATIONS, TRAJECTORY_MUTATIONS
+    from port_mutations import (
+        GENERATION_MUTATIONS,
+        MERGE_MUTATIONS,
+        MUTATIONS,
+        ROUND_TRIP_MUTATIONS,
+        TRAJECTORY_MUTATIONS,
+    )
 
     assert list(JAX_MUTATIONS) == list(MUTATIONS) and list(JAX_TRAJECTORY_MUTATIONS) == list(TRAJECTORY_MUTATIONS)
+    assert list(JAX_MERGE_MUTATIONS) == list(MERGE_MUTATIONS)
+    assert list(JAX_GENERATION_MUTATIONS) == list(GENERATION_MUTATIONS)
+    assert list(JAX_ROUND_TRIP_MUTATIONS) == list(ROUND_TRIP_MUTATIONS)
+
+
+# ------------------------------------------------------------------ merges, generations, adapter round trips
+# by default a few of each, in both dtypes: a merge of each way the port merges that is not a plain formula of the
+# others (DoRA, PiSSA, IA3, a site read off, the token table), the generations with a prompt or a prefix in the
+# cache, the round trips whose files differ most from the vectors' names
+FEW_MERGES = ("dora-rslora", "pissa-dora", "ia3-odd", "boft-butterfly", "lora-wte")
+FEW_GENERATIONS = ("prompt_tuning", "prefix_tuning")
+FEW_ROUND_TRIPS = ("ia3", "prefix_tuning", "vera")
+
+
+@pytest.fixture(scope="module")
+def kinds(vectors, cases) -> dict:
+    merges, generations, round_trips = (
+        load_merges(vectors, cases),
+        load_generations(vectors, cases),
+        load_round_trips(vectors, cases),
+    )
+    if ALL_CASES:
+        return {"merges": merges, "generations": generations, "adapter round trips": round_trips}
+    return {
+        "merges": [m for m in merges if m.case.name.rsplit("-", 1)[0] in FEW_MERGES],
+        "generations": [g for g in generations if g.case.method in FEW_GENERATIONS],
+        "adapter round trips": [t for t in round_trips if t.case.method in FEW_ROUND_TRIPS],
+    }
+
+
+def test_the_port_passes_the_merges_generations_and_adapter_round_trips(kinds):
+    entry = load_entry_points(str(JAX_PORT))
+    reports = {
+        "merges": check_merges(kinds["merges"], entry["merge_case"], entry["unmerge_case"]),
+        "generations": check_generations(kinds["generations"], entry["generate_case"]),
+        "adapter round trips": check_round_trips(kinds["adapter round trips"], entry["save_adapter"]),
+    }
+    print(f"{'kind':22s}{'dtype':9s}{'run':>5s}  worst error / tolerance (vector, tensor)")
+    for kind, kind_reports in reports.items():
+        assert kind_reports, kind
+        for report in kind_reports:
+            assert report.passed, (report.name, report.failure, [c for c in report.checks if not c.passed])
+        if kind == "merges":  # unmerging is checked too
+            assert all(any(c.tensor.startswith("unmerged ") for c in r.checks) for r in kind_reports)
+        if kind == "generations":  # with and without the cache
+            assert {r.name.rsplit(" ", 1)[1] for r in kind_reports} == {"cached", "uncached"}
+        for dtype in DTYPES:
+            mine = [
+                (c.error, c.tolerance, r.name, c.tensor) for r in kind_reports if r.dtype == dtype for c in r.checks
+            ]
+            error, tolerance, name, tensor = max(mine)
+            print(f"{kind:22s}{dtype:9s}{len(mine):5d}  {error:.2e} / {tolerance:.0e} ({name}, {tensor})")
+
+
+@pytest.mark.parametrize("name", JAX_MERGE_MUTATIONS)
+def test_breaking_a_merge_fails_the_merges_it_serves(name, vectors, cases, tmp_path):
+    mutation = JAX_MERGE_MUTATIONS[name]
+    broken = tmp_path / "broken_jax_port.py"
+    broken.write_text(broken_jax_port(name))
+    entry = load_entry_points(str(broken))
+    mine = [m for m in load_merges(vectors, cases) if mutation.breaks(m) and m.case.dtype == "float64"]
+    assert mine, "the mutation must break some merge"
+    chosen = cheapest(mine, lambda m: len(m.case.weights))
+    survivors = [r.name for r in check_merges(chosen, entry["merge_case"], entry["unmerge_case"]) if r.passed]
+    assert not survivors, f"{name}: these merges still pass: {survivors}"
+
+
+@pytest.mark.parametrize("name", JAX_GENERATION_MUTATIONS)
+def test_breaking_the_cache_fails_the_cached_generations_it_serves(name, vectors, cases, tmp_path):
+    mutation = JAX_GENERATION_MUTATIONS[name]
+    broken = tmp_path / "broken_jax_port.py"
+    broken.write_text(broken_jax_port(name))
+    mine = [g for g in load_generations(vectors, cases) if mutation.breaks(g) and g.case.dtype == "float64"]
+    assert mine, "the mutation must break some generation"
+    chosen = cheapest(mine, lambda g: len(g.case.weights))
+    reports = check_generations(chosen, load_entry_points(str(broken))["generate_case"])
+    assert [r.passed for r in reports] == [True, False] * len(chosen), [(r.name, r.passed) for r in reports]
+
+
+@pytest.mark.parametrize("name", JAX_ROUND_TRIP_MUTATIONS)
+def test_breaking_the_files_fails_the_round_trips_they_serve(name, vectors, cases, tmp_path):
+    mutation = JAX_ROUND_TRIP_MUTATIONS[name]
+    broken = tmp_path / "broken_jax_port.py"
+    broken.write_text(broken_jax_port(name))
+    mine = [t for t in load_round_trips(vectors, cases) if mutation.breaks(t)]
+    assert mine, "the mutation must break some round trip"
+    chosen = cheapest(mine, lambda t: len(t.case.weights))
+    survivors = [r.name for r in check_round_trips(chosen, load_entry_points(str(broken))["save_adapter"]) if r.passed]
+    assert not survivors, f"{name}: these round trips still pass: {survivors}"
 
 
 # ------------------------------------------------------------------ break one formula, see the vectors fail
