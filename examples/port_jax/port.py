@@ -779,11 +779,13 @@ def generate_case(g: dict[str, Any], use_cache: bool) -> dict[str, Any]:
     step reads the newest token and the keys and values so far; without, the whole sequence again."""
     sites, p = attached(g)
     config, tokens, steps, cache = g["model_config"], jnp.asarray(g["input_ids"]), [], None
+    # one compile per shape (a step's tokens, the cache's length) costs less than running each op eagerly
+    forward = jax.jit(lambda p, ids, cache: gpt_forward(config, sites, p, ids, None, cache))
     for _ in range(g["max_new_tokens"]):
         if use_cache:
-            logits, cache = gpt_forward(config, sites, p, tokens if cache is None else tokens[:, -1:], None, cache)
+            logits, cache = forward(p, tokens if cache is None else tokens[:, -1:], cache)
         else:
-            logits, _ = gpt_forward(config, sites, p, tokens, None)
+            logits, _ = forward(p, tokens, None)
         steps.append(logits[:, -1])
         tokens = jnp.concatenate([tokens, logits[:, -1].argmax(-1, keepdims=True).astype(tokens.dtype)], 1)
     return {"tokens": np.asarray(tokens), "logits": np.asarray(jnp.stack(steps))}

@@ -174,8 +174,8 @@ GENERATION_EDITS = {
     "the virtual tokens prepended again at every cached step": (
         "if sites.prompt is not None and cache is None:", "if sites.prompt is not None:"),
     "the cache not grown past the prompt": (
-        "logits, cache = gpt_forward(config, sites, p, tokens if cache is None else tokens[:, -1:], None, cache)",
-        "logits, kept = gpt_forward(config, sites, p, tokens if cache is None else tokens[:, -1:], None, cache)"
+        "logits, cache = forward(p, tokens if cache is None else tokens[:, -1:], cache)",
+        "logits, kept = forward(p, tokens if cache is None else tokens[:, -1:], cache)"
         "; cache = kept if cache is None else cache"),
 }  # fmt: skip
 
