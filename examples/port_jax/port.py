@@ -7,7 +7,9 @@ compute in float64. It imports neither tinypeft, nor transformers, nor peft, nor
     tinypeft export-vectors vectors/
     tinypeft check-vectors vectors/ --impl examples/port_jax/port.py
 
-`run_case(case)` is the interface VECTORS.md defines; `run_trajectory(t)` opts into the training trajectories.
+`run_case(case)` is the interface VECTORS.md defines; `run_trajectory(t)` opts into the training trajectories,
+`merge_case` and `unmerge_case` into the merges, `generate_case` into greedy generation with and without the KV
+cache, `save_adapter` into the adapter round trips (VECTORS.md describes each).
 
 How it is laid out: a method is one function, registered under its `peft_type` with `@method(...)`, that puts
 its sites on a `Sites` (a linear layer replaced, a prompt in front of the embeddings, a prefix in front of every

@@ -6,7 +6,9 @@ Run with -rP to see the port's measured errors.
 Every case costs the port one XLA compilation (about 0.4 s of CPU with the flags below), so by default the suite runs
 one case per method label in both dtypes (the case a trajectory starts from, where there is one: every
 trajectory runs) and each break on the cheapest float64 case it breaks. TINYPEFT_ALL_PORT_CASES=1 runs every
-case, every trajectory, and each break on every float64 case it breaks, as test_port_torch.py does."""
+case, every trajectory, and each break on every float64 case it breaks, as test_port_torch.py does. The merges,
+generations and adapter round trips, and the breaks of the port's merge, KV cache and files, run the same way: a
+few of each by default, every one with TINYPEFT_ALL_PORT_CASES=1."""
 
 from __future__ import annotations
 
