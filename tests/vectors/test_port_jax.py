@@ -89,7 +89,8 @@ def test_the_port_passes_every_selected_case_and_trajectory(vectors, tmp_path, c
     code = main(["check-vectors", str(vectors), "--impl", str(JAX_PORT), "--report", str(report), "--cases", *patterns])
     out = capsys.readouterr().out
     assert code == 0, out
-    cases = json.loads(report.read_text())["cases"]
+    everything = json.loads(report.read_text())["cases"]
+    cases = [c for c in everything if c["kind"] in ("cases", "trajectories")]
     trajectories = {f"{spec.name}-{dtype}" for spec in TRAJECTORY_SPECS for dtype in DTYPES}
     assert len({c["method"] for c in cases}) == len({spec.label for spec in SPECS}), "every method label"
     assert len(cases) == len(SELECTED) * len(DTYPES) + len(trajectories) and all(c["passed"] for c in cases)
@@ -111,6 +112,29 @@ def test_the_port_passes_every_selected_case_and_trajectory(vectors, tmp_path, c
     print(f"{'method':20s}{'dtype':9s}" + "".join(f"{k:>12s}" for k in kinds))
     for (method, dtype), cell in sorted(worst.items()):
         print(f"{method:20s}{dtype:9s}" + "".join(f"{cell[k]:12.1e}" if k in cell else f"{'':12s}" for k in kinds))
+    check_the_other_kinds([c for c in everything if c not in cases])
+
+
+def check_the_other_kinds(reports: list[dict]) -> None:
+    """The merges (unmerging included), the generations (with and without the cache) and the adapter round trips
+    that check-vectors ran from the selected cases all pass; their worst errors, per kind and dtype."""
+    by_kind = {kind: [r for r in reports if r["kind"] == kind] for kind in ("merges", "generations", "round_trips")}
+    assert {r["kind"] for r in reports} == set(by_kind) and all(by_kind.values()), "every kind runs"
+    assert all(r["passed"] for r in reports), [r["name"] for r in reports if not r["passed"]]
+    assert all(any(t["tensor"].startswith("unmerged ") for t in r["tensors"]) for r in by_kind["merges"])
+    assert {r["name"].rsplit(" ", 1)[1] for r in by_kind["generations"]} == {"cached", "uncached"}
+    print(f"\n{'kind':14s}{'dtype':9s}{'run':>5s}  worst error / tolerance (vector, tensor)")
+    for kind, mine in by_kind.items():
+        for dtype in DTYPES:
+            checks = [
+                (t["error"], t["tolerance"], r["name"], t["tensor"])
+                for r in mine
+                if r["dtype"] == dtype
+                for t in r["tensors"]
+            ]
+            error, tolerance, name, tensor = max(checks)
+            runs = sum(r["dtype"] == dtype for r in mine)
+            print(f"{kind:14s}{dtype:9s}{runs:5d}  {error:.2e} / {tolerance:.0e} ({name}, {tensor})")
 
 
 def test_the_port_imports_no_tinypeft_transformers_peft_or_torch():
@@ -139,55 +163,7 @@ def test_the_port_has_every_break_of_the_torch_port():
     assert list(JAX_ROUND_TRIP_MUTATIONS) == list(ROUND_TRIP_MUTATIONS)
 
 
-# ------------------------------------------------------------------ merges, generations, adapter round trips
-# by default a few of each, in both dtypes: a merge of each way the port merges that is not a plain formula of the
-# others (DoRA, PiSSA, IA3, a site read off, the token table), the generations with a prompt or a prefix in the
-# cache, the round trips whose files differ most from the vectors' names
-FEW_MERGES = ("dora-rslora", "pissa-dora", "ia3-odd", "boft-butterfly", "lora-wte")
-FEW_GENERATIONS = ("prompt_tuning", "prefix_tuning")
-FEW_ROUND_TRIPS = ("ia3", "prefix_tuning", "vera")
-
-
-@pytest.fixture(scope="module")
-def kinds(vectors, cases) -> dict:
-    merges, generations, round_trips = (
-        load_merges(vectors, cases),
-        load_generations(vectors, cases),
-        load_round_trips(vectors, cases),
-    )
-    if ALL_CASES:
-        return {"merges": merges, "generations": generations, "adapter round trips": round_trips}
-    return {
-        "merges": [m for m in merges if m.case.name.rsplit("-", 1)[0] in FEW_MERGES],
-        "generations": [g for g in generations if g.case.method in FEW_GENERATIONS],
-        "adapter round trips": [t for t in round_trips if t.case.method in FEW_ROUND_TRIPS],
-    }
-
-
-def test_the_port_passes_the_merges_generations_and_adapter_round_trips(kinds):
-    entry = load_entry_points(str(JAX_PORT))
-    reports = {
-        "merges": check_merges(kinds["merges"], entry["merge_case"], entry["unmerge_case"]),
-        "generations": check_generations(kinds["generations"], entry["generate_case"]),
-        "adapter round trips": check_round_trips(kinds["adapter round trips"], entry["save_adapter"]),
-    }
-    print(f"{'kind':22s}{'dtype':9s}{'run':>5s}  worst error / tolerance (vector, tensor)")
-    for kind, kind_reports in reports.items():
-        assert kind_reports, kind
-        for report in kind_reports:
-            assert report.passed, (report.name, report.failure, [c for c in report.checks if not c.passed])
-        if kind == "merges":  # unmerging is checked too
-            assert all(any(c.tensor.startswith("unmerged ") for c in r.checks) for r in kind_reports)
-        if kind == "generations":  # with and without the cache
-            assert {r.name.rsplit(" ", 1)[1] for r in kind_reports} == {"cached", "uncached"}
-        for dtype in DTYPES:
-            mine = [
-                (c.error, c.tolerance, r.name, c.tensor) for r in kind_reports if r.dtype == dtype for c in r.checks
-            ]
-            error, tolerance, name, tensor = max(mine)
-            print(f"{kind:22s}{dtype:9s}{len(mine):5d}  {error:.2e} / {tolerance:.0e} ({name}, {tensor})")
-
-
+# ------------------------------------------------------------------ break a merge, the KV cache, the adapter files
 @pytest.mark.parametrize("name", JAX_MERGE_MUTATIONS)
 def test_breaking_a_merge_fails_the_merges_it_serves(name, vectors, cases, tmp_path):
     mutation = JAX_MERGE_MUTATIONS[name]
