@@ -7,7 +7,9 @@ compute in float64. It imports neither tinypeft, nor transformers, nor peft, nor
     tinypeft export-vectors vectors/
     tinypeft check-vectors vectors/ --impl examples/port_jax/port.py
 
-`run_case(case)` is the interface VECTORS.md defines; `run_trajectory(t)` opts into the training trajectories.
+`run_case(case)` is the interface VECTORS.md defines; `run_trajectory(t)` opts into the training trajectories,
+`merge_case` and `unmerge_case` into the merges, `generate_case` into greedy generation with and without the KV
+cache, `save_adapter` into the adapter round trips (VECTORS.md describes each).
 
 How it is laid out: a method is one function, registered under its `peft_type` with `@method(...)`, that puts
 its sites on a `Sites` (a linear layer replaced, a prompt in front of the embeddings, a prefix in front of every
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,9 +55,12 @@ def gelu_tanh(x: Array) -> Array:
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def attention(qkv: Array, n_head: int, visible: Array, past: tuple[Array, Array] | None) -> Array:
+def attention(
+    qkv: Array, n_head: int, visible: Array, past: tuple[Array, Array] | None
+) -> tuple[Array, tuple[Array, Array]]:
     """model.md §5: q, k, v split from c_attn's output in that order, past keys/values in front, scores
-    scaled by 1/sqrt(head size), hidden scores *replaced* by the dtype's most negative finite value."""
+    scaled by 1/sqrt(head size), hidden scores *replaced* by the dtype's most negative finite value. Also the
+    keys and values, past included: what a KV cache holds after these positions."""
     B, T, C3 = qkv.shape
     C = C3 // 3
 
@@ -67,7 +73,7 @@ def attention(qkv: Array, n_head: int, visible: Array, past: tuple[Array, Array]
     scores = q @ jnp.swapaxes(k, -1, -2) / math.sqrt(C // n_head)  # [B, NH, T, P + T]
     scores = jnp.where(visible, scores, jnp.finfo(scores.dtype).min)
     y = jax.nn.softmax(scores, -1) @ v  # [B, NH, T, hs]
-    return y.transpose(0, 2, 1, 3).reshape(B, T, C)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C), (k, v)
 
 
 @dataclass
@@ -93,6 +99,19 @@ def base_linear(p: Params, module: str, x: Array) -> Array:
 
 def gpt(config: dict[str, Any], sites: Sites, p: Params, ids: Array, mask: Array | None) -> Array:
     """GPT-2's logits [B, T', V] over the flat dict p of parameters named as in model.md."""
+    return gpt_forward(config, sites, p, ids, mask)[0]
+
+
+def gpt_forward(
+    config: dict[str, Any],
+    sites: Sites,
+    p: Params,
+    ids: Array,
+    mask: Array | None,
+    cache: list[tuple[Array, Array]] | None = None,
+) -> tuple[Array, list[tuple[Array, Array]]]:
+    """The logits, and every layer's keys and values so far [B, NH, P + T, hs] (the KV cache). With a cache, ids
+    are the tokens after the cached positions: the virtual tokens and the prefix are in the cache already."""
     n_head, eps = config["n_head"], config["layer_norm_epsilon"]
 
     def layer(module: str, x: Array) -> Array:
@@ -104,26 +123,32 @@ def gpt(config: dict[str, Any], sites: Sites, p: Params, ids: Array, mask: Array
 
     B, wte = ids.shape[0], p["transformer.wte.weight"]
     x, head = (wte[ids], wte) if sites.tokens is None else sites.tokens(p, ids)  # [B, T, C], [V, C]
-    if sites.prompt is not None:  # prompt_tuning.md: the table in front of every row, mask ones in front
+    if sites.prompt is not None and cache is None:  # prompt_tuning.md: the table in front, mask ones in front
         table = sites.prompt(p)
         x = jnp.concatenate([jnp.broadcast_to(table, (B, *table.shape)), x], 1)
         mask = None if mask is None else jnp.concatenate([jnp.ones((B, table.shape[0]), mask.dtype), mask], 1)
-    pasts = sites.prefix(p) if sites.prefix is not None else None
-    P = 0 if pasts is None else pasts[0][0].shape[1]
+    pasts = None
+    if sites.prefix is not None:  # the same keys and values for every row of the batch
+        pasts = [tuple(jnp.broadcast_to(t, (B, *t.shape)) for t in kv) for kv in sites.prefix(p)]
+    if cache is not None:  # a cached step: the keys and values of every position so far, the prefix's included
+        pasts = cache
+    P = 0 if pasts is None else pasts[0][0].shape[2]
     if P and mask is not None:  # prefix_tuning.md: every token sees every prefix entry
         mask = jnp.concatenate([jnp.ones((B, P), mask.dtype), mask], 1)
     T = x.shape[1]
     x = x + p["transformer.wpe.weight"][P : P + T]  # model.md §1: positions P..P+T-1, padding or not
     visible = jnp.arange(P + T)[None, :] <= (P + jnp.arange(T))[:, None]  # [T, P + T], causal
     visible = visible[None, None] if mask is None else visible[None, None] & (mask[:, None, None, :] != 0)
+    keys_values = []
     for i in range(config["n_layer"]):
         h = f"transformer.h.{i}"
-        past = None if pasts is None else tuple(jnp.broadcast_to(t, (B, *t.shape)) for t in pasts[i])
-        a = attention(layer(f"{h}.attn.c_attn", ln(f"{h}.ln_1", x)), n_head, visible, past)
+        past = None if pasts is None else pasts[i]
+        a, kv = attention(layer(f"{h}.attn.c_attn", ln(f"{h}.ln_1", x)), n_head, visible, past)
+        keys_values.append(kv)
         x = x + layer(f"{h}.attn.c_proj", a)
         m = gelu_tanh(layer(f"{h}.mlp.c_fc", ln(f"{h}.ln_2", x)))
         x = x + layer(f"{h}.mlp.c_proj", m)
-    return ln("transformer.ln_f", x) @ head.T  # tied head: [B, T, V]
+    return ln("transformer.ln_f", x) @ head.T, keys_values  # tied head: [B, T, V]
 
 
 def causal_lm_loss(logits: Array, labels: Array) -> Array:
@@ -180,9 +205,14 @@ def pissa_residual(W: np.ndarray, r: int, s: float) -> np.ndarray:
     return (W.astype(np.float64) - s * (B @ A).T).astype(W.dtype)
 
 
+def lora_scaling(cfg: dict[str, Any]) -> float:
+    """lora.md: s = alpha / r, or alpha / sqrt(r) with rsLoRA (under DoRA and PiSSA too)."""
+    return cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+
+
 @method("LORA")
 def lora(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
-    r, s = cfg["r"], cfg["lora_alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+    r, s = cfg["r"], lora_scaling(cfg)
     for module in targets(config, cfg):
         weight = module + ".weight"
         if cfg["init_lora_weights"] == "pissa":  # PiSSA computes with W_res in place of W, DoRA's norm included
@@ -330,14 +360,16 @@ def prefix_tuning(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], wei
 
 
 # ---------------------------------------------------------------- IA3 (docs/ia3.md)
+def ia3_feedforward(module: str, ff: str | list[str]) -> bool:
+    """ia3.md: feedforward_modules is a plain endswith per entry (no "." boundary), or a full-match regex string."""
+    return re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
+
+
 @method("IA3")
 def ia3(sites: Sites, config: dict[str, Any], cfg: dict[str, Any], weights: dict[str, np.ndarray]) -> None:
-    ff = cfg["feedforward_modules"]
     for module in targets(config, cfg):
-        # feedforward: a plain endswith per entry (no "." boundary), or a full-match regex string
-        feedforward = re.fullmatch(ff, module) is not None if isinstance(ff, str) else module.endswith(tuple(ff))
         l = f"{PEFT}{module}.ia3_l"
-        if feedforward:
+        if ia3_feedforward(module, cfg["feedforward_modules"]):
             sites.linear[module] = lambda p, x, module=module, l=l: base_linear(p, module, x * p[l])
         else:
             sites.linear[module] = lambda p, x, module=module, l=l: base_linear(p, module, x) * p[l]
@@ -649,3 +681,169 @@ def update(p: np.ndarray, g: np.ndarray, s: dict[str, np.ndarray], opt: dict[str
     if opt["momentum"]:
         g = s["b"] = g.copy() if "b" not in s else opt["momentum"] * s["b"] + g
     return p - lr * g
+
+
+# ================================================================ merge and unmerge (lora.md, ia3.md: Merge)
+def attached(case: dict[str, Any]) -> tuple[Sites, Params]:
+    """The case's method attached and every tensor its sites read (its weights and constants), in the case's dtype."""
+    sites, cfg = Sites(), case["method_config"] or {}
+    attach = METHODS.get(cfg.get("peft_type"))
+    if attach is not None:
+        attach(sites, case["model_config"], cfg, case["weights"])
+    return sites, {n: jnp.asarray(w) for n, w in {**case["weights"], **sites.constants}.items()}
+
+
+def base_names(config: dict[str, Any]) -> list[str]:
+    """model.md §0: the base model's parameters."""
+    names = ["transformer.wte.weight", "transformer.wpe.weight"]
+    for i in range(config["n_layer"]):
+        h = f"transformer.h.{i}"
+        names += [f"{h}.{ln}.{w}" for ln in ("ln_1", "ln_2") for w in ("weight", "bias")]
+        names += [f"{h}.{m}.{w}" for m in LINEAR_MODULES for w in ("weight", "bias")]
+    return [*names, "transformer.ln_f.weight", "transformer.ln_f.bias"]
+
+
+def read_off(site: Callable[[Params, Array], Array], p: Params, n_in: int, dtype: Any) -> tuple[Array, Array]:
+    """Any adapted linear layer is affine in x, y = x W' + b': b' = site(0), and W' = site(I) - b' row by row."""
+    b = site(p, jnp.zeros((1, n_in), dtype))[0]
+    return site(p, jnp.eye(n_in, dtype=dtype)) - b, b
+
+
+def lora_update(p: Params, cfg: dict[str, Any], module: str) -> tuple[Array, Array, Array | None]:
+    """lora.md: the weight the sites compute with (PiSSA's residual or W), s (BA)^T in (in, out), DoRA's k."""
+    s = lora_scaling(cfg)
+    W = p[module + (".pissa_residual" if cfg["init_lora_weights"] == "pissa" else ".weight")]
+    delta = s * (p[f"{PEFT}{module}.lora_B.weight"] @ p[f"{PEFT}{module}.lora_A.weight"]).T
+    if not cfg["use_dora"]:
+        return W, delta, None
+    return W, delta, p[f"{PEFT}{module}.lora_magnitude_vector"] / jnp.linalg.norm(W + delta, axis=0)
+
+
+def merge_weights(sites: Sites, p: Params, cfg: dict[str, Any]) -> dict[str, Array]:
+    """Each adapted layer's (W', b'): LoRA's and IA3's by their formulas, every other method's read off its site."""
+    kind, out = cfg.get("peft_type"), {}
+    for module, site in sites.linear.items():
+        W, b = p[module + ".weight"], p[module + ".bias"]
+        if kind == "LORA":  # W' = W + s (BA)^T; DoRA: each output column times k = m / ||W + s (BA)^T||
+            W_used, delta, k = lora_update(p, cfg, module)
+            W = W_used + delta if k is None else (W_used + delta) * k
+        elif kind == "IA3":
+            l = p[f"{PEFT}{module}.ia3_l"]
+            if ia3_feedforward(module, cfg["feedforward_modules"]):
+                W = W * l[:, None]  # diag(l) W: the rows
+            else:
+                W, b = W * l[None, :], b * l  # W diag(l): the columns, and the bias
+        else:
+            W, b = read_off(site, p, W.shape[0], W.dtype)
+        out[module + ".weight"], out[module + ".bias"] = W, b
+    if sites.tokens is not None:  # the table the lookup reads, every id's row (LoRA on wte, trainable tokens)
+        out["transformer.wte.weight"] = sites.tokens(p, jnp.arange(p["transformer.wte.weight"].shape[0]))[0]
+    return out
+
+
+def merge_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Every base parameter after folding the adapter into the base weights."""
+    sites, p = attached(case)
+    merged = merge_weights(sites, p, case["method_config"])
+    return {n: np.asarray(merged.get(n, p[n])) for n in base_names(case["model_config"])}
+
+
+def unmerge_case(case: dict[str, Any]) -> dict[str, Any]:
+    """Every base parameter after merging, then taking the adapter back out of the merged weights as PEFT does:
+    subtracting the update, dividing by DoRA's k or IA3's l (exactly: not l + 1e-8)."""
+    sites, p = attached(case)
+    cfg = case["method_config"]
+    merged = merge_weights(sites, p, cfg)
+    for module in sites.linear:
+        W, b = merged[module + ".weight"], merged[module + ".bias"]
+        if cfg["peft_type"] == "LORA":
+            W_used, delta, k = lora_update(p, cfg, module)
+            W = (W if k is None else W / k) - delta
+            W = W + (p[module + ".weight"] - W_used)  # PiSSA: back from the residual to the base it came from
+        elif cfg["peft_type"] == "IA3":
+            l = p[f"{PEFT}{module}.ia3_l"]
+            if ia3_feedforward(module, cfg["feedforward_modules"]):
+                W = W / l[:, None]
+            else:
+                W, b = W / l[None, :], b / l
+        else:  # subtract the update the merge added
+            W, b = W - (merged[module + ".weight"] - p[module + ".weight"]), b - (b - p[module + ".bias"])
+        merged[module + ".weight"], merged[module + ".bias"] = W, b
+    if "transformer.wte.weight" in merged:  # the token table: subtract the update the merge added
+        W = merged["transformer.wte.weight"]
+        merged["transformer.wte.weight"] = W - (W - p["transformer.wte.weight"])
+    return {n: np.asarray(merged.get(n, p[n])) for n in base_names(case["model_config"])}
+
+
+# ================================================================ greedy generation (VECTORS.md: Generation)
+def generate_case(g: dict[str, Any], use_cache: bool) -> dict[str, Any]:
+    """max_new_tokens greedy tokens after input_ids, and the last position's logits at each step: with the cache, a
+    step reads the newest token and the keys and values so far; without, the whole sequence again."""
+    sites, p = attached(g)
+    config, tokens, steps, cache = g["model_config"], jnp.asarray(g["input_ids"]), [], None
+    # one compile per shape (a step's tokens, the cache's length) costs less than running each op eagerly
+    forward = jax.jit(lambda p, ids, cache: gpt_forward(config, sites, p, ids, None, cache))
+    for _ in range(g["max_new_tokens"]):
+        if use_cache:
+            logits, cache = forward(p, tokens if cache is None else tokens[:, -1:], cache)
+        else:
+            logits, _ = forward(p, tokens, None)
+        steps.append(logits[:, -1])
+        tokens = jnp.concatenate([tokens, logits[:, -1].argmax(-1, keepdims=True).astype(tokens.dtype)], 1)
+    return {"tokens": np.asarray(tokens), "logits": np.asarray(jnp.stack(steps))}
+
+
+# ================================================================ adapter files (VECTORS.md: Adapter round trips)
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """The safetensors format: 8 bytes little-endian, the length of a JSON header naming each tensor's dtype, shape
+    and byte range; then the tensors' bytes, little-endian, C order. Written to a temporary name, then renamed."""
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        value = np.ascontiguousarray(tensors[name])
+        data = value.astype(value.dtype.newbyteorder("<")).tobytes()
+        dtype = {"float64": "F64", "float32": "F32"}[value.dtype.name]
+        header[name] = {"dtype": dtype, "shape": list(value.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path + ".tmp", "wb") as f:
+        f.write(np.array([len(text)], dtype="<u8").tobytes() + text + b"".join(blobs))
+    os.replace(path + ".tmp", path)
+
+
+def adapter_file(case: dict[str, Any], sites: Sites, p: Params) -> dict[str, Array]:
+    """The tensors PEFT's adapter_model.safetensors holds, under its names (each method page's "Names in the
+    golden vectors"): the method's own tensors, with these differences from the vectors' names."""
+    cfg, base = case["method_config"], set(base_names(case["model_config"]))
+    out = {n: p[n] for n in case["weights"] if n not in base}
+    kind = cfg["peft_type"]
+    if kind == "LORA":  # lora.md: a trained bias of a targeted layer is the base layer's; others keep their names
+        for name in case["trainable"]:
+            if name in base:
+                module = name.removesuffix(".bias")
+                out[f"{PEFT}{module}.base_layer.bias" if module in sites.linear else PEFT + name] = p[name]
+    elif kind == "IA3":  # ia3.md: (out, 1), or (1, in) for a feed-forward target
+        for module in sites.linear:
+            name = f"{PEFT}{module}.ia3_l"
+            feedforward = ia3_feedforward(module, cfg["feedforward_modules"])
+            out[name] = out[name].reshape(1, -1) if feedforward else out[name].reshape(-1, 1)
+    elif kind == "PREFIX_TUNING" and cfg["prefix_projection"]:  # prefix_tuning.md: the table the projection computes
+        kv = jnp.stack([t for pair in sites.prefix(p) for t in pair])  # [2 L, NH, NV, hs]
+        out = {"prompt_embeddings": kv.transpose(2, 0, 1, 3).reshape(kv.shape[2], -1)}
+    elif kind == "P_TUNING":  # ptuning.md: only the encoder's output
+        out = {"prompt_embeddings": sites.prompt(p)}
+    elif kind == "VERA":  # vera.md: the shared projections, saved though never trained
+        out["base_model.vera_A"], out["base_model.vera_B"] = p["base_model.vera_A"], p["base_model.vera_B"]
+    return out
+
+
+def save_adapter(case: dict[str, Any], folder: str) -> None:
+    """adapter_model.safetensors and adapter_config.json, as PEFT writes them, in the case's dtype."""
+    sites, p = attached(case)
+    tensors = {n: np.asarray(t) for n, t in adapter_file(case, sites, p).items()}
+    write_safetensors(os.path.join(folder, "adapter_model.safetensors"), tensors)
+    config = os.path.join(folder, "adapter_config.json")
+    with open(config + ".tmp", "w") as f:
+        json.dump({**case["method_config"], "base_model_name_or_path": None}, f, indent=2)
+    os.replace(config + ".tmp", config)

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from port_mutations import MUTATIONS, TRAJECTORY_MUTATIONS, Mutation
+from port_mutations import (
+    GENERATION_MUTATIONS,
+    MERGE_MUTATIONS,
+    MUTATIONS,
+    ROUND_TRIP_MUTATIONS,
+    TRAJECTORY_MUTATIONS,
+    Mutation,
+)
 
 JAX_PORT = Path(__file__).resolve().parents[2] / "examples" / "port_jax" / "port.py"
 
@@ -139,16 +146,83 @@ TRAJECTORY_EDITS = {
         '(1 - opt["momentum"]) * g if "b" not in s else opt["momentum"] * s["b"] + (1 - opt["momentum"]) * g'),
 }  # fmt: skip
 
+MERGE_EDITS = {
+    "LoRA's update reshaped, not transposed, to GPT-2's (in, out)": (
+        'p[f"{PEFT}{module}.lora_A.weight"]).T', 'p[f"{PEFT}{module}.lora_A.weight"]).reshape(W.shape)'),
+    "DoRA merged without its magnitude": (
+        "W = W_used + delta if k is None else (W_used + delta) * k", "W = W_used + delta"),
+    "DoRA's k from the base weight's norm": ("/ jnp.linalg.norm(W + delta, axis=0)", "/ jnp.linalg.norm(W, axis=0)"),
+    "IA3's merge leaves the bias unscaled": ("W, b = W * l[None, :], b * l", "W = W * l[None, :]"),
+    "IA3's feed-forward merge scales the columns, not the rows": (
+        "W = W * l[:, None]", "W = W * l[None, : W.shape[1]]"),
+    "the read-off merge does not subtract site(0)": (
+        "return site(p, jnp.eye(n_in, dtype=dtype)) - b, b", "return site(p, jnp.eye(n_in, dtype=dtype)), b"),
+    "DoRA unmerged by subtracting, then dividing by k": (
+        "W = (W if k is None else W / k) - delta", "W = W - delta if k is None else (W - delta) / k"),
+    "PiSSA unmerged to its residual": ('W = W + (p[module + ".weight"] - W_used)', "W = W"),
+    "IA3 unmerged by dividing by l + 1e-8, as PEFT does": ("W = W / l[:, None]", "W = W / (l[:, None] + 1e-8)"),
+}  # fmt: skip
+
+GENERATION_EDITS = {
+    "the prefix prepended again at every cached step": (
+        "        pasts = cache\n",
+        "        pasts = cache if pasts is None else [(jnp.concatenate([a, k], 2), jnp.concatenate([b, v], 2))"
+        " for (a, b), (k, v) in zip(pasts, cache)]\n"),
+    "the prefix left out of the cache": (
+        "keys_values.append(kv)",
+        "keys_values.append(kv if sites.prefix is None or cache is not None else (kv[0][:, :, P:], kv[1][:, :, P:]))"),
+    "the virtual tokens prepended again at every cached step": (
+        "if sites.prompt is not None and cache is None:", "if sites.prompt is not None:"),
+    "the cache not grown past the prompt": (
+        "logits, cache = forward(p, tokens if cache is None else tokens[:, -1:], cache)",
+        "logits, kept = forward(p, tokens if cache is None else tokens[:, -1:], cache)"
+        "; cache = kept if cache is None else cache"),
+}  # fmt: skip
+
+ROUND_TRIP_EDITS = {
+    "IA3's vectors saved flat": (
+        "out[name].reshape(1, -1) if feedforward else out[name].reshape(-1, 1)", "out[name]"),
+    "IA3's feed-forward vectors saved as (n, 1)": (
+        "out[name].reshape(1, -1) if feedforward else", "out[name].reshape(-1, 1) if feedforward else"),
+    "LoRA's trained bias of a targeted layer saved under the bias's own name": (
+        'f"{PEFT}{module}.base_layer.bias" if module in sites.linear else PEFT + name', "PEFT + name"),
+    "the prefix projection's encoder saved, not its table": (
+        'out = {"prompt_embeddings": kv.transpose(2, 0, 1, 3).reshape(kv.shape[2], -1)}', "out = out"),
+    "the prefix table laid out [layer][head] with keys and values swapped": (
+        "kv.transpose(2, 0, 1, 3)", "kv.transpose(2, 1, 0, 3)"),
+    "P-tuning's file holds the encoder's input, not its output": (
+        'out = {"prompt_embeddings": sites.prompt(p)}',
+        'out = {"prompt_embeddings": p["prompt_encoder.embedding.weight"]}'),
+    "VeRA's shared projections not saved": ('out["base_model.vera_A"], out["base_model.vera_B"] = p', "_ = p"),
+    "a float32 adapter saved in float64": (
+        "tensors = {n: np.asarray(t) for n, t in", "tensors = {n: np.asarray(t, np.float64) for n, t in"),
+}  # fmt: skip
+
 # the torch table's cases for each break: the two ports must fail the same ones
 JAX_MUTATIONS = {name: Mutation(*CASE_EDITS[name], MUTATIONS[name].breaks) for name in MUTATIONS if name in CASE_EDITS}
 JAX_TRAJECTORY_MUTATIONS = {
     name: Mutation(*TRAJECTORY_EDITS[name], TRAJECTORY_MUTATIONS[name].breaks) for name in TRAJECTORY_EDITS
 }
 
+JAX_MERGE_MUTATIONS = {name: Mutation(*MERGE_EDITS[name], MERGE_MUTATIONS[name].breaks) for name in MERGE_EDITS}
+JAX_GENERATION_MUTATIONS = {
+    name: Mutation(*GENERATION_EDITS[name], GENERATION_MUTATIONS[name].breaks) for name in GENERATION_EDITS
+}
+JAX_ROUND_TRIP_MUTATIONS = {
+    name: Mutation(*ROUND_TRIP_EDITS[name], ROUND_TRIP_MUTATIONS[name].breaks) for name in ROUND_TRIP_EDITS
+}
+ALL_JAX_MUTATIONS = {
+    **JAX_MUTATIONS,
+    **JAX_TRAJECTORY_MUTATIONS,
+    **JAX_MERGE_MUTATIONS,
+    **JAX_GENERATION_MUTATIONS,
+    **JAX_ROUND_TRIP_MUTATIONS,
+}
+
 
 def broken_jax_port(name: str) -> str:
     """The JAX port's source with mutation `name` applied (its `old` must occur exactly once)."""
-    mutation = {**JAX_MUTATIONS, **JAX_TRAJECTORY_MUTATIONS}[name]
+    mutation = ALL_JAX_MUTATIONS[name]
     source = JAX_PORT.read_text()
     assert source.count(mutation.old) == 1, f"the JAX port no longer holds {mutation.old!r} exactly once"
     return source.replace(mutation.old, mutation.new)

@@ -6,7 +6,9 @@ Run with -rP to see the port's measured errors.
 Every case costs the port one XLA compilation (about 0.4 s of CPU with the flags below), so by default the suite runs
 one case per method label in both dtypes (the case a trajectory starts from, where there is one: every
 trajectory runs) and each break on the cheapest float64 case it breaks. TINYPEFT_ALL_PORT_CASES=1 runs every
-case, every trajectory, and each break on every float64 case it breaks, as test_port_torch.py does."""
+case, every trajectory, and each break on every float64 case it breaks, as test_port_torch.py does. The merges,
+generations and adapter round trips, and the breaks of the port's merge, KV cache and files, run the same way: a
+few of each by default, every one with TINYPEFT_ALL_PORT_CASES=1."""
 
 from __future__ import annotations
 
@@ -26,15 +28,37 @@ import json
 from collections import defaultdict
 
 import pytest
-from port_mutations_jax import JAX_MUTATIONS, JAX_PORT, JAX_TRAJECTORY_MUTATIONS, broken_jax_port
+from port_mutations_jax import (
+    JAX_GENERATION_MUTATIONS,
+    JAX_MERGE_MUTATIONS,
+    JAX_MUTATIONS,
+    JAX_PORT,
+    JAX_ROUND_TRIP_MUTATIONS,
+    JAX_TRAJECTORY_MUTATIONS,
+    broken_jax_port,
+)
 
 from tinypeft.cli import main
-from tinypeft.vectors import DTYPES, SPECS, TRAJECTORY_SPECS, check_trajectories, check_vectors, load_port
+from tinypeft.vectors import (
+    DTYPES,
+    SPECS,
+    TRAJECTORY_SPECS,
+    check_generations,
+    check_merges,
+    check_round_trips,
+    check_trajectories,
+    check_vectors,
+    load_entry_points,
+    load_generations,
+    load_merges,
+    load_port,
+    load_round_trips,
+)
 from tinypeft.vectors import load_trajectories as load_all_trajectories
 
 ALL_CASES = os.environ.get("TINYPEFT_ALL_PORT_CASES") == "1"
 ALLOWED_IMPORTS = {
-    "__future__", "json", "math", "re", "collections.abc", "dataclasses", "typing",
+    "__future__", "json", "math", "os", "re", "collections.abc", "dataclasses", "typing",
     "numpy", "jax", "jax.numpy", "jax.scipy.linalg",
 }  # fmt: skip
 
@@ -65,7 +89,8 @@ def test_the_port_passes_every_selected_case_and_trajectory(vectors, tmp_path, c
     code = main(["check-vectors", str(vectors), "--impl", str(JAX_PORT), "--report", str(report), "--cases", *patterns])
     out = capsys.readouterr().out
     assert code == 0, out
-    cases = json.loads(report.read_text())["cases"]
+    everything = json.loads(report.read_text())["cases"]
+    cases = [c for c in everything if c["kind"] in ("cases", "trajectories")]
     trajectories = {f"{spec.name}-{dtype}" for spec in TRAJECTORY_SPECS for dtype in DTYPES}
     assert len({c["method"] for c in cases}) == len({spec.label for spec in SPECS}), "every method label"
     assert len(cases) == len(SELECTED) * len(DTYPES) + len(trajectories) and all(c["passed"] for c in cases)
@@ -87,6 +112,29 @@ def test_the_port_passes_every_selected_case_and_trajectory(vectors, tmp_path, c
     print(f"{'method':20s}{'dtype':9s}" + "".join(f"{k:>12s}" for k in kinds))
     for (method, dtype), cell in sorted(worst.items()):
         print(f"{method:20s}{dtype:9s}" + "".join(f"{cell[k]:12.1e}" if k in cell else f"{'':12s}" for k in kinds))
+    check_the_other_kinds([c for c in everything if c not in cases])
+
+
+def check_the_other_kinds(reports: list[dict]) -> None:
+    """The merges (unmerging included), the generations (with and without the cache) and the adapter round trips
+    that check-vectors ran from the selected cases all pass; their worst errors, per kind and dtype."""
+    by_kind = {kind: [r for r in reports if r["kind"] == kind] for kind in ("merges", "generations", "round_trips")}
+    assert {r["kind"] for r in reports} == set(by_kind) and all(by_kind.values()), "every kind runs"
+    assert all(r["passed"] for r in reports), [r["name"] for r in reports if not r["passed"]]
+    assert all(any(t["tensor"].startswith("unmerged ") for t in r["tensors"]) for r in by_kind["merges"])
+    assert {r["name"].rsplit(" ", 1)[1] for r in by_kind["generations"]} == {"cached", "uncached"}
+    print(f"\n{'kind':14s}{'dtype':9s}{'run':>5s}  worst error / tolerance (vector, tensor)")
+    for kind, mine in by_kind.items():
+        for dtype in DTYPES:
+            checks = [
+                (t["error"], t["tolerance"], r["name"], t["tensor"])
+                for r in mine
+                if r["dtype"] == dtype
+                for t in r["tensors"]
+            ]
+            error, tolerance, name, tensor = max(checks)
+            runs = sum(r["dtype"] == dtype for r in mine)
+            print(f"{kind:14s}{dtype:9s}{runs:5d}  {error:.2e} / {tolerance:.0e} ({name}, {tensor})")
 
 
 def test_the_port_imports_no_tinypeft_transformers_peft_or_torch():
@@ -101,9 +149,56 @@ def test_the_port_imports_no_tinypeft_transformers_peft_or_torch():
 
 
 def test_the_port_has_every_break_of_the_torch_port():
-    from port_mutations import MUTATIONS, TRAJECTORY_MUTATIONS
+    from port_mutations import (
+        GENERATION_MUTATIONS,
+        MERGE_MUTATIONS,
+        MUTATIONS,
+        ROUND_TRIP_MUTATIONS,
+        TRAJECTORY_MUTATIONS,
+    )
 
     assert list(JAX_MUTATIONS) == list(MUTATIONS) and list(JAX_TRAJECTORY_MUTATIONS) == list(TRAJECTORY_MUTATIONS)
+    assert list(JAX_MERGE_MUTATIONS) == list(MERGE_MUTATIONS)
+    assert list(JAX_GENERATION_MUTATIONS) == list(GENERATION_MUTATIONS)
+    assert list(JAX_ROUND_TRIP_MUTATIONS) == list(ROUND_TRIP_MUTATIONS)
+
+
+# ------------------------------------------------------------------ break a merge, the KV cache, the adapter files
+@pytest.mark.parametrize("name", JAX_MERGE_MUTATIONS)
+def test_breaking_a_merge_fails_the_merges_it_serves(name, vectors, cases, tmp_path):
+    mutation = JAX_MERGE_MUTATIONS[name]
+    broken = tmp_path / "broken_jax_port.py"
+    broken.write_text(broken_jax_port(name))
+    entry = load_entry_points(str(broken))
+    mine = [m for m in load_merges(vectors, cases) if mutation.breaks(m) and m.case.dtype == "float64"]
+    assert mine, "the mutation must break some merge"
+    chosen = cheapest(mine, lambda m: len(m.case.weights))
+    survivors = [r.name for r in check_merges(chosen, entry["merge_case"], entry["unmerge_case"]) if r.passed]
+    assert not survivors, f"{name}: these merges still pass: {survivors}"
+
+
+@pytest.mark.parametrize("name", JAX_GENERATION_MUTATIONS)
+def test_breaking_the_cache_fails_the_cached_generations_it_serves(name, vectors, cases, tmp_path):
+    mutation = JAX_GENERATION_MUTATIONS[name]
+    broken = tmp_path / "broken_jax_port.py"
+    broken.write_text(broken_jax_port(name))
+    mine = [g for g in load_generations(vectors, cases) if mutation.breaks(g) and g.case.dtype == "float64"]
+    assert mine, "the mutation must break some generation"
+    chosen = cheapest(mine, lambda g: len(g.case.weights))
+    reports = check_generations(chosen, load_entry_points(str(broken))["generate_case"])
+    assert [r.passed for r in reports] == [True, False] * len(chosen), [(r.name, r.passed) for r in reports]
+
+
+@pytest.mark.parametrize("name", JAX_ROUND_TRIP_MUTATIONS)
+def test_breaking_the_files_fails_the_round_trips_they_serve(name, vectors, cases, tmp_path):
+    mutation = JAX_ROUND_TRIP_MUTATIONS[name]
+    broken = tmp_path / "broken_jax_port.py"
+    broken.write_text(broken_jax_port(name))
+    mine = [t for t in load_round_trips(vectors, cases) if mutation.breaks(t)]
+    assert mine, "the mutation must break some round trip"
+    chosen = cheapest(mine, lambda t: len(t.case.weights))
+    survivors = [r.name for r in check_round_trips(chosen, load_entry_points(str(broken))["save_adapter"]) if r.passed]
+    assert not survivors, f"{name}: these round trips still pass: {survivors}"
 
 
 # ------------------------------------------------------------------ break one formula, see the vectors fail
