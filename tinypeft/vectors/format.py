@@ -8,12 +8,15 @@ several in an order that changes from run to run).
 
 from __future__ import annotations
 
+import fnmatch
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..backend import Array
-from ..io import save_json, save_safetensors
+from ..errors import CheckpointError
+from ..io import load_json, save_json, save_safetensors
 
 FORMAT = "tinypeft-golden-vectors"
 VERSION = 1
@@ -108,3 +111,43 @@ def _short(value: Any) -> str:
     """A value for an error message, cut short: a damaged file may hold a huge one."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def listed(folder: str, key: str) -> list[str]:
+    """The folder names index.json lists under `key` (none if it has no such key), validated."""
+    names = load_json(os.path.join(folder, INDEX_NAME)).get(key, [])
+    plain = isinstance(names, list) and all(isinstance(n, str) and n and "/" not in n and "\\" not in n for n in names)
+    if not plain or any(n in (".", "..") for n in names):
+        raise CheckpointError(f"{folder}/index.json: {key!r} must be a list of folder names; got {_short(names)}")
+    return names
+
+
+Vector = TypeVar("Vector")
+
+
+def load_listed(
+    folder: str | os.PathLike,
+    key: str,
+    cases: Sequence[Case],
+    patterns: Sequence[str],
+    load_one: Callable[[str, Mapping[str, Case]], Vector | None],
+) -> list[Vector]:
+    """Every folder index.json lists under `key` whose name matches a glob, loaded by `load_one` (which returns
+    None when the folder's case is not among `cases`): what each kind's loader (trajectories, merges,
+    generations) does alike."""
+    folder = os.fspath(folder)
+    by_name = {c.name: c for c in cases}
+    loaded = (load_one(os.path.join(folder, n), by_name) for n in listed(folder, key) if _matches(n, patterns))
+    return [v for v in loaded if v is not None]
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def read_document(path: str, kind: str) -> dict[str, Any]:
+    """The JSON document of one vector of a kind, checked to be this format and version."""
+    doc = load_json(path)
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise CheckpointError(f"{path}: not a version {VERSION} {FORMAT} {kind}")
+    return doc

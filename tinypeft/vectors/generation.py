@@ -6,7 +6,6 @@ prefix tuning break). A port opts in with `generate_case(input, use_cache)`; VEC
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -19,10 +18,9 @@ from .. import engine, gpt
 from ..backend import to_numpy
 from ..errors import CheckpointError
 from ..generation import forward_cached
-from ..io import load_json, load_safetensors, save_json, save_safetensors
+from ..io import load_safetensors, save_json, save_safetensors
 from .checker import CaseReport, TensorCheck, _raised, build, check_array
-from .format import FORMAT, VERSION, Array, Case, _short
-from .merge import listed
+from .format import FORMAT, VERSION, Array, Case, _short, load_listed, read_document
 
 GENERATION_NAME = "generation.json"
 LOGITS_NAME = "step_logits.safetensors"
@@ -153,22 +151,12 @@ def load_generations(
     folder: str | os.PathLike, cases: Sequence[Case], patterns: Sequence[str] = ("*",)
 ) -> list[GenerationVector]:
     """The generations index.json lists whose name matches a glob and whose case is among `cases`, validated."""
-    folder = os.fspath(folder)
-    by_name = {c.name: c for c in cases}
-    out = []
-    for name in listed(folder, "generations"):
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            g = load_generation(os.path.join(folder, name), by_name)
-            if g is not None:
-                out.append(g)
-    return out
+    return load_listed(folder, "generations", cases, patterns, load_generation)
 
 
 def load_generation(folder: str, cases: Mapping[str, Case]) -> GenerationVector | None:
     path = os.path.join(folder, GENERATION_NAME)
-    doc = load_json(path)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise CheckpointError(f"{path}: not a version {VERSION} {FORMAT} generation")
+    doc = read_document(path, "generation")
     case = cases.get(doc.get("case"))
     if case is None:
         return None

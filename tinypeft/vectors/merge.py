@@ -5,7 +5,6 @@ weights after `merge_adapter()` and after `unmerge_adapter()`. A port opts in wi
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -16,10 +15,10 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..errors import CheckpointError
-from ..io import load_json, load_safetensors, save_json, save_safetensors
+from ..io import load_safetensors, save_json, save_safetensors
 from ..model import GPTConfig, parameter_shapes
 from .checker import CaseReport, TensorCheck, _raised, build_model, check_array
-from .format import FORMAT, VERSION, Array, Case, _short
+from .format import FORMAT, VERSION, Array, Case, _short, load_listed, read_document
 
 MERGE_NAME = "merge.json"
 MERGED_NAME = "merged.safetensors"
@@ -128,35 +127,16 @@ def export_merges(folder: str | os.PathLike, cases: Sequence[Case]) -> list[str]
     return names
 
 
-def listed(folder: str, key: str) -> list[str]:
-    """The folder names index.json lists under `key` (none if it has no such key), validated."""
-    names = load_json(os.path.join(folder, "index.json")).get(key, [])
-    plain = isinstance(names, list) and all(isinstance(n, str) and n and "/" not in n and "\\" not in n for n in names)
-    if not plain or any(n in (".", "..") for n in names):
-        raise CheckpointError(f"{folder}/index.json: {key!r} must be a list of folder names; got {_short(names)}")
-    return names
-
-
 def load_merges(
     folder: str | os.PathLike, cases: Sequence[Case], patterns: Sequence[str] = ("*",)
 ) -> list[MergeVector]:
     """The merges index.json lists whose name matches a glob and whose case is among `cases`, validated."""
-    folder = os.fspath(folder)
-    by_name = {c.name: c for c in cases}
-    out = []
-    for name in listed(folder, "merges"):
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            m = load_merge(os.path.join(folder, name), by_name)
-            if m is not None:
-                out.append(m)
-    return out
+    return load_listed(folder, "merges", cases, patterns, load_merge)
 
 
 def load_merge(folder: str, cases: Mapping[str, Case]) -> MergeVector | None:
     path = os.path.join(folder, MERGE_NAME)
-    doc = load_json(path)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise CheckpointError(f"{path}: not a version {VERSION} {FORMAT} merge")
+    doc = read_document(path, "merge")
     case = cases.get(doc.get("case"))
     if case is None:
         return None  # its case was not selected

@@ -21,8 +21,7 @@ from ..io import load_safetensors
 from ..model import GPT, GPTConfig, parameter_shapes
 from ..peft_model import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PeftModel, read_adapter
 from .checker import CaseReport, TensorCheck, _raised, build_model, check_array
-from .format import Case
-from .merge import listed
+from .format import Case, listed
 
 # one case of each way the file's names or shapes differ from the vectors': the trained biases of LoRA's bias="all"
 # (`base_layer.bias`), IA3's (n, 1) and (1, n) vectors, the table prefix tuning's projection and P-tuning's encoder

@@ -8,7 +8,6 @@ tensors after the last are what a port must reproduce. A port opts in with `run_
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -20,10 +19,10 @@ import numpy as np
 from ..backend import to_numpy
 from ..errors import CheckpointError, ConfigError
 from ..gradcheck import model_loss_fn
-from ..io import load_json, load_safetensors, save_json, save_safetensors
+from ..io import load_safetensors, save_json, save_safetensors
 from ..optim import SGD, AdamW, Optimizer, clip_grad_norm, cosine_schedule
 from .checker import CaseReport, TensorCheck, _raised, build, check_array
-from .format import FORMAT, VERSION, Array, Case, _short
+from .format import FORMAT, VERSION, Array, Case, _short, load_listed, read_document
 
 TRAJECTORY_NAME = "trajectory.json"
 FINAL_NAME = "final.safetensors"
@@ -198,28 +197,12 @@ def load_trajectories(
 ) -> list[Trajectory]:
     """The trajectories index.json lists (none if it lists none) whose name matches a glob and whose case is
     among `cases`, validated against their case."""
-    folder = os.fspath(folder)
-    names = load_json(os.path.join(folder, "index.json")).get("trajectories", [])
-    plain = isinstance(names, list) and all(isinstance(n, str) and n and "/" not in n and "\\" not in n for n in names)
-    if not plain or any(n in (".", "..") for n in names):
-        raise CheckpointError(
-            f"{folder}/index.json: 'trajectories' must be a list of folder names; got {_short(names)}"
-        )
-    by_name = {c.name: c for c in cases}
-    out = []
-    for name in names:
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            t = load_trajectory(os.path.join(folder, name), by_name)
-            if t is not None:
-                out.append(t)
-    return out
+    return load_listed(folder, "trajectories", cases, patterns, load_trajectory)
 
 
 def load_trajectory(folder: str, cases: Mapping[str, Case]) -> Trajectory | None:
     path = os.path.join(folder, TRAJECTORY_NAME)
-    doc = load_json(path)
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise CheckpointError(f"{path}: not a version {VERSION} {FORMAT} trajectory")
+    doc = read_document(path, "trajectory")
     case = cases.get(doc.get("case"))
     if case is None:
         return None  # its case was not selected
