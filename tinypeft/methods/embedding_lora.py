@@ -94,7 +94,7 @@ def embedding_lora_backward(dembeds: Array, cache: tuple) -> tuple[Array, Array]
 
 def embedding_lora_merged_weight(weight: Array, lora_A: Array, lora_B: Array, scaling: float) -> Array:
     """W + s (B A)ᵀ: (V, C), the table a merged model looks up and (tied) multiplies its head by."""
-    return weight + scaling * (lora_B @ lora_A).T  # [V, C] + s ([C, r] @ [r, V])ᵀ
+    return weight + scaling * (lora_A.T @ lora_B.T)  # [V, C] + s [V, r] @ [r, C]: (B A)ᵀ formed in W's layout
 
 
 # ===================================================================== the config's fields

@@ -29,7 +29,9 @@ def stop_gradient(a: Array) -> Array:
 def dora_weight_norm(weight: Array, lora_A: Array, lora_B: Array, scaling: float) -> Array:
     """‖W + s (B A)ᵀ‖ per output feature, over the input dimension: (out,). W: (in, out)."""
     xp = namespace(weight, lora_A, lora_B)
-    directional = weight + scaling * (lora_B @ lora_A).T  # [in, out] + s ([out, r] @ [r, in])ᵀ
+    # Aᵀ Bᵀ rather than (B A)ᵀ: a transposed operand in the sum reads memory across rows; a DoRA step at
+    # n_embd 512 (B 8, 2 threads) 556 -> 453 ms, bitwise the same numbers
+    directional = weight + scaling * (lora_A.T @ lora_B.T)  # [in, out] + s [in, r] @ [r, out] = s (B A)ᵀ
     return xp.sqrt((directional * directional).sum(axis=0))  # [in, out] -> [out]
 
 
@@ -109,7 +111,7 @@ def dora_backward(
 
 def dora_merged_weight(weight: Array, lora_A: Array, lora_B: Array, magnitude: Array, scaling: float) -> Array:
     """(m / ‖W + s (B A)ᵀ‖) ⊙ (W + s (B A)ᵀ), each output column scaled: (in, out). The bias is not scaled."""
-    directional = weight + scaling * (lora_B @ lora_A).T  # [in, out]: the LoRA-merged weight
+    directional = weight + scaling * (lora_A.T @ lora_B.T)  # [in, out]: the LoRA-merged weight
     return directional * (magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling))  # [in, out] * [out]
 
 
@@ -154,7 +156,7 @@ def pissa_factors(weight: np.ndarray, r: int, scaling: float) -> tuple[np.ndarra
     root = np.sqrt(S[:r] / scaling)  # [r]
     lora_A = root[:, None] * Vh[:r]  # [r, in]
     lora_B = U[:, :r] * root[None, :]  # [out, r]
-    return lora_A, lora_B, W - scaling * (lora_B @ lora_A).T
+    return lora_A, lora_B, W - scaling * (lora_A.T @ lora_B.T)
 
 
 def pissa_niter(init: object) -> int | None:
@@ -211,11 +213,11 @@ def residual_factors(
     if init == "olora":
         Q, R = np.linalg.qr(W.T)  # [out, in] = [out, k] [k, in]
         lora_A, lora_B = R[:r], Q[:, :r]  # [r, in], [out, r]
-        return lora_A, lora_B, W - scaling * (lora_B @ lora_A).T
+        return lora_A, lora_B, W - scaling * (lora_A.T @ lora_B.T)
     niter = pissa_niter(init)
     if niter is None:
         return pissa_factors(W, r, scaling)
     U, S, V = randomized_svd(W.T, r, niter, sketch_for(W.T.shape, r, layer_index))  # Wᵀ ≈ U diag(S) Vᵀ
     root = np.sqrt(S / scaling)  # [r]
     lora_A, lora_B = root[:, None] * V.T, U * root[None, :]  # [r, in], [out, r]
-    return lora_A, lora_B, W - scaling * (lora_B @ lora_A).T
+    return lora_A, lora_B, W - scaling * (lora_A.T @ lora_B.T)
