@@ -89,13 +89,15 @@ class LoHaAdapter(DeltaAdapter):
         tensors["hada_w2_b"] = np.zeros(w2b) if config.init_weights else kaiming_uniform(rng, w2b)
         return tensors
 
-    def delta_forward(self, params: Mapping[str, Array], layer: DeltaLayer) -> tuple[Array, tuple]:
-        factors = (params[layer.tensors[name]] for name in TENSORS)
-        return loha_delta_forward(*factors, self.config.scaling)
+    def delta_t_forward(self, params: Mapping[str, Array], layer: DeltaLayer) -> tuple[Array, tuple]:
+        """Δᵀ = s (W1bᵀ W1aᵀ) ⊙ (W2bᵀ W2aᵀ): the same pair on the factors transposed (views), in W's layout."""
+        w1a, w1b, w2a, w2b = (params[layer.tensors[name]] for name in TENSORS)
+        return loha_delta_forward(w1b.T, w1a.T, w2b.T, w2a.T, self.config.scaling)
 
-    def delta_backward(self, ddelta: Array, cache: tuple, layer: DeltaLayer) -> dict[str, Array]:
-        grads = loha_delta_backward(ddelta, cache)
-        return {layer.tensors[name]: g for name, g in zip(TENSORS, grads, strict=True)}
+    def delta_t_backward(self, ddelta_t: Array, cache: tuple, layer: DeltaLayer) -> dict[str, Array]:
+        dw1b_t, dw1a_t, dw2b_t, dw2a_t = loha_delta_backward(ddelta_t, cache)  # of the transposed factors
+        grads = (dw1a_t, dw1b_t, dw2a_t, dw2b_t)
+        return {layer.tensors[name]: self.xp.ascontiguousarray(g.T) for name, g in zip(TENSORS, grads, strict=True)}
 
     def rescales_rank_dropout(self) -> bool:
         return True  # PEFT's LoHa always divides the kept rows by their mean

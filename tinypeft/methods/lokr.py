@@ -167,15 +167,17 @@ class LoKrAdapter(DeltaAdapter):
         zeros = ZEROS[config.init_weights]
         return {k: np.zeros(shape) if k in zeros else kaiming_uniform(rng, shape) for k, shape in shapes.items()}
 
-    def delta_forward(self, params: Mapping[str, Array], layer: DeltaLayer) -> tuple[Array, tuple]:
+    def delta_t_forward(self, params: Mapping[str, Array], layer: DeltaLayer) -> tuple[Array, tuple]:
+        """Δᵀ = s · W1ᵀ ⊗ W2ᵀ ((A ⊗ B)ᵀ = Aᵀ ⊗ Bᵀ): the same pair on the factors transposed, in W's layout."""
         w1, cache1 = factor_forward(params, layer.tensors, "w1")  # [a, c]
         w2, cache2 = factor_forward(params, layer.tensors, "w2")  # [b, d]
-        delta, cache = lokr_delta_forward(w1, w2, self.config.scaling)  # [a·b, c·d] = [out, in]
-        return delta, (cache, cache1, cache2)
+        delta_t, cache = lokr_delta_forward(w1.T, w2.T, self.config.scaling)  # [c·d, a·b] = [in, out]
+        return delta_t, (cache, cache1, cache2)
 
-    def delta_backward(self, ddelta: Array, cache: tuple, layer: DeltaLayer) -> dict[str, Array]:
+    def delta_t_backward(self, ddelta_t: Array, cache: tuple, layer: DeltaLayer) -> dict[str, Array]:
         inner, cache1, cache2 = cache
-        dw1, dw2 = lokr_delta_backward(ddelta, inner)
+        dw1_t, dw2_t = lokr_delta_backward(ddelta_t, inner)  # [c, a], [d, b]
+        dw1, dw2 = self.xp.ascontiguousarray(dw1_t.T), self.xp.ascontiguousarray(dw2_t.T)
         return factor_backward(dw1, cache1, layer.tensors, "w1") | factor_backward(dw2, cache2, layer.tensors, "w2")
 
     def rescales_rank_dropout(self) -> bool:

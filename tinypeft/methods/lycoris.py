@@ -3,10 +3,16 @@ added to a targeted linear layer, with PEFT's config fields, its two dropouts an
 
 Each method only says how its delta is formed from its tensors, as a forward/backward pair:
 
-    Δ = delta_forward(tensors)       (out, in): PEFT's nn.Linear layout, the transpose of GPT-2's Conv1D
-    grads = delta_backward(dΔ)       the gradient of every tensor Δ is made of
+    Δᵀ = delta_t_forward(tensors)    (in, out): Δ is (out, in), PEFT's nn.Linear layout; Δᵀ is GPT-2's
+    grads = delta_t_backward(dΔᵀ)    the gradient of every tensor Δ is made of
 
-and this module does the rest. The layer computes with the effective weight
+and this module does the rest. The pair hands over Δᵀ, laid out like W, rather than Δ: W + Δ.T with Δ
+(out, in) reads one operand across its rows, 3.7 to 7.6 ms for one 512 x 2048 to 768 x 3072 weight on one
+thread against 0.1 to 0.4 ms for a sum in one layout, and dΔ = dW_effᵀ would be such a view in every
+elementwise product of the backward. A method forms Δᵀ from its factors transposed (views, free): a LoHa
+step at n_embd 512 (B 8, T 128, 2 threads) 841 -> 607 ms, LoKr 564 -> 532 ms.
+
+The layer computes with the effective weight
 
     y = x (W + Δᵀ) + b                W: (in, out), GPT-2's layout; Δᵀ is Δ in that layout
 
@@ -152,8 +158,8 @@ class DeltaLayer:
 
 class DeltaAdapter(Adapter):
     """An adapter that adds a delta Δ (out, in), formed from its tensors, to each targeted layer's weight.
-    A method subclasses it with `delta_forward` and `delta_backward`, and says whether rank dropout
-    rescales the kept rows (`rescales_rank_dropout`)."""
+    A method subclasses it with `delta_t_forward` and `delta_t_backward` (Δᵀ, in W's layout), and says
+    whether rank dropout rescales the kept rows (`rescales_rank_dropout`)."""
 
     def __init__(self, config: LycorisConfig, base: GPT, params: dict[str, Array], layers: list[DeltaLayer], seed: int):
         super().__init__(config, base, params)
@@ -182,12 +188,12 @@ class DeltaAdapter(Adapter):
         """The layer's initial tensors by suffix (float64 NumPy)."""
         raise NotImplementedError
 
-    def delta_forward(self, params: Mapping[str, Array], layer: DeltaLayer) -> tuple[Array, Any]:
-        """(Δ (out, in), cache) from the layer's tensors in `params`."""
+    def delta_t_forward(self, params: Mapping[str, Array], layer: DeltaLayer) -> tuple[Array, Any]:
+        """(Δᵀ (in, out), C-ordered like W, cache) from the layer's tensors in `params`."""
         raise NotImplementedError
 
-    def delta_backward(self, ddelta: Array, cache: Any, layer: DeltaLayer) -> dict[str, Array]:
-        """The gradient of each of the layer's tensors, by full name, from dΔ (out, in)."""
+    def delta_t_backward(self, ddelta_t: Array, cache: Any, layer: DeltaLayer) -> dict[str, Array]:
+        """The gradient of each of the layer's tensors, by full name, from dΔᵀ (in, out)."""
         raise NotImplementedError
 
     def rescales_rank_dropout(self) -> bool:
@@ -202,8 +208,8 @@ class DeltaAdapter(Adapter):
     def merge(self, base_params: dict[str, Array]) -> None:
         """W <- W + Δᵀ: the effective weight the unmerged layer computes with."""
         for layer in self.layers:
-            delta, _ = self.delta_forward(self.params, layer)
-            base_params[layer.weight] = base_params[layer.weight] + delta.T  # [in, out] + [out, in]ᵀ
+            delta_t, _ = self.delta_t_forward(self.params, layer)
+            base_params[layer.weight] = base_params[layer.weight] + delta_t  # [in, out] + [in, out]
 
     def unmerge(self, base_params: dict[str, Array], originals: Mapping[str, Array]) -> None:
         """Put back the very arrays the merge replaced (exact; PEFT subtracts Δ again, which rounds)."""
@@ -253,11 +259,11 @@ class DeltaSite:
         if not applied:  # module dropout: the base layer alone
             y, linear_cache = linear_forward(x, W, b)
             return y, (layer, None, None, linear_cache)
-        delta, delta_cache = adapter.delta_forward(params, layer)  # [out, in]
+        delta_t, delta_cache = adapter.delta_t_forward(params, layer)  # [in, out]
         if keep is not None:
             keep = adapter.xp.asarray(keep)
-            delta = delta * keep[:, None]  # rank dropout: whole rows (output features) of Δ
-        y, linear_cache = linear_forward(x, W + delta.T, b)  # [..., in] @ [in, out]: W_eff = W + Δᵀ
+            delta_t = delta_t * keep  # rank dropout: whole rows (output features) of Δ, columns of Δᵀ
+        y, linear_cache = linear_forward(x, W + delta_t, b)  # [..., in] @ [in, out]: W_eff = W + Δᵀ
         return y, (layer, delta_cache, keep, linear_cache)
 
     def backward(
@@ -268,14 +274,14 @@ class DeltaSite:
             raise ConfigError(f"{layer.weight} is trainable, but {self.adapter.config.peft_type} keeps it frozen")
         own = [name for name in layer.tensors.values() if name in trainable]
         applied = delta_cache is not None
-        # in the forward pass this was: y = x W_eff + b with W_eff = W + Δᵀ, so dW_eff = xᵀ dy and dΔ = dW_effᵀ
+        # in the forward pass this was: y = x W_eff + b with W_eff = W + Δᵀ, so dW_eff = xᵀ dy = dΔᵀ
         dx, dW_eff, db = linear_backward(dy, linear_cache, need_dx, bool(own) and applied, layer.bias in trainable)
         grads: dict[str, Array] = {} if db is None else {layer.bias: db}
         if own and not applied:  # a skipped delta gets no gradient
             grads |= {name: self.adapter.xp.zeros_like(self.adapter.params[name]) for name in own}
         elif own:
-            ddelta = dW_eff.T if keep is None else dW_eff.T * keep[:, None]  # [out, in]
-            found = self.adapter.delta_backward(ddelta, delta_cache, layer)
+            ddelta_t = dW_eff if keep is None else dW_eff * keep  # [in, out]
+            found = self.adapter.delta_t_backward(ddelta_t, delta_cache, layer)
             grads |= {name: found[name] for name in own}
         return dx, grads
 

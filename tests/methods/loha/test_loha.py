@@ -177,7 +177,7 @@ def test_rank_dropout_keeps_rows_and_divides_by_their_mean_and_module_dropout_sk
     W, b = base.params[module + ".weight"], base.params[module + ".bias"]
     adapter = model.active
     layer = adapter.layers[0]
-    delta, _ = adapter.delta_forward(adapter.params, layer)
+    delta = adapter.delta_t_forward(adapter.params, layer)[0].T  # (out, in)
     seen = set()
     for _ in range(20):
         view = model.view()
