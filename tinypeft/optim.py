@@ -14,8 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from . import runtime
 from .backend import Array, namespace, to_numpy
 from .errors import CheckpointError, ConfigError
+
+PARALLEL_UPDATE_SIZE = 1 << 20  # numbers updated in a step: below this, one thread (dispatch would cost more)
+SPLIT_TENSOR_SIZE = 1 << 16  # a tensor this large is split across the threads; smaller ones stay whole
 
 
 def _check_positive(name: str, value: float, allow_zero: bool = True) -> None:
@@ -50,7 +54,9 @@ class Optimizer:
                 f"{' ...' if len(params) > 3 else ''}"
             )
         self.t += 1
-        lr = self.lr if lr is None else lr
+        self._apply(params, grads, self.lr if lr is None else lr)
+
+    def _apply(self, params: Mapping[str, Array], grads: Mapping[str, Array], lr: float) -> None:
         for name, g in grads.items():
             self._update(name, params[name], g, lr)
 
@@ -157,15 +163,45 @@ class AdamW(Optimizer):
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = eps
 
-    def _update(self, name: str, p: Array, g: Array, lr: float) -> None:
-        xp = namespace(p)
-        b1, b2 = self.betas
+    def _apply(self, params: Mapping[str, Array], grads: Mapping[str, Array], lr: float) -> None:
+        """On the CPU, with several threads and millions of numbers to update, each large tensor's update
+        is split into contiguous slices, one per thread. The update is elementwise, so the numbers are the
+        same, bitwise, however it is split (a test holds them to it). Measured (12.8M float32 parameters,
+        n_embd 512, alone): 26 -> 15 ms on 2 threads, where the full step's optimizer left a core idle."""
+        work = sum(int(g.size) for g in grads.values())
+        n_parts = runtime.threads() if work >= PARALLEL_UPDATE_SIZE else 1
+        if n_parts == 1 or any(namespace(g) is not np for g in grads.values()):
+            return super()._apply(params, grads, lr)
+        tensors = [(params[name], g, *self._slots(name, params[name])) for name, g in grads.items()]
+
+        def update_part(part: int) -> None:
+            for p, g, m, v in tensors:
+                decay = self.decays(p)
+                same = all(a.shape == p.shape and a.flags.c_contiguous for a in (p, g, m, v))
+                if p.size < SPLIT_TENSOR_SIZE or not same:
+                    if part == 0:  # small (or strided) tensors stay whole, on the first thread
+                        self._adamw(p, g, m, v, lr, decay)
+                    continue
+                lo, hi = (p.size * part) // n_parts, (p.size * (part + 1)) // n_parts
+                self._adamw(*(a.reshape(-1)[lo:hi] for a in (p, g, m, v)), lr, decay)  # views: p, m, v in place
+
+        runtime.map_blocks(update_part, list(range(n_parts)))
+
+    def _slots(self, name: str, p: Array) -> tuple[Array, Array]:
         slots = self.state.setdefault(name, {})
         if not slots:
-            slots["exp_avg"] = xp.zeros_like(p)
-            slots["exp_avg_sq"] = xp.zeros_like(p)
-        m, v = slots["exp_avg"], slots["exp_avg_sq"]
-        if self.decays(p):
+            slots["exp_avg"] = namespace(p).zeros_like(p)
+            slots["exp_avg_sq"] = namespace(p).zeros_like(p)
+        return slots["exp_avg"], slots["exp_avg_sq"]
+
+    def _update(self, name: str, p: Array, g: Array, lr: float) -> None:
+        self._adamw(p, g, *self._slots(name, p), lr, self.decays(p))
+
+    def _adamw(self, p: Array, g: Array, m: Array, v: Array, lr: float, decay: bool) -> None:
+        """One AdamW update of p, m and v in place (or of matching slices of them; `decay`: p's own rule)."""
+        xp = namespace(p)
+        b1, b2 = self.betas
+        if decay:
             p *= 1 - lr * self.weight_decay
         # the formula above, term by term in PyTorch's order, through one scratch array: the same
         # numbers (bitwise) as writing each term as a new array, in 23 instead of 30 ms a step on
