@@ -11,6 +11,7 @@ rate measured in the same process; the rest of the table says where the time abo
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import time
 from typing import Any
 
@@ -48,7 +49,7 @@ def _profile_worker(config: tuple[int, ...], steps: int, conn: Any) -> None:
 
     from tinypeft import runtime
 
-    runtime.row_blocks = lambda batch, work: [slice(0, batch)]  # one block: the profiler sees one thread
+    os.environ[runtime.THREADS_ENV] = "1"  # one row block and AdamW whole: the profiler sees one thread
     n_layer, n_embd, n_head, T, B = config
     with threadpool_limits(1):
         a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
