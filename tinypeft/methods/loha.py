@@ -97,7 +97,7 @@ class LoHaAdapter(DeltaAdapter):
     def delta_t_backward(self, ddelta_t: Array, cache: tuple, layer: DeltaLayer) -> dict[str, Array]:
         dw1b_t, dw1a_t, dw2b_t, dw2a_t = loha_delta_backward(ddelta_t, cache)  # of the transposed factors
         grads = (dw1a_t, dw1b_t, dw2a_t, dw2b_t)
-        return {layer.tensors[name]: self.xp.ascontiguousarray(g.T) for name, g in zip(TENSORS, grads, strict=True)}
+        return {layer.tensors[name]: g.T.copy() for name, g in zip(TENSORS, grads, strict=True)}
 
     def rescales_rank_dropout(self) -> bool:
         return True  # PEFT's LoHa always divides the kept rows by their mean

@@ -177,7 +177,7 @@ class LoKrAdapter(DeltaAdapter):
     def delta_t_backward(self, ddelta_t: Array, cache: tuple, layer: DeltaLayer) -> dict[str, Array]:
         inner, cache1, cache2 = cache
         dw1_t, dw2_t = lokr_delta_backward(ddelta_t, inner)  # [c, a], [d, b]
-        dw1, dw2 = self.xp.ascontiguousarray(dw1_t.T), self.xp.ascontiguousarray(dw2_t.T)
+        dw1, dw2 = dw1_t.T.copy(), dw2_t.T.copy()  # C-ordered, as the factors are
         return factor_backward(dw1, cache1, layer.tensors, "w1") | factor_backward(dw2, cache2, layer.tensors, "w2")
 
     def rescales_rank_dropout(self) -> bool:
