@@ -92,3 +92,19 @@ def test_the_fitted_exponent_of_a_power_law_is_its_power():
     assert fit_exponent({32: 1.0}) is None
     scaling = {"seq_len": {32: {"tinypeft lora": 1.0, "torch+peft lora": 2.0}, 64: {"tinypeft lora": 4.0}}}
     assert exponents(scaling) == {"seq_len": {"tinypeft lora": pytest.approx(2.0), "torch+peft lora": None}}
+
+
+def test_ab_times_two_trees_in_alternating_processes(tmp_path):
+    """`python -m benchmarks.ab` runs its worker from each tree given (here the same one twice) and reports
+    both medians and their ratio; a folder without tinypeft/ is refused with a message, not a traceback."""
+    tiny = ["--n_layer", "1", "--n_embd", "16", "--n_head", "2", "--seq_len", "8", "--batch_size", "2"]
+    cmd = [sys.executable, "-m", "benchmarks.ab", ".", ".", "--method", "loha", "--rounds", "1", "--steps", "2", *tiny]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loha (n_layer 1, n_embd 16" in done.stdout and "2 steps each" in done.stdout
+    assert "after / before" in done.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ab", str(tmp_path), ".", *tiny], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode != 0
+    assert "holds no tinypeft/ package" in refused.stderr and "Traceback" not in refused.stderr
