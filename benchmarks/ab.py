@@ -23,8 +23,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .run import LORA_TARGETS, NUM_VIRTUAL_TOKENS
+
 METHODS = ("full", "lora", "dora", "prompt", "prefix", "ia3", "loha", "lokr", "vera", "adapter")
-TARGETS = ["c_attn", "c_proj", "c_fc"]
 
 WORKER = r"""
 import json, sys, time
@@ -36,15 +37,15 @@ a = json.loads(sys.argv[1])
 configs = {
     "lora": lambda: tp.LoraConfig(r=8, lora_alpha=16, target_modules=a["targets"]),
     "dora": lambda: tp.LoraConfig(r=8, lora_alpha=16, target_modules=a["targets"], use_dora=True),
-    "prompt": lambda: tp.PromptTuningConfig(num_virtual_tokens=20),
-    "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=20),
+    "prompt": lambda: tp.PromptTuningConfig(num_virtual_tokens=a["virtual"]),
+    "prefix": lambda: tp.PrefixTuningConfig(num_virtual_tokens=a["virtual"]),
     "ia3": lambda: tp.IA3Config(target_modules=a["targets"], feedforward_modules=["c_fc"]),
     "loha": lambda: tp.LoHaConfig(r=8, alpha=8, target_modules=a["targets"]),
     "lokr": lambda: tp.LoKrConfig(r=8, alpha=8, target_modules=a["targets"]),
     "vera": lambda: tp.VeraConfig(r=64, target_modules=a["targets"]),
     "adapter": lambda: tp.AdapterConfig(),
 }
-config = tp.GPTConfig(vocab_size=256, n_positions=max(256, a["seq_len"] + 20), n_embd=a["n_embd"],
+config = tp.GPTConfig(vocab_size=256, n_positions=max(256, a["seq_len"] + a["virtual"]), n_embd=a["n_embd"],
                       n_layer=a["n_layer"], n_head=a["n_head"])
 base = tp.GPT(config, seed=0)
 model = base if a["method"] == "full" else tp.get_peft_model(base, configs[a["method"]]())
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (tree / "tinypeft" / "__init__.py").is_file():
             raise SystemExit(f"{name} tree {tree} holds no tinypeft/ package; give the folder that does")
     settings = {k: getattr(args, k) for k in ("method", "n_layer", "n_embd", "n_head", "seq_len", "batch_size")}
-    settings |= {"steps": max(1, args.steps), "warmup": max(0, args.warmup), "targets": TARGETS}
+    settings |= {"steps": max(1, args.steps), "warmup": max(0, args.warmup)}
+    settings |= {"targets": LORA_TARGETS, "virtual": NUM_VIRTUAL_TOKENS}  # what the step table trains
     times: dict[str, list[float]] = {name: [] for name in trees}
     for _ in range(max(1, args.rounds)):
         for name, tree in trees.items():

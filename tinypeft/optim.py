@@ -172,18 +172,20 @@ class AdamW(Optimizer):
         n_parts = runtime.threads() if work >= PARALLEL_UPDATE_SIZE else 1
         if n_parts == 1 or any(namespace(g) is not np for g in grads.values()):
             return super()._apply(params, grads, lr)
-        tensors = [(params[name], g, *self._slots(name, params[name])) for name, g in grads.items()]
+        plan = []  # (p, g, m, v, decay, split): decided once, by the whole tensor
+        for name, g in grads.items():
+            p = params[name]
+            m, v = self._slots(name, p)
+            flat = all(a.shape == p.shape and a.flags.c_contiguous for a in (g, m, v)) and p.flags.c_contiguous
+            plan.append((p, g, m, v, self.decays(p), flat and p.size >= SPLIT_TENSOR_SIZE))
 
         def update_part(part: int) -> None:
-            for p, g, m, v in tensors:
-                decay = self.decays(p)
-                same = all(a.shape == p.shape and a.flags.c_contiguous for a in (p, g, m, v))
-                if p.size < SPLIT_TENSOR_SIZE or not same:
-                    if part == 0:  # small (or strided) tensors stay whole, on the first thread
-                        self._adamw(p, g, m, v, lr, decay)
-                    continue
-                lo, hi = (p.size * part) // n_parts, (p.size * (part + 1)) // n_parts
-                self._adamw(*(a.reshape(-1)[lo:hi] for a in (p, g, m, v)), lr, decay)  # views: p, m, v in place
+            for p, g, m, v, decay, split in plan:
+                if split:
+                    lo, hi = (p.size * part) // n_parts, (p.size * (part + 1)) // n_parts
+                    self._adamw(*(a.reshape(-1)[lo:hi] for a in (p, g, m, v)), lr, decay)  # views: in place
+                elif part == 0:  # small (or strided) tensors stay whole, on the first thread
+                    self._adamw(p, g, m, v, lr, decay)
 
         runtime.map_blocks(update_part, list(range(n_parts)))
 
