@@ -101,3 +101,17 @@ def test_bad_thread_count(monkeypatch):
     monkeypatch.setenv(parallel.THREADS_ENV, "zero")
     with pytest.raises(tp.ConfigError, match="TINYPEFT_THREADS"):
         parallel.threads()
+
+
+def test_row_blocks_run_with_one_blas_thread_each_and_the_limit_is_lifted_after():
+    """Two blocks on two threads, each with one BLAS thread (else the cores are oversubscribed); the
+    process's BLAS thread count is back as it was once the blocks are done."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before = blas_threads()
+    seen = parallel.map_blocks(lambda block: blas_threads(), [0, 1])
+    assert seen == [{1}, {1}]
+    assert blas_threads() == before
