@@ -95,7 +95,8 @@ class LoHaAdapter(DeltaAdapter):
         return loha_delta_forward(w1b.T, w1a.T, w2b.T, w2a.T, self.config.scaling)
 
     def delta_t_backward(self, ddelta_t: Array, cache: tuple, layer: DeltaLayer) -> dict[str, Array]:
-        dw1b_t, dw1a_t, dw2b_t, dw2a_t = loha_delta_backward(ddelta_t, cache)  # of the transposed factors
+        # the gradients of the transposed factors: W1bᵀ (in, r), W1aᵀ (r, out), W2bᵀ, W2aᵀ; each goes back transposed
+        dw1b_t, dw1a_t, dw2b_t, dw2a_t = loha_delta_backward(ddelta_t, cache)
         grads = (dw1a_t, dw1b_t, dw2a_t, dw2b_t)
         return {layer.tensors[name]: g.T.copy() for name, g in zip(TENSORS, grads, strict=True)}
 

@@ -126,9 +126,10 @@ def lora_backward(
     if need_dx:
         if keep2 is None and dy2.shape[0] > n_out:
             # both paths see the same x, so dx = dy (W + s (B A)ᵀ)ᵀ: one [N, out] @ [out, in] matmul through
-            # the merged weight (against the two paths apart: a wash, 406.5 vs 410.1 ms a step at n_embd 512).
-            # (B A)ᵀ is formed as Aᵀ Bᵀ, in W's layout: W + (B A).T read one operand across its rows, 3.7 ms
-            # for a 2048 x 512 weight on one thread against 0.6 ms, for bitwise the same numbers
+            # the merged weight (against the two paths apart: a wash, 406.5 vs 410.1 ms a step at n_embd 512; it
+            # stays because the golden vectors' last bits were computed so). (B A)ᵀ is formed as Aᵀ Bᵀ, in W's
+            # layout: W + (B A).T read one operand across its rows, 3.7 ms for a 2048 x 512 weight on one
+            # thread against 0.6 ms, for bitwise the same numbers
             merged = weight + scaling * (lora_A.T @ lora_B.T)  # [in, r] @ [r, out] -> [in, out]
             dx = dy2 @ merged.T
         else:
